@@ -1,0 +1,1 @@
+"""Callbacks that babysit and improve training on any LightningModule."""

@@ -1,0 +1,1 @@
+"""Recipes: the image-classification LightningModule and its building blocks."""

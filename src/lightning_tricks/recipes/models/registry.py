@@ -1,0 +1,82 @@
+"""Model registry: build any model of the zoo by name.
+
+Example::
+
+    from lightning_tricks.recipes.models import create_model, list_models
+
+    print(list_models())
+    net = create_model("resnet20", num_classes=10, in_channels=3)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+ModelFactory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model factory and the square input sizes it is built for."""
+
+    name: str
+    factory: ModelFactory
+    input_sizes: tuple[int, ...]
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, input_sizes: tuple[int, ...] = (32,)) -> Callable[[ModelFactory], ModelFactory]:
+    """Register ``factory(num_classes, in_channels, **kwargs) -> nn.Module`` under ``name``.
+
+    ``input_sizes`` lists the square image sizes the architecture is meant for (tests build each
+    model at each of them). Registering a name twice is an error, not a silent overwrite.
+    """
+
+    def decorator(factory: ModelFactory) -> ModelFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is already registered by {_REGISTRY[name].factory!r}")
+        _REGISTRY[name] = ModelEntry(name, factory, tuple(input_sizes))
+        return factory
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    """Look up a registered model; an unknown name raises ``ValueError`` listing the valid names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Build the model registered as ``name``.
+
+    Keyword arguments the factory does not accept raise ``TypeError`` naming the model and the
+    arguments it does accept, so a typo in YAML fails at start-up with a useful message.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    entry = get_model_entry(name)
+    params = inspect.signature(entry.factory).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(k for k in kwargs if k not in params)
+    if unknown and not accepts_any:
+        valid = sorted(k for k in params if k not in ("num_classes", "in_channels"))
+        raise TypeError(
+            f"model {name!r} got unknown argument(s) {unknown}; it accepts: {', '.join(valid) or 'none'}"
+        )
+    return entry.factory(num_classes=num_classes, in_channels=in_channels, **kwargs)

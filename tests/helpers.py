@@ -1,0 +1,84 @@
+"""Test helpers: a plain user LightningModule (not the project's recipe) and real digits data.
+
+Callbacks must work on any LightningModule, so callback tests use :class:`PlainClassifier`,
+written the way a user would write one, on scikit-learn's real 8x8 digits.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def digits_tensors(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits as float images (N, 1, 8, 8) scaled to [0, 1] and int64 labels, in a fixed order."""
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    if n is not None:
+        x, y = x[:n], y[:n]
+    return x, y
+
+
+def digits_loaders(
+    batch_size: int = 64, n_train: int = 1200, shuffle: bool = False
+) -> tuple[DataLoader, DataLoader]:
+    """Train/val loaders over a fixed split of the digits (train first ``n_train``, val the rest)."""
+    x, y = digits_tensors()
+    train = TensorDataset(x[:n_train], y[:n_train])
+    val = TensorDataset(x[n_train:], y[n_train:])
+    return (
+        DataLoader(train, batch_size=batch_size, shuffle=shuffle),
+        DataLoader(val, batch_size=256),
+    )
+
+
+class PlainClassifier(L.LightningModule):
+    """A user's own small MLP classifier: logs ``train/loss``, ``val/loss`` and ``val/acc``."""
+
+    def __init__(self, lr: float = 0.1, hidden: int = 64, num_classes: int = 10, in_features: int = 64):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True)
+        self.log("val/acc", (logits.argmax(1) == y).float().mean())
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test/acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def quiet_trainer_kwargs(tmp_path) -> dict:
+    """Trainer arguments for fast, silent, deterministic CPU tests."""
+    return dict(
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
+    )
