@@ -1,0 +1,315 @@
+"""Optimizers: configuration, weight-decay parameter groups, the linear scaling rule and delta-bar-delta.
+
+Two kinds of weight decay meet here and are easy to confuse:
+
+* ``weight_decay`` of SGD, Adagrad, Adadelta, RMSprop and Adam is *coupled*: ``wd * w`` is added to the
+  gradient before the update rule, so for adaptive methods it is divided by the per-weight step size
+  normaliser like any other gradient term (it equals an L2 penalty ``wd/2 * ||w||^2`` in the loss).
+* ``weight_decay`` of AdamW is *decoupled* (Loshchilov & Hutter, 2019): the weights are shrunk directly,
+  ``w -= lr * wd * w``, outside the adaptive normalisation. With plain SGD the two coincide.
+
+Example::
+
+    from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
+
+    config = OptimizerConfig(name="sgd", lr=0.1, weight_decay=5e-4, base_batch_size=256)
+    optimizer = build_optimizer(model, config, global_batch_size=512)  # lr 0.2
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+OPTIMIZER_NAMES: tuple[str, ...] = (
+    "sgd",
+    "adagrad",
+    "adadelta",
+    "rmsprop",
+    "adam",
+    "adamw",
+    "delta_bar_delta",
+)
+
+#: Normalization layers whose affine parameters are exempt from weight decay (and from L1/L2 penalties).
+NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Which optimizer to build and with which hyper-parameters.
+
+    Args:
+        name: One of ``sgd | adagrad | adadelta | rmsprop | adam | adamw | delta_bar_delta``.
+        lr: Base learning rate (before the linear scaling rule).
+        weight_decay: ``torch.optim``'s own weight decay: coupled (added to the gradient) for every
+            optimizer except ``adamw``, where it is decoupled (weights shrunk directly).
+        momentum: Momentum of ``sgd``, ``rmsprop`` and ``delta_bar_delta``.
+        nesterov: Nesterov momentum for ``sgd``.
+        betas: ``(beta1, beta2)`` of ``adam``/``adamw``.
+        eps: Denominator epsilon of the adaptive methods.
+        exclude_norm_and_bias_from_decay: Put normalization-layer parameters and biases in a group
+            with ``weight_decay=0``.
+        base_batch_size: Batch size ``lr`` was tuned for; with it the linear scaling rule
+            ``lr * global_batch_size / base_batch_size`` is applied (Goyal et al., 2017).
+        kwargs: Extra keyword arguments for the optimizer class; they override the fields above.
+
+    Example::
+
+        OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.05)
+    """
+
+    name: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    exclude_norm_and_bias_from_decay: bool = True
+    base_batch_size: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZER_NAMES:
+            raise ValueError(
+                f"optimizer.name={self.name!r} is unknown; valid names: {', '.join(OPTIMIZER_NAMES)}"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optimizer.lr must be a positive number, got {self.lr}; e.g. optimizer.lr=0.1")
+        if not self.weight_decay >= 0:
+            raise ValueError(
+                f"optimizer.weight_decay must be >= 0, got {self.weight_decay}; use 0 to disable it"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"optimizer.momentum must be in [0, 1), got {self.momentum}; e.g. 0.9")
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("optimizer.nesterov=True needs optimizer.name='sgd' and optimizer.momentum > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise ValueError(f"optimizer.eps must be > 0, got {self.eps}; e.g. 1e-8")
+        if self.base_batch_size is not None and self.base_batch_size < 1:
+            raise ValueError(
+                f"optimizer.base_batch_size must be >= 1 or None, got {self.base_batch_size}; "
+                "set it to the batch size the lr was tuned for, or None to disable the scaling rule"
+            )
+
+
+def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split the trainable parameters of ``model`` into ``(decay, no_decay)``.
+
+    ``no_decay`` holds exactly the parameters of normalization layers (:data:`NORM_LAYER_TYPES`) and every
+    parameter registered under the name ``bias``; ``decay`` holds the rest. Parameters with
+    ``requires_grad=False`` are skipped and shared parameters appear once.
+
+    Example::
+
+        decay, no_decay = split_decay_parameters(model)
+    """
+    no_decay_ids: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, NORM_LAYER_TYPES) or name == "bias":
+                no_decay_ids.add(id(param))
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if id(param) in no_decay_ids else decay).append(param)
+    return decay, no_decay
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude_norm_and_bias: bool = True) -> list[dict]:
+    """Optimizer parameter groups with weight decay on weights only.
+
+    Args:
+        model: The model whose trainable parameters are grouped.
+        weight_decay: Decay of the ``decay`` group.
+        exclude_norm_and_bias: If ``False``, a single group with ``weight_decay`` for every parameter.
+
+    Returns:
+        ``[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]``
+        with empty groups omitted.
+
+    Example::
+
+        torch.optim.SGD(param_groups(model, 5e-4), lr=0.1, momentum=0.9)
+    """
+    if not exclude_norm_and_bias:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": weight_decay}] if params else []
+    decay, no_decay = split_decay_parameters(model)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def scaled_lr(lr: float, base_batch_size: int | None, global_batch_size: int | None) -> float:
+    """Linear scaling rule: ``lr * global_batch_size / base_batch_size``; ``lr`` if either is ``None``.
+
+    Example::
+
+        scaled_lr(0.1, 256, 1024)  # 0.4
+    """
+    if base_batch_size is None or global_batch_size is None:
+        return lr
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    return lr * global_batch_size / base_batch_size
+
+
+def build_optimizer(
+    model: nn.Module, config: OptimizerConfig, global_batch_size: int | None = None
+) -> torch.optim.Optimizer:
+    """Build the optimizer described by ``config`` for the trainable parameters of ``model``.
+
+    Args:
+        model: Model to optimise.
+        config: Optimizer configuration.
+        global_batch_size: Samples per optimizer step over the whole run
+            (per-device batch x devices x nodes x gradient accumulation). Used with
+            ``config.base_batch_size`` for the linear scaling rule; ignored if either is ``None``.
+
+    Returns:
+        A ``torch.optim`` optimizer (or :class:`DeltaBarDelta`).
+
+    Example::
+
+        optimizer = build_optimizer(model, OptimizerConfig(name="adam", lr=1e-3))
+    """
+    lr = scaled_lr(config.lr, config.base_batch_size, global_batch_size)
+    groups = param_groups(model, config.weight_decay, config.exclude_norm_and_bias_from_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    wd = config.weight_decay
+    factories: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
+        "sgd": (
+            torch.optim.SGD,
+            {"momentum": config.momentum, "nesterov": config.nesterov, "weight_decay": wd},
+        ),
+        "adagrad": (torch.optim.Adagrad, {"eps": config.eps, "weight_decay": wd}),
+        "adadelta": (torch.optim.Adadelta, {"eps": config.eps, "weight_decay": wd}),
+        "rmsprop": (
+            torch.optim.RMSprop,
+            {"momentum": config.momentum, "eps": config.eps, "weight_decay": wd},
+        ),
+        "adam": (torch.optim.Adam, {"betas": config.betas, "eps": config.eps, "weight_decay": wd}),
+        "adamw": (torch.optim.AdamW, {"betas": config.betas, "eps": config.eps, "weight_decay": wd}),
+        "delta_bar_delta": (DeltaBarDelta, {"momentum": config.momentum, "weight_decay": wd}),
+    }
+    cls, defaults = factories[config.name]
+    return cls(groups, lr=lr, **{**defaults, **config.kwargs})
+
+
+class DeltaBarDelta(torch.optim.Optimizer):
+    """Gradient descent with adaptive per-weight gains (Jacobs, 1988; Hinton's Coursera lecture 6d).
+
+    Each weight has a gain ``g`` starting at 1. When the gradient keeps its sign from one step to the
+    next the gain grows additively, ``g += increase``; when it flips the gain shrinks multiplicatively,
+    ``g *= decrease``; a zero in either gradient leaves it unchanged. Gains are clipped to
+    ``[min_gain, max_gain]`` and the update is ``w -= lr * v`` with ``v = momentum * v + g * grad``.
+    Hand-written because ``torch.optim`` has no per-weight-gain method (Rprop uses only gradient signs).
+
+    Args:
+        params: Parameters or parameter groups.
+        lr: Global learning rate.
+        increase: Additive gain increase on sign agreement.
+        decrease: Multiplicative gain decrease on a sign flip, in ``(0, 1]``.
+        min_gain: Lower clip of the gains.
+        max_gain: Upper clip of the gains.
+        momentum: Momentum of the gain-scaled update, in ``[0, 1)``.
+        weight_decay: Coupled L2 weight decay: ``wd * w`` is added to the gradient before anything else.
+
+    Example::
+
+        optimizer = DeltaBarDelta(model.parameters(), lr=0.01, momentum=0.9)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
+        lr: float = 0.01,
+        increase: float = 0.05,
+        decrease: float = 0.95,
+        min_gain: float = 0.01,
+        max_gain: float = 100.0,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not lr > 0:
+            raise ValueError(f"DeltaBarDelta lr must be > 0, got {lr}")
+        if not increase >= 0:
+            raise ValueError(f"DeltaBarDelta increase must be >= 0, got {increase}")
+        if not 0 < decrease <= 1:
+            raise ValueError(f"DeltaBarDelta decrease must be in (0, 1], got {decrease}")
+        if not 0 < min_gain <= 1 <= max_gain:
+            raise ValueError(
+                "DeltaBarDelta needs 0 < min_gain <= 1 <= max_gain, "
+                f"got min_gain={min_gain}, max_gain={max_gain}"
+            )
+        if not 0 <= momentum < 1:
+            raise ValueError(f"DeltaBarDelta momentum must be in [0, 1), got {momentum}")
+        if not weight_decay >= 0:
+            raise ValueError(f"DeltaBarDelta weight_decay must be >= 0, got {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "increase": increase,
+            "decrease": decrease,
+            "min_gain": min_gain,
+            "max_gain": max_gain,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one update; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("DeltaBarDelta does not support sparse gradients")
+                grad = p.grad
+                if group["weight_decay"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["gain"] = torch.ones_like(p, memory_format=torch.preserve_format)
+                    state["prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["momentum"]:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                gain = state["gain"]
+                agreement = grad * state["prev_grad"]
+                gain.copy_(
+                    torch.where(
+                        agreement > 0,
+                        gain + group["increase"],
+                        torch.where(agreement < 0, gain * group["decrease"], gain),
+                    )
+                ).clamp_(group["min_gain"], group["max_gain"])
+                update = gain * grad
+                if group["momentum"]:
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    update = buf.mul_(group["momentum"]).add_(update)
+                p.add_(update, alpha=-group["lr"])
+                state["prev_grad"].copy_(grad)
+                state["step"] += 1
+        return loss
