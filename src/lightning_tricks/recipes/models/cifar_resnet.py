@@ -1,0 +1,156 @@
+"""CIFAR ResNets of He et al. (2016), "Deep Residual Learning for Image Recognition", section 4.2.
+
+Three stages of 16, 32 and 64 channels on 32x32, 16x16 and 8x8 maps, each of ``n = (depth - 2) / 6``
+basic blocks, so depth 20, 32, 44, 56 and 110 give n = 3, 5, 7, 9 and 18.
+
+Example::
+
+    from lightning_tricks.recipes.models import create_model
+
+    net = create_model("resnet56", num_classes=10, shortcut="A")
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_tricks.recipes.models.layers import (
+    CONV_NORMS,
+    check_choice,
+    check_probability,
+    conv3x3,
+    is_norm,
+    kaiming_init,
+    make_classifier,
+    make_norm,
+)
+from lightning_tricks.recipes.models.registry import register_model
+
+SHORTCUTS: tuple[str, ...] = ("A", "B")
+
+
+class PadShortcut(nn.Module):
+    """Option A shortcut: parameter-free strided identity, new channels zero-padded on both sides."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(f"option A cannot reduce channels ({in_channels} -> {out_channels})")
+        self.stride = stride
+        self.pad_before = (out_channels - in_channels) // 2
+        self.pad_after = out_channels - in_channels - self.pad_before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-norm-ReLU-conv3x3-norm plus shortcut, then ReLU (post-activation).
+
+    ``last_norm`` is the norm ending the residual branch (``None`` without normalisation), the
+    layer whose scale is zero-initialised by Goyal et al. (2017).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str, shortcut: str) -> None:
+        super().__init__()
+        bias = norm == "none"
+        self.conv1 = conv3x3(in_channels, out_channels, stride, bias=bias)
+        self.bn1 = make_norm(norm, out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels, bias=bias)
+        self.bn2 = make_norm(norm, out_channels)
+        self.last_norm: nn.Module | None = self.bn2 if is_norm(self.bn2) else None
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            if shortcut == "A":
+                self.shortcut = PadShortcut(in_channels, out_channels, stride)
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias),
+                    make_norm(norm, out_channels),
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs: 3x3 stem, three stages of basic blocks, global pool, linear head.
+
+    Args:
+        depth: total weighted layers; ``(depth - 2) % 6 == 0``.
+        num_classes: number of output logits.
+        in_channels: image channels.
+        norm: ``"batch"``, ``"group"``, ``"layer"`` or ``"none"``.
+        shortcut: ``"A"`` (zero-padded identity, as in the paper's CIFAR experiments) or ``"B"``
+            (1x1 projection when the shape changes).
+        dropout: dropout probability before the classifier.
+        drop_connect: DropConnect probability on the classifier weights.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        in_channels: int = 3,
+        norm: str = "batch",
+        shortcut: str = "A",
+        dropout: float = 0.0,
+        drop_connect: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
+        check_choice("norm", norm, CONV_NORMS)
+        check_choice("shortcut", shortcut, SHORTCUTS)
+        check_probability("dropout", dropout)
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(
+            conv3x3(in_channels, 16, bias=norm == "none"), make_norm(norm, 16), nn.ReLU(inplace=True)
+        )
+        stages: list[nn.Module] = []
+        channels = 16
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(channels, width, stride if i == 0 else 1, norm, shortcut))
+                channels = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = make_classifier(channels, num_classes, drop_connect)
+        kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.classifier(self.dropout(self.pool(x)))
+
+
+def _register(depth: int) -> None:
+    def factory(
+        num_classes: int,
+        in_channels: int = 3,
+        norm: str = "batch",
+        shortcut: str = "A",
+        dropout: float = 0.0,
+        drop_connect: float = 0.0,
+    ) -> CifarResNet:
+        return CifarResNet(depth, num_classes, in_channels, norm, shortcut, dropout, drop_connect)
+
+    factory.__name__ = factory.__qualname__ = f"resnet{depth}"
+    factory.__doc__ = f"""CIFAR ResNet-{depth} (He et al. 2016); see :class:`CifarResNet` for the arguments.
+
+    Example::
+
+        create_model("resnet{depth}", num_classes=10, shortcut="A")
+    """
+    register_model(f"resnet{depth}", input_sizes=(32,))(factory)
+
+
+for _depth in (20, 32, 44, 56, 110):
+    _register(_depth)

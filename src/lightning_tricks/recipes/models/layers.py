@@ -1,0 +1,159 @@
+"""Layers and argument checks shared by the zoo architectures.
+
+Example::
+
+    from lightning_tricks.recipes.models.layers import DropConnectLinear, make_norm
+
+    norm = make_norm("group", 64)  # GroupNorm(16, 64)
+    head = DropConnectLinear(64, 10, p=0.5)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONV_NORMS: tuple[str, ...] = ("batch", "group", "layer", "none")
+"""Normalisation choices for convolutional feature maps."""
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``; otherwise raise ``ValueError`` naming ``name``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_probability(name: str, p: float) -> float:
+    """Return ``p`` if ``0 <= p < 1``; otherwise raise ``ValueError`` naming ``name``."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must satisfy 0 <= {name} < 1; got {p}")
+    return float(p)
+
+
+def group_norm_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
+    """Number of GroupNorm groups for ``channels``: up to 32 (Wu & He 2018), at least 4 channels each.
+
+    Starts from ``gcd(channels, max_groups)`` and halves while groups would hold fewer than
+    ``min_group_size`` channels, so 16 channels get 4 groups and 256 channels get 32.
+    """
+    groups = math.gcd(channels, max_groups)
+    while groups > 1 and channels // groups < min_group_size:
+        groups //= 2
+    return groups
+
+
+def make_norm(norm: str, channels: int) -> nn.Module:
+    """Normalisation layer for ``(N, C, H, W)`` feature maps.
+
+    Args:
+        norm: ``"batch"`` (BatchNorm2d), ``"group"`` (GroupNorm, see :func:`group_norm_groups`),
+            ``"layer"`` (GroupNorm with one group, i.e. LayerNorm over C, H, W) or ``"none"``
+            (``nn.Identity``).
+        channels: number of feature channels.
+
+    Example::
+
+        make_norm("layer", 32)  # GroupNorm(1, 32)
+    """
+    check_choice("norm", norm, CONV_NORMS)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(group_norm_groups(channels), channels)
+    if norm == "layer":
+        return nn.GroupNorm(1, channels)
+    return nn.Identity()
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is an actual normalisation layer (not an ``nn.Identity`` stand-in)."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    """3x3 convolution with padding 1."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+
+
+class DropConnectLinear(nn.Linear):
+    """Linear layer with DropConnect (Wan et al., 2013): drops *weights* instead of activations.
+
+    In training mode every forward pass samples a fresh Bernoulli(1 - p) mask over the weight
+    matrix and rescales the kept weights by ``1 / (1 - p)``, so the expected weight equals the
+    plain weight. The bias is not dropped. In eval mode the layer is a plain ``nn.Linear``.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: whether to learn an additive bias.
+        p: probability of dropping each weight, ``0 <= p < 1``.
+
+    Example::
+
+        head = DropConnectLinear(512, 10, p=0.5)
+        logits = head(torch.randn(8, 512))
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, p: float = 0.5) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.p = check_probability("drop_connect", p)
+
+    def sample_weight(self) -> torch.Tensor:
+        """The weight used by the next forward pass: masked and rescaled in training mode."""
+        if not self.training or self.p == 0.0:
+            return self.weight
+        mask = torch.empty_like(self.weight).bernoulli_(1.0 - self.p)
+        return self.weight * mask / (1.0 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.sample_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"
+
+
+def make_classifier(in_features: int, num_classes: int, drop_connect: float = 0.0) -> nn.Linear:
+    """Final linear layer: ``nn.Linear``, or :class:`DropConnectLinear` when ``drop_connect > 0``."""
+    check_probability("drop_connect", drop_connect)
+    if drop_connect > 0.0:
+        return DropConnectLinear(in_features, num_classes, p=drop_connect)
+    return nn.Linear(in_features, num_classes)
+
+
+def get_classifier(model: nn.Module) -> nn.Linear:
+    """The final linear classifier of a zoo model (``model.classifier``, ``model.fc``, or the last Linear).
+
+    Useful for linear probes and for giving the head its own learning rate.
+
+    Example::
+
+        model = create_model("resnet20", num_classes=10)
+        head = get_classifier(model)
+        head.out_features  # 10
+    """
+    for attr in ("classifier", "fc"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Linear):
+            return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
+    return linears[-1]
+
+
+def kaiming_init(model: nn.Module) -> None:
+    """He et al. (2015) normal init for convolutions (fan-out, ReLU gain); norms to weight 1, bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif is_norm(m) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
