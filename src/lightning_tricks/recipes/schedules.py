@@ -1,0 +1,328 @@
+"""Learning-rate schedules with optional linear warm-up, returned as Lightning scheduler configs.
+
+Every schedule is a ``torch.optim.lr_scheduler`` class except ``inverse_time`` (a ``LambdaLR``) and the
+warm-up composition (:class:`LinearWarmup`). Time is counted in ``interval`` units (epochs or optimizer
+steps); with ``warmup=W`` the main schedule is shifted to start at ``t=W``, so e.g. warm-up + cosine is
+
+* ``lr(t) = base * (f + (1 - f) * t / W)`` for ``t < W``,
+* ``lr(t) = eta_min + (base - eta_min) * (1 + cos(pi * (t - W) / (T - W))) / 2`` afterwards.
+
+Example::
+
+    from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
+
+    config = SchedulerConfig(name="cosine", interval="step", warmup=500)
+    lr_scheduler = build_scheduler(optimizer, config, total_steps=10_000, steps_per_epoch=100)
+    # in configure_optimizers: return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim import lr_scheduler as lrs
+
+SCHEDULER_NAMES: tuple[str, ...] = (
+    "constant",
+    "step",
+    "multistep",
+    "exponential",
+    "inverse_time",
+    "cosine",
+    "cosine_restarts",
+    "cyclic",
+    "one_cycle",
+    "plateau",
+)
+INTERVALS: tuple[str, ...] = ("epoch", "step")
+
+_TORCH_CLASSES: dict[str, type] = {
+    "step": lrs.StepLR,
+    "multistep": lrs.MultiStepLR,
+    "cosine": lrs.CosineAnnealingLR,
+    "cosine_restarts": lrs.CosineAnnealingWarmRestarts,
+    "cyclic": lrs.CyclicLR,
+    "one_cycle": lrs.OneCycleLR,
+    "plateau": lrs.ReduceLROnPlateau,
+}
+# Schedules without a torch class of their own accept only these ``SchedulerConfig.kwargs``.
+_EXTRA_KWARGS: dict[str, set[str]] = {"exponential": {"decay_rate", "gamma"}, "inverse_time": {"decay_rate"}}
+_REQUIRED_KWARGS: dict[str, tuple[str, ...]] = {
+    "step": ("step_size",),
+    "multistep": ("milestones",),
+    "inverse_time": ("decay_rate",),
+    "cosine_restarts": ("T_0",),
+}
+# Set by build_scheduler itself (from the optimizer or the run length), never by the user.
+_RESERVED_KWARGS = {"optimizer", "last_epoch", "epochs", "steps_per_epoch", "verbose"}
+
+
+def _allowed_kwargs(name: str) -> set[str]:
+    if name in _EXTRA_KWARGS:
+        return _EXTRA_KWARGS[name]
+    if name == "constant":
+        return set()
+    return set(inspect.signature(_TORCH_CLASSES[name]).parameters) - _RESERVED_KWARGS
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Which learning-rate schedule to use, stepped per epoch or per optimizer step.
+
+    Args:
+        name: ``None``/``"constant"``, ``step``, ``multistep``, ``exponential`` (``eta0 * exp(-k t)``),
+            ``inverse_time`` (``eta0 / (1 + k t)``), ``cosine``, ``cosine_restarts``, ``cyclic``,
+            ``one_cycle`` or ``plateau``.
+        interval: ``"epoch"`` or ``"step"``: the unit in which the scheduler is stepped and in which
+            its time parameters (``step_size``, ``T_max``, ``warmup``, ...) are counted.
+        warmup: Linear warm-up length in ``interval`` units; composes with every schedule.
+        warmup_start_factor: The lr at ``t=0`` is this fraction of the schedule's lr at ``t=warmup``.
+        monitor: Logged metric that ``plateau`` watches.
+        kwargs: Schedule-specific arguments: ``step_size``/``gamma`` (step), ``milestones``/``gamma``
+            (multistep), ``decay_rate`` ``k`` (exponential, inverse_time), ``T_max``/``eta_min`` (cosine;
+            default ``T_max`` = the run minus warm-up), ``T_0``/``T_mult``/``eta_min`` (cosine_restarts),
+            ``base_lr``/``max_lr``/``step_size_up``/``mode`` (cyclic; defaults ``max_lr`` = optimizer lr,
+            ``base_lr`` = ``max_lr / 10``, ``step_size_up`` = 4 epochs), ``max_lr``/``pct_start`` (one_cycle;
+            defaults: optimizer lr, the run minus warm-up), ``mode``/``factor``/``patience`` (plateau).
+            Other keyword arguments of the torch class are passed through.
+
+    Example::
+
+        SchedulerConfig(name="multistep", kwargs={"milestones": [100, 150], "gamma": 0.1})
+    """
+
+    name: str | None = None
+    interval: str = "epoch"
+    warmup: int = 0
+    warmup_start_factor: float = 0.01
+    monitor: str = "val/loss"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        name = "constant" if self.name is None else self.name
+        if name not in SCHEDULER_NAMES:
+            raise ValueError(
+                f"scheduler.name={self.name!r} is unknown; valid names: None, {', '.join(SCHEDULER_NAMES)}"
+            )
+        if self.interval not in INTERVALS:
+            raise ValueError(f"scheduler.interval must be 'epoch' or 'step', got {self.interval!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"scheduler.warmup must be an integer >= 0, got {self.warmup!r}; use 0 for none")
+        if not 0 < self.warmup_start_factor <= 1:
+            raise ValueError(
+                f"scheduler.warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}; e.g. 0.01"
+            )
+        unknown = set(self.kwargs) - _allowed_kwargs(name)
+        if unknown:
+            raise ValueError(
+                f"scheduler.kwargs has {sorted(unknown)} which {name!r} does not accept; "
+                f"valid: {sorted(_allowed_kwargs(name))}"
+            )
+        missing = [k for k in _REQUIRED_KWARGS.get(name, ()) if k not in self.kwargs]
+        if missing:
+            raise ValueError(f"scheduler.kwargs.{missing[0]} is required for scheduler.name={name!r}")
+        if name == "exponential" and ("decay_rate" in self.kwargs) == ("gamma" in self.kwargs):
+            raise ValueError(
+                "scheduler.kwargs needs exactly one of decay_rate (lr = eta0 * exp(-k t)) or gamma "
+                "for 'exponential'"
+            )
+        rate = self.kwargs.get("decay_rate", 0.0)
+        if not rate >= 0:
+            raise ValueError(f"scheduler.kwargs.decay_rate must be >= 0, got {rate}")
+
+    @property
+    def resolved_name(self) -> str:
+        """``name`` with ``None`` mapped to ``"constant"``."""
+        return "constant" if self.name is None else self.name
+
+
+class InverseTimeDecay:
+    """``LambdaLR`` factor ``1 / (1 + k t)``; a class (not a lambda) so ``LambdaLR.state_dict`` keeps it.
+
+    Example::
+
+        torch.optim.lr_scheduler.LambdaLR(optimizer, InverseTimeDecay(0.1))
+    """
+
+    def __init__(self, decay_rate: float) -> None:
+        self.decay_rate = decay_rate
+
+    def __call__(self, t: int) -> float:
+        return 1.0 / (1.0 + self.decay_rate * t)
+
+
+class LinearWarmup(lrs.LRScheduler):
+    """Linear warm-up for ``warmup`` steps, then the wrapped scheduler, shifted to start at ``t=warmup``.
+
+    ``lr(t) = target * (f + (1 - f) * t / warmup)`` for ``t < warmup``, where ``target`` is the lr the
+    wrapped scheduler set when it was built (its value at its own ``t=0``); afterwards each ``step`` is
+    forwarded to the wrapped scheduler. Metrics passed to ``step`` during warm-up are ignored, so a wrapped
+    ``ReduceLROnPlateau`` only sees epochs trained at the full lr. Hand-written because ``SequentialLR``
+    rejects ``ReduceLROnPlateau`` and resets schedulers that set the lr when built (``CyclicLR``,
+    ``OneCycleLR``).
+
+    Args:
+        optimizer: The optimizer ``scheduler`` drives.
+        scheduler: The main schedule, freshly built (not yet stepped).
+        warmup: Warm-up length in steps of this scheduler, ``>= 1``.
+        start_factor: Fraction of the target lr at ``t=0``, in ``(0, 1]``.
+
+    Example::
+
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=90)
+        scheduler = LinearWarmup(optimizer, main, warmup=10, start_factor=0.01)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        scheduler: lrs.LRScheduler | lrs.ReduceLROnPlateau,
+        warmup: int,
+        start_factor: float = 0.01,
+    ) -> None:
+        if warmup < 1:
+            raise ValueError(f"LinearWarmup needs warmup >= 1, got {warmup}")
+        if not 0 < start_factor <= 1:
+            raise ValueError(f"LinearWarmup needs start_factor in (0, 1], got {start_factor}")
+        if scheduler.optimizer is not optimizer:
+            raise ValueError("LinearWarmup: the wrapped scheduler drives a different optimizer")
+        # No super().__init__(): the base class would step a get_lr() this wrapper does not have.
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.warmup = warmup
+        self.start_factor = start_factor
+        self.target_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.last_epoch = 0
+        self._step_count = 1
+        self._set_lrs(self._warmup_lrs(0))
+
+    def _warmup_lrs(self, t: int) -> list[float]:
+        factor = self.start_factor + (1.0 - self.start_factor) * min(t, self.warmup) / self.warmup
+        return [lr * factor for lr in self.target_lrs]
+
+    def _set_lrs(self, lrs_: list[float]) -> None:
+        for group, lr in zip(self.optimizer.param_groups, lrs_, strict=True):
+            group["lr"] = lr
+        self._last_lr = list(lrs_)
+
+    def step(self, metrics: Any = None) -> None:  # type: ignore[override]
+        """Advance one ``interval`` unit; ``metrics`` is forwarded to a wrapped ``ReduceLROnPlateau``."""
+        self.last_epoch += 1
+        self._step_count += 1
+        if self.last_epoch <= self.warmup:
+            self._set_lrs(self._warmup_lrs(self.last_epoch))
+            return
+        if isinstance(self.scheduler, lrs.ReduceLROnPlateau):
+            if metrics is None:
+                raise ValueError(
+                    "LinearWarmup wraps ReduceLROnPlateau: step(metrics) needs the monitored value"
+                )
+            self.scheduler.step(metrics)
+        else:
+            self.scheduler.step()
+        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Wrapper state plus the wrapped scheduler's ``state_dict`` under ``"scheduler"``."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "scheduler")}
+        state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`."""
+        state = dict(state_dict)
+        self.scheduler.load_state_dict(state.pop("scheduler"))
+        self.__dict__.update(state)
+
+
+def _momentum_present(optimizer: Optimizer) -> bool:
+    defaults = optimizer.defaults
+    return defaults.get("momentum", 0) > 0 or "betas" in defaults
+
+
+def _build_main(
+    optimizer: Optimizer, name: str, kwargs: dict[str, Any], run_length: int, steps_per_unit: int
+) -> lrs.LRScheduler | lrs.ReduceLROnPlateau | None:
+    kw = dict(kwargs)
+    if name == "constant":
+        return None
+    if name == "exponential":
+        gamma = kw.pop("gamma") if "gamma" in kw else math.exp(-kw.pop("decay_rate"))
+        return lrs.ExponentialLR(optimizer, gamma=gamma)
+    if name == "inverse_time":
+        return lrs.LambdaLR(optimizer, InverseTimeDecay(kw.pop("decay_rate")))
+    if name == "cosine":
+        kw.setdefault("T_max", run_length)
+    elif name == "cyclic":
+        kw.setdefault("max_lr", [g["lr"] for g in optimizer.param_groups])
+        kw.setdefault("base_lr", [lr / 10 for lr in _as_list(kw["max_lr"], optimizer)])
+        # Smith (2017) recommends half-cycles of 2-10 epochs.
+        kw.setdefault("step_size_up", 4 * steps_per_unit)
+        kw.setdefault("cycle_momentum", _momentum_present(optimizer))
+    elif name == "one_cycle":
+        kw.setdefault("max_lr", [g["lr"] for g in optimizer.param_groups])
+        kw.setdefault("total_steps", run_length)
+        kw.setdefault("cycle_momentum", _momentum_present(optimizer))
+    return _TORCH_CLASSES[name](optimizer, **kw)
+
+
+def _as_list(value: float | list[float], optimizer: Optimizer) -> list[float]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * len(optimizer.param_groups)
+
+
+def build_scheduler(
+    optimizer: Optimizer, config: SchedulerConfig, total_steps: int, steps_per_epoch: int
+) -> dict[str, Any] | None:
+    """Build the Lightning ``lr_scheduler`` config for ``optimizer``.
+
+    Args:
+        optimizer: The optimizer whose param-group lrs are scheduled (their current lr is the base lr).
+        config: Scheduler configuration.
+        total_steps: Optimizer steps in the whole run (``trainer.estimated_stepping_batches``).
+        steps_per_epoch: Optimizer steps per epoch; with ``interval="epoch"`` the run lasts
+            ``total_steps // steps_per_epoch`` epochs.
+
+    Returns:
+        ``{"scheduler", "interval", "frequency": 1}`` (plus ``"monitor"`` and ``"reduce_on_plateau"`` for
+        ``plateau``), or ``None`` for a constant lr without warm-up.
+
+    Example::
+
+        def configure_optimizers(self):
+            optimizer = build_optimizer(self, OptimizerConfig())
+            total = self.trainer.estimated_stepping_batches
+            sched = build_scheduler(optimizer, SchedulerConfig("cosine", warmup=5), total, total // 100)
+            return {"optimizer": optimizer, "lr_scheduler": sched} if sched else optimizer
+    """
+    if total_steps < 1 or steps_per_epoch < 1:
+        raise ValueError(
+            "build_scheduler needs total_steps >= 1 and steps_per_epoch >= 1, "
+            f"got total_steps={total_steps}, steps_per_epoch={steps_per_epoch}"
+        )
+    name = config.resolved_name
+    if name == "constant" and config.warmup == 0:
+        return None
+    per_epoch = config.interval == "epoch"
+    run_length = max(1, total_steps // steps_per_epoch) if per_epoch else total_steps
+    if name != "constant" and config.warmup >= run_length:
+        raise ValueError(
+            f"scheduler.warmup={config.warmup} must be shorter than the run ({run_length} {config.interval}s)"
+        )
+    if name == "constant":
+        scheduler: Any = lrs.LinearLR(
+            optimizer, start_factor=config.warmup_start_factor, end_factor=1.0, total_iters=config.warmup
+        )
+    else:
+        steps_per_unit = 1 if per_epoch else steps_per_epoch
+        scheduler = _build_main(optimizer, name, config.kwargs, run_length - config.warmup, steps_per_unit)
+        if config.warmup > 0:
+            scheduler = LinearWarmup(optimizer, scheduler, config.warmup, config.warmup_start_factor)
+    out: dict[str, Any] = {"scheduler": scheduler, "interval": config.interval, "frequency": 1}
+    if name == "plateau":
+        out["monitor"] = config.monitor
+        out["reduce_on_plateau"] = True
+    return out
