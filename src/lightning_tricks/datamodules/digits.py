@@ -32,6 +32,8 @@ class DigitsDataModule(InMemoryImageDataModule):
         seed: Seed of the stratified split and the shuffling order.
         num_workers: DataLoader workers.
         normalize: Standardise with the training split's mean/std.
+        augment: On-device training augmentation: ``"flip"``, ``"translate"`` or ``"crop_flip"``
+            (padding ``max(1, image_size // 8)``); ``None`` (default) for none.
     """
 
     num_classes = 10
@@ -46,8 +48,11 @@ class DigitsDataModule(InMemoryImageDataModule):
         seed: int = 0,
         num_workers: int = 0,
         normalize: bool = True,
+        augment: str | list[str] | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, normalize=normalize, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, normalize=normalize, seed=seed, augment=augment
+        )
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")

@@ -27,6 +27,10 @@ class SyntheticDataModule(InMemoryImageDataModule):
         noise: Noise std relative to the class-pattern contrast (larger is harder).
         batch_size: Per-device batch size.
         seed: Seed for the images, labels and shuffling.
+        num_workers: DataLoader workers.
+        normalize: Standardise with the training split's mean/std.
+        augment: On-device training augmentation: ``"flip"``, ``"translate"`` or ``"crop_flip"``
+            (padding ``max(1, image_size // 8)``); ``None`` (default) for none.
     """
 
     def __init__(
@@ -42,8 +46,11 @@ class SyntheticDataModule(InMemoryImageDataModule):
         seed: int = 0,
         num_workers: int = 0,
         normalize: bool = True,
+        augment: str | list[str] | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, normalize=normalize, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, normalize=normalize, seed=seed, augment=augment
+        )
         for name, value in (
             ("num_classes", num_classes),
             ("image_size", image_size),
