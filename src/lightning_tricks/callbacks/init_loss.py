@@ -1,0 +1,257 @@
+"""Check the loss at initialization against ln(C), and that more regularization raises the loss.
+
+What to expect: a freshly initialised C-class classifier should predict (close to) the uniform
+distribution ``u = 1/C``. The cross-entropy of ``u`` against any target distribution ``q`` is
+``-sum_k q_k log(1/C) = ln(C) * sum_k q_k = ln(C)``, because ``q`` sums to one. This holds for one-hot
+labels, for label-smoothed targets under either convention (``(1-eps)`` one-hot ``+ eps/C``, or
+``1-eps`` on the true class and ``eps/(C-1)`` elsewhere) and for mixup/cutmix soft targets alike, so
+the expectation is ``ln(C)`` whether or not smoothing is on. (Smoothing changes the *minimum*
+reachable loss, the entropy of ``q``, not the loss at uniform predictions.) Random logits with
+standard deviation ``s`` raise the expected loss by roughly ``s^2/2``, which is what a too-large
+initialization looks like.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.seed import isolate_rng
+from typing_extensions import override
+
+from lightning_tricks.callbacks.sanity import (
+    ModuleSnapshot,
+    classification_skip_reason,
+    data_loss,
+    draw_batches,
+    regularization_off,
+    report_failure,
+    split_batch,
+    validate_on_fail,
+)
+
+
+@dataclass
+class _Measure:
+    loss_sum: float = 0.0
+    count: int = 0
+    num_classes: int = 0
+    skip_reason: str | None = None
+    base_total: float = math.nan  # data loss + penalty, regularization off
+    cranked_total: float = math.nan  # data loss + penalty, regularization x factor
+    base_penalty: float = math.nan  # penalty at the configured strength
+    cranked_penalty: float = math.nan
+
+
+class InitLossCheck(Callback):
+    """Before the first optimizer step, compare the cross-entropy at initialization with ``ln(C)``.
+
+    At ``on_train_start`` (after Lightning's sanity validation, before any optimizer step) the callback
+    draws ``num_batches`` batches from the training loader, sends them through
+    ``trainer.strategy.batch_to_device`` (so DataModule normalisation applies), and computes the loss
+    with regularization off: the module's ``data_loss(logits, targets)`` if it has one, otherwise
+    ``F.cross_entropy(pl_module(x), y)``. The module is in training mode (batch-norm uses batch
+    statistics, as in the first step) with dropout set to 0. The measured loss passes when
+    ``|measured - ln(C)| <= tolerance * ln(C)``; the mean is reduced over all ranks.
+
+    When the module offers ``regularization_scaled(factor)`` and ``penalty()`` (like
+    :class:`~lightning_tricks.recipes.classifier.ImageClassifier`), it also checks that cranking the
+    regularization up by ``regularization_factor`` raises the total loss ``data_loss + penalty``: if it
+    does not, the penalty never reaches the loss.
+
+    Nothing of the run is changed: parameters, buffers (batch-norm running statistics), gradients,
+    training flags and dropout rates are restored bit for bit, the optimizer is untouched, and the RNG
+    state is isolated. The check runs only at the start of a fresh fit (``global_step == 0``), not
+    when resuming from a checkpoint.
+
+    Args:
+        num_batches: Number of training batches to average the loss over (``>= 1``).
+        tolerance: Allowed relative deviation from ``ln(C)``, in ``(0, 1]``: ``0.3`` accepts
+            ``[0.7 ln C, 1.3 ln C]``.
+        regularization_factor: Factor passed to ``regularization_scaled`` for the crank-up check
+            (``> 1``; the lectures use 10 to 1000).
+        on_fail: ``"warn"`` (default) or ``"raise"`` a
+            :class:`~lightning_tricks.callbacks.sanity.SanityCheckError`.
+
+    Attributes:
+        measured: Mean loss measured at initialization (``None`` before the check or when skipped).
+        expected: ``ln(C)``.
+        passed: ``True``/``False`` after the check, ``None`` when skipped.
+        regularization_passed: Result of the crank-up check, ``None`` when it could not run.
+        skip_reason: Why the check was skipped (for example a regression model).
+
+    Raises:
+        ValueError: On invalid arguments.
+
+    Example::
+
+        from lightning_tricks.callbacks.init_loss import InitLossCheck
+
+        trainer = Trainer(callbacks=[InitLossCheck(num_batches=4, on_fail="raise")])
+    """
+
+    def __init__(
+        self,
+        num_batches: int = 4,
+        tolerance: float = 0.3,
+        regularization_factor: float = 100.0,
+        on_fail: str = "warn",
+    ) -> None:
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"`num_batches` must be an int >= 1, got {num_batches!r}")
+        if not 0 < tolerance <= 1:
+            raise ValueError(f"`tolerance` must be in (0, 1] (relative to ln C), got {tolerance!r}")
+        if not regularization_factor > 1:
+            raise ValueError(f"`regularization_factor` must be > 1, got {regularization_factor!r}; e.g. 100")
+        self.num_batches = num_batches
+        self.tolerance = float(tolerance)
+        self.regularization_factor = float(regularization_factor)
+        self.on_fail = validate_on_fail(on_fail)
+        self.measured: float | None = None
+        self.expected: float | None = None
+        self.passed: bool | None = None
+        self.regularization_passed: bool | None = None
+        self.skip_reason: str | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(num_batches=self.num_batches, tolerance=self.tolerance)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Measure the loss at initialization and report."""
+        if trainer.global_step > 0:
+            return
+        with isolate_rng():
+            snapshot = ModuleSnapshot(pl_module)
+            try:
+                m = self._measure(trainer, pl_module)
+            finally:
+                snapshot.restore()
+        skip = trainer.strategy.reduce_boolean_decision(m.skip_reason is not None, all=False)
+        if skip:
+            self.skip_reason = m.skip_reason or "another rank could not measure a classification loss"
+            rank_zero_info(f"InitLossCheck skipped: {self.skip_reason}.")
+            return
+        totals = torch.tensor([m.loss_sum, float(m.count)], dtype=torch.float64, device=pl_module.device)
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        self.measured = float(totals[0] / totals[1])
+        self.expected = math.log(m.num_classes)
+        self.passed = abs(self.measured - self.expected) <= self.tolerance * self.expected
+        self._report_loss(m.num_classes)
+        self._report_regularization(m)
+
+    @torch.no_grad()
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _Measure:
+        m = _Measure()
+        batches = draw_batches(trainer, num_batches=self.num_batches)
+        if not batches:
+            m.skip_reason = "there is no training data to measure the loss on"
+            return m
+        pl_module.train()
+        first: tuple[Any, Any] | None = None
+        with regularization_off(pl_module):
+            for batch in batches:
+                pair = split_batch(batch)
+                if pair is None:
+                    m.skip_reason = f"batches are {type(batch).__name__}, not (inputs, targets) pairs"
+                    return m
+                x, y = pair
+                logits = pl_module(x)
+                m.skip_reason = classification_skip_reason(pl_module, logits, y)
+                if m.skip_reason is not None:
+                    m.skip_reason = f"the loss is not a classification cross-entropy: {m.skip_reason}"
+                    return m
+                m.num_classes = logits.shape[1]
+                m.loss_sum += float(data_loss(pl_module, logits, y)) * logits.shape[0]
+                m.count += logits.shape[0]
+                if first is None:
+                    first = (logits, y)
+            if first is not None:
+                m.base_total = float(data_loss(pl_module, *first)) + self._penalty(pl_module)
+        scaled = getattr(pl_module, "regularization_scaled", None)
+        if first is not None and callable(scaled) and callable(getattr(pl_module, "penalty", None)):
+            m.base_penalty = self._penalty(pl_module)
+            with scaled(self.regularization_factor):
+                m.cranked_penalty = self._penalty(pl_module)
+                m.cranked_total = float(data_loss(pl_module, *first)) + m.cranked_penalty
+        return m
+
+    @staticmethod
+    def _penalty(pl_module: pl.LightningModule) -> float:
+        penalty = getattr(pl_module, "penalty", None)
+        return float(penalty()) if callable(penalty) else 0.0
+
+    def _report_loss(self, num_classes: int) -> None:
+        assert self.measured is not None and self.expected is not None
+        summary = (
+            f"loss at initialization {self.measured:.4f}, expected ln({num_classes}) = {self.expected:.4f} "
+            f"(tolerance +-{self.tolerance:.0%})"
+        )
+        if self.passed:
+            rank_zero_info(f"InitLossCheck passed: {summary}.")
+            return
+        if self.measured > self.expected:
+            advice = (
+                "The initial predictions are far more confident than uniform: the initial weights are too "
+                "large (use He/Glorot init, or scale the last layer down, e.g. zero-init it), the inputs are "
+                "not normalised, or a softmax is applied before F.cross_entropy."
+            )
+        else:
+            advice = (
+                "The model already beats uniform guessing before training: the labels may leak into the "
+                "inputs, the loss may be reduced wrongly (e.g. summed vs. averaged over the wrong "
+                "dimension), or the weights were loaded from a trained checkpoint."
+            )
+        report_failure(f"InitLossCheck failed: {summary}. {advice}", self.on_fail)
+
+    def _report_regularization(self, m: _Measure) -> None:
+        if math.isnan(m.cranked_total):
+            return
+        if not m.base_penalty > 0 and not m.cranked_penalty > 0:
+            rank_zero_info(
+                "InitLossCheck: the module's penalty() is 0 (no L1/L2 loss penalty configured), so the "
+                "crank-up-regularization check was skipped."
+            )
+            return
+        self.regularization_passed = m.cranked_penalty > m.base_penalty and m.cranked_total > m.base_total
+        summary = (
+            f"total loss {m.base_total:.4f} without regularization and {m.cranked_total:.4f} with "
+            f"regularization x{self.regularization_factor:g} (penalty {m.base_penalty:.4g} at x1 -> "
+            f"{m.cranked_penalty:.4g})"
+        )
+        if self.regularization_passed:
+            rank_zero_info(
+                f"InitLossCheck: cranking up regularization raises the loss as it should: {summary}."
+            )
+            return
+        report_failure(
+            f"InitLossCheck failed: cranking up regularization did not raise the loss: {summary}. "
+            "The penalty is not reaching the loss: check that penalty() uses the scaled coefficients "
+            "and that regularization_scaled(factor) changes them.",
+            self.on_fail,
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "measured": self.measured,
+            "expected": self.expected,
+            "passed": self.passed,
+            "regularization_passed": self.regularization_passed,
+            "skip_reason": self.skip_reason,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.measured = state_dict.get("measured")
+        self.expected = state_dict.get("expected")
+        self.passed = state_dict.get("passed")
+        self.regularization_passed = state_dict.get("regularization_passed")
+        self.skip_reason = state_dict.get("skip_reason")
