@@ -124,8 +124,8 @@ class CIFAR10DataModule(InMemoryImageDataModule):
             return self.dataset_cls(str(self.data_dir), train=train, download=False)
         except RuntimeError as err:
             raise RuntimeError(
-                f"{self.dataset_cls.__name__} files in {self.dataset_folder.resolve()} are missing or corrupt "
-                f"(checksum mismatch). Delete the folder and set download=True to fetch them again."
+                f"{self.dataset_cls.__name__} files in {self.dataset_folder.resolve()} are missing or "
+                f"corrupt (checksum mismatch). Delete the folder and set download=True to fetch them again."
             ) from err
 
     def _val_count(self, n_train: int) -> int:
