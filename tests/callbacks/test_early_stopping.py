@@ -1,0 +1,310 @@
+"""SmoothedEarlyStopping: smoothing, restore-best, warm-up, min_epochs, explosion rule, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tricks.callbacks.early_stopping import MetricSmoother, SmoothedEarlyStopping
+
+# a decreasing trend with a two-epoch noise bump at epochs 3-4, then a real plateau from epoch 12
+NOISY = [2.0 - 0.1 * e + (0.2 if e in (3, 4) else 0.0) for e in range(12)] + [0.8] * 20
+
+
+class ScriptedModule(L.LightningModule):
+    """Logs a scripted ``val/loss`` per epoch; rank 0 adds ``rank0_shift`` from ``shift_epoch`` on."""
+
+    def __init__(self, values, rank0_shift: float = 0.0, shift_epoch: int = 10**9, train_values=None):
+        super().__init__()
+        self.values = list(values)
+        self.train_values = train_values
+        self.rank0_shift = rank0_shift
+        self.shift_epoch = shift_epoch
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        if self.train_values is not None:
+            self.log("train/loss", torch.tensor(self.train_values[self.current_epoch]), on_epoch=True)
+        else:
+            self.log("train/loss", loss.detach(), on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        value = self.values[self.current_epoch]
+        if self.global_rank == 0 and self.current_epoch >= self.shift_epoch:
+            value += self.rank0_shift
+        self.log("val/loss", torch.tensor(value))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def tiny_loader():
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(8, 4, generator=g)), batch_size=4)
+
+
+class WeightRecorder(L.Callback):
+    """Keeps a copy of the weights at every training epoch end (after validation)."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.weights[trainer.current_epoch] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def ema_reference(values, alpha):
+    out = []
+    for t in range(1, len(values) + 1):
+        w = [(1 - alpha) ** k for k in range(t)]
+        out.append(sum(wk * values[t - 1 - k] for k, wk in enumerate(w)) / sum(w))
+    return out
+
+
+def stop_reference(smoothed, patience, start=0, min_epochs=0, min_delta=0.0):
+    """Expected (stop epoch or None, best epoch) of the min-mode patience rule on ``smoothed``."""
+    best, best_epoch, wait = math.inf, -1, 0
+    for e, v in enumerate(smoothed):
+        if e < start:
+            continue
+        if v + min_delta < best:
+            best, best_epoch, wait = v, e, 0
+        else:
+            wait += 1
+            if wait >= patience and e + 1 >= min_epochs:
+                return e, best_epoch
+    return None, best_epoch
+
+
+def fit(callbacks, values, tmp_path, max_epochs, **kw):
+    torch.manual_seed(0)
+    model = ScriptedModule(values, train_values=kw.pop("train_values", None))
+    kwargs = {**quiet_trainer_kwargs(tmp_path), **kw}
+    trainer = L.Trainer(max_epochs=max_epochs, callbacks=callbacks, **kwargs)
+    trainer.fit(model, tiny_loader(), tiny_loader())
+    return trainer, model
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"smoothing": "gaussian"}, "smoothing"),
+        ({"window": 0}, "window"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"divergence_factor": -1.0}, "divergence_factor"),
+        ({"start_from_epoch": -1}, "start_from_epoch"),
+        ({"patience": -2}, "patience"),
+        ({"train_check_every_n_steps": 0}, "train_check_every_n_steps"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SmoothedEarlyStopping("val/loss", **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["mean", "median"])
+def test_window_smoother_matches_statistics(kind):
+    values = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    smoother = MetricSmoother(kind, window=3)
+    ref = statistics.mean if kind == "mean" else statistics.median
+    for t, v in enumerate(values):
+        assert smoother.update(v) == pytest.approx(ref(values[max(0, t - 2) : t + 1]))
+
+
+def test_smoothing_prevents_noisy_stop_but_plateau_stops(tmp_path):
+    plain = EarlyStopping("val/loss", patience=2)
+    fit([plain], NOISY, tmp_path, max_epochs=len(NOISY))
+    assert plain.stopped_epoch == 4  # the noise bump alone stops Lightning's callback
+
+    class Logged(SmoothedEarlyStopping):
+        def on_train_epoch_end(self, trainer, pl_module):
+            super().on_train_epoch_end(trainer, pl_module)
+            self.seen.append(float(trainer.callback_metrics["val/loss_smoothed"]))
+
+    es = Logged("val/loss", patience=2, min_delta=0.01, smoothing="ema", alpha=0.5, divergence_factor=None)
+    es.seen = []
+    trainer, _ = fit([es], NOISY, tmp_path, max_epochs=len(NOISY))
+    smoothed = ema_reference(NOISY, 0.5)
+    expected_stop, expected_best = stop_reference(smoothed, patience=2, min_delta=0.01)
+    assert expected_stop is not None and expected_stop > 12  # stops on the real plateau
+    assert es.stopped_epoch == expected_stop
+    assert trainer.current_epoch == expected_stop + 1
+    assert es.best_epoch == expected_best
+    assert es.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED
+    assert es.seen == pytest.approx(smoothed[: expected_stop + 1])
+
+
+@pytest.mark.parametrize("fires", [True, False])
+def test_restore_best_weights(tmp_path, fires):
+    values = [1.0, 0.8, 0.6, 0.5, 0.55, 0.7, 0.9, 1.0, 1.1, 1.2]
+    recorder = WeightRecorder()
+    es = SmoothedEarlyStopping(
+        "val/loss", patience=3 if fires else 100, smoothing="mean", window=2, restore_best_weights=True
+    )
+    _, model = fit([recorder, es], values, tmp_path, max_epochs=len(values))
+    smoothed = [statistics.mean(values[max(0, t - 1) : t + 1]) for t in range(len(values))]
+    expected_stop, expected_best = stop_reference(smoothed, patience=3 if fires else 100)
+    assert es.stopped_epoch == (expected_stop if fires else 0)
+    assert es.best_epoch == expected_best == 4
+    last = max(recorder.weights)
+    assert last == (expected_stop if fires else len(values) - 1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, recorder.weights[expected_best][k])
+    assert not torch.equal(model.layer.weight, recorder.weights[last]["layer.weight"])
+
+
+def test_start_from_epoch_and_min_epochs(tmp_path):
+    # improves only at epochs 0-1, worsens until 5, improves again 6-8, then plateaus
+    values = [1.0, 0.9, 1.0, 1.1, 1.2, 1.3, 0.8, 0.7, 0.6] + [0.65] * 10
+    n = len(values)
+
+    es = SmoothedEarlyStopping("val/loss", patience=2, smoothing=None, start_from_epoch=4)
+    fit([es], values, tmp_path, max_epochs=n)
+    assert (es.stopped_epoch, es.best_epoch) == stop_reference(values, patience=2, start=4)
+    assert es.stopped_epoch == 10
+
+    # Lightning's callback stops at min_epochs although the metric improved in between (#19966)
+    plain = EarlyStopping("val/loss", patience=2)
+    trainer, _ = fit([plain], values, tmp_path, max_epochs=n, min_epochs=8)
+    assert trainer.current_epoch == 8
+    es = SmoothedEarlyStopping("val/loss", patience=2, smoothing=None)
+    trainer, _ = fit([es], values, tmp_path, max_epochs=n, min_epochs=8)
+    expected_stop, _ = stop_reference(values, patience=2, min_epochs=8)
+    assert es.stopped_epoch == expected_stop == 10
+    assert trainer.current_epoch == expected_stop + 1
+
+
+class StepLosses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_explosion_rule_on_diverging_run(tmp_path):
+    train_loader, val_loader = digits_loaders(batch_size=64, n_train=512)
+    es = SmoothedEarlyStopping("val/loss", patience=100, alpha=0.5, train_check_every_n_steps=1)
+    steps = StepLosses()
+    trainer = L.Trainer(max_epochs=5, callbacks=[steps, es], **quiet_trainer_kwargs(tmp_path))
+    torch.manual_seed(0)
+    trainer.fit(PlainClassifier(lr=10.0), train_loader, val_loader)
+    smoothed = ema_reference(steps.losses, 0.5)
+    expected = next(t for t, v in enumerate(smoothed) if v > 3.0 * steps.losses[0])
+    assert len(steps.losses) == expected + 1  # stopped right after the step that exploded
+    assert es.initial_train_loss == pytest.approx(steps.losses[0])
+    assert es.stopping_reason == EarlyStoppingReason.DIVERGENCE_THRESHOLD
+    assert "Training loss exploded" in es.stopping_reason_message
+
+    # the same rule on a scripted train loss stops exactly where the reference says
+    train_values = [2.0, 1.9, 2.5, 4.0, 7.0, 9.0, 12.0, 15.0]
+    es = SmoothedEarlyStopping("val/loss", patience=100, smoothing="mean", window=2)
+    fit([es], [1.0] * 8, tmp_path, max_epochs=8, train_values=train_values)
+    smoothed = [statistics.mean(train_values[max(0, t - 1) : t + 1]) for t in range(8)]
+    expected = next(e for e, s in enumerate(smoothed) if s > 3.0 * smoothed[0])
+    assert es.stopped_epoch == expected
+    assert es.stopping_reason == EarlyStoppingReason.DIVERGENCE_THRESHOLD
+
+
+def test_missing_metric_lists_available(tmp_path):
+    es = SmoothedEarlyStopping("val/los")
+    with pytest.raises(RuntimeError, match=r"`val/los`.*`val/loss`"):
+        fit([es], NOISY, tmp_path, max_epochs=2)
+    es = SmoothedEarlyStopping("val/loss", train_monitor="train/los")
+    with pytest.raises(RuntimeError, match=r"`train/los`.*`train/loss`"):
+        fit([es], NOISY, tmp_path, max_epochs=2)
+
+
+class StateRecorder(SmoothedEarlyStopping):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saved_states = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        super().on_train_epoch_end(trainer, pl_module)
+        self.saved_states[trainer.current_epoch] = self.state_dict()
+
+
+def es_kwargs():
+    return dict(monitor="val/loss", patience=3, smoothing="median", window=3, restore_best_weights=True)
+
+
+def test_resume_continues_as_if_never_stopped(tmp_path):
+    values = NOISY
+    full = StateRecorder(**es_kwargs())
+    trainer, model_full = fit([full], values, tmp_path / "full", max_epochs=len(values))
+    assert full.stopped_epoch > 6
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    first = StateRecorder(**es_kwargs())
+    fit([first, ckpt], values, tmp_path / "a", max_epochs=6, enable_checkpointing=True)
+    path = tmp_path / "ckpt" / "epoch=5.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    stored = checkpoint["callbacks"][first.state_key]
+    assert checkpoint["epoch"] == 5
+    expected = first.saved_states[5]
+    assert stored.keys() == expected.keys()
+    for key, value in expected.items():
+        if key == "best_weights":
+            assert all(torch.equal(value[k], stored[key][k]) for k in value)
+        else:
+            assert stored[key] == value, key
+
+    resumed = StateRecorder(**es_kwargs())
+    torch.manual_seed(1)  # a different init: every weight must come from the checkpoint
+    model = ScriptedModule(values)
+    trainer = L.Trainer(max_epochs=len(values), callbacks=[resumed], **quiet_trainer_kwargs(tmp_path / "b"))
+    trainer.fit(model, tiny_loader(), tiny_loader(), ckpt_path=path)
+    assert resumed.stopped_epoch == full.stopped_epoch
+    assert resumed.best_epoch == full.best_epoch
+    for e in range(6, full.stopped_epoch + 1):
+        a, b = full.saved_states[e], resumed.saved_states[e]
+        assert {k: v for k, v in a.items() if k != "best_weights"} == {
+            k: v for k, v in b.items() if k != "best_weights"
+        }
+    for k, v in model_full.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k])
+
+
+class RankReport(L.Callback):
+    def __init__(self, directory):
+        self.directory = str(directory)
+
+    def on_train_end(self, trainer, pl_module):
+        es = next(c for c in trainer.callbacks if isinstance(c, SmoothedEarlyStopping))
+        report = {"epoch": trainer.current_epoch, "stopped": es.stopped_epoch}
+        report["reason"] = es.stopping_reason.value
+        Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_stop_together(tmp_path):
+    values = [1.0 - 0.05 * e for e in range(20)]  # keeps improving on every rank
+    model = ScriptedModule(values, rank0_shift=5.0, shift_epoch=4)  # only rank 0 diverges
+    es = SmoothedEarlyStopping("val/loss", patience=2, smoothing="ema", alpha=0.5, divergence_factor=None)
+    trainer = L.Trainer(
+        max_epochs=20,
+        callbacks=[es, RankReport(tmp_path)],
+        **{**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": "ddp_spawn"},
+    )
+    trainer.fit(model, tiny_loader(), tiny_loader())
+    mean_values = [v + (2.5 if e >= 4 else 0.0) for e, v in enumerate(values)]
+    expected_stop, _ = stop_reference(ema_reference(mean_values, 0.5), patience=2)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0] == reports[1]
+    assert reports[0]["stopped"] == expected_stop
+    assert reports[0]["epoch"] == expected_stop + 1
+    assert reports[0]["reason"] == EarlyStoppingReason.PATIENCE_EXHAUSTED.value
