@@ -1,0 +1,267 @@
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import PlainClassifier, digits_loaders, digits_tensors, quiet_trainer_kwargs
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tricks.callbacks.snapshot import SnapshotEnsemble, ensemble_probabilities
+
+# 256 training samples in batches of 64: 4 optimizer steps per epoch.
+N_TRAIN, BATCH, EPOCHS = 256, 64, 6
+TOTAL = N_TRAIN // BATCH * EPOCHS  # 24
+
+
+class NormalisingClassifier(PlainClassifier):
+    """A user module that normalises batches after transfer, as in-memory DataModules do."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return (x - 0.5) * 2.0, y
+
+
+class Probe(Callback):
+    """Records the LR used by each optimizer step and the weights after each step."""
+
+    def __init__(self):
+        self.lrs, self.weights, self.empty_state_at = [], {}, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not trainer.optimizers[0].state:
+            self.empty_state_at.append(trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def paper_lr(t, total, cycles, a0):
+    length = math.ceil(total / cycles)
+    return a0 / 2 * (math.cos(math.pi * ((t - 1) % length) / length) + 1)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One paper-schedule run on a normalising user module, shared by the tests that only read it."""
+    tmp = tmp_path_factory.mktemp("snapshot_fit")
+    L.seed_everything(0)
+    model = NormalisingClassifier(lr=0.1)
+    snap, probe = SnapshotEnsemble(cycles=4, ensemble_size=3), Probe()
+    train, val = digits_loaders(BATCH, n_train=N_TRAIN)
+    trainer = L.Trainer(max_epochs=EPOCHS, callbacks=[snap, probe], **quiet_trainer_kwargs(tmp))
+    trainer.fit(model, train, val)
+    return trainer, model, snap, probe, val, tmp
+
+
+def test_paper_lr_curve_and_one_snapshot_per_cycle_minimum(fitted):
+    _, _, snap, probe, _, tmp = fitted
+    expected = [paper_lr(t, TOTAL, 4, 0.1) for t in range(1, TOTAL + 1)]
+    assert len(probe.lrs) == TOTAL
+    assert probe.lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+    assert snap.snapshot_steps == [6, 12, 18, 24]
+    assert len(snap.snapshots) == 4
+    for i, step in enumerate(snap.snapshot_steps):
+        cycle = probe.lrs[step - 6 : step]
+        assert probe.lrs[step - 1] == min(cycle) < cycle[0] == pytest.approx(0.1)
+        assert all(torch.equal(v, probe.weights[step][k]) for k, v in snap.snapshots[i].items())
+        on_disk = torch.load(tmp / "checkpoints" / f"snapshot_{i + 1}.pt", weights_only=True)
+        assert on_disk["global_step"] == step and on_disk["index"] == i + 1
+        assert all(torch.equal(v, on_disk["state_dict"][k]) for k, v in snap.snapshots[i].items())
+
+
+def _manual_member_probs(snapshot, x):
+    member = NormalisingClassifier()
+    member.load_state_dict(snapshot)
+    member.eval()
+    with torch.no_grad():
+        return member((x - 0.5) * 2.0).softmax(-1)
+
+
+def test_ensemble_metrics_match_manual_and_leave_live_weights_untouched(fitted):
+    trainer, model, snap, _, val, _ = fitted
+    x, y = digits_tensors()
+    x, y = x[N_TRAIN:], y[N_TRAIN:]
+    members = snap.snapshots[-3:]
+    probs = [_manual_member_probs(s, x) for s in members]
+    mean = torch.stack(probs).mean(0)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = ensemble_probabilities(trainer, model, list(zip([2, 3, 4], members, strict=True)), val, 100)
+    assert torch.allclose(result.prob_sum / 3, mean, atol=1e-6)
+
+    metrics = trainer.validate(model, val, verbose=False)[0]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert metrics["val/acc_ensemble"] == pytest.approx((mean.argmax(1) == y).float().mean().item(), abs=1e-6)
+    nll = -mean.log().gather(1, y[:, None]).mean().item()
+    assert metrics["val/loss_ensemble"] == pytest.approx(nll, rel=1e-5)
+    for i, p in zip([2, 3, 4], probs, strict=True):
+        assert metrics[f"val/acc_snapshot_{i}"] == pytest.approx(
+            (p.argmax(1) == y).float().mean().item(), abs=1e-6
+        )
+    # the last snapshot is the final model, so its accuracy equals the module's own metric
+    assert metrics["val/acc_snapshot_4"] == pytest.approx(metrics["val/acc"], abs=1e-6)
+    assert "val/acc_snapshot_1" not in metrics
+
+
+class Stop(Callback):
+    def __init__(self, at_epoch):
+        self.at_epoch = at_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.at_epoch:
+            trainer.should_stop = True  # the run ends here, as if the job were killed
+
+
+def test_resume_gives_same_snapshots_as_uninterrupted_run(tmp_path):
+    kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True}
+    train, val = digits_loaders(BATCH, n_train=N_TRAIN)
+
+    L.seed_everything(0)
+    full_model, full = (
+        PlainClassifier(lr=0.1),
+        SnapshotEnsemble(cycles=4, reset_momentum=True, save_files=False),
+    )
+    L.Trainer(max_epochs=EPOCHS, callbacks=[full], limit_val_batches=1, **kwargs).fit(full_model, train, val)
+
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    crashed = SnapshotEnsemble(cycles=4, reset_momentum=True, save_files=False)
+    trainer = L.Trainer(max_epochs=EPOCHS, callbacks=[crashed, ckpt, Stop(3)], limit_val_batches=1, **kwargs)
+    trainer.fit(PlainClassifier(lr=0.1), train, val)
+    assert trainer.global_step == 12 and crashed.snapshot_steps == [6, 12]
+
+    path = tmp_path / "ckpt" / "epoch=2.ckpt"  # after 12 steps: snapshot 2 and a momentum reset just taken
+    checkpoint = torch.load(path, weights_only=True)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("SnapshotEnsemble")]
+    assert state["snapshot_steps"] == [6, 12] and state["base_lrs"] == [0.1]
+
+    L.seed_everything(123)  # the resumed run must not depend on the fresh seed
+    resumed_model, resumed = (
+        PlainClassifier(lr=0.1),
+        SnapshotEnsemble(cycles=4, reset_momentum=True, save_files=False),
+    )
+    L.Trainer(max_epochs=EPOCHS, callbacks=[resumed], limit_val_batches=1, **kwargs).fit(
+        resumed_model, train, val, ckpt_path=str(path), weights_only=True
+    )
+    assert resumed.snapshot_steps == full.snapshot_steps == [6, 12, 18, 24]
+    for a, b in zip(full.snapshots, resumed.snapshots, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(v, resumed_model.state_dict()[k])
+
+
+class RestartsClassifier(PlainClassifier):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=4, T_mult=2)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_user_warm_restarts_snapshots_at_restarts_and_resets_momentum(tmp_path):
+    # T_0=4, T_mult=2 over 24 steps: cycles end at steps 4 and 12 (the next would end at 28).
+    snap, probe = SnapshotEnsemble(cycles=2, schedule="user", reset_momentum=True, save_files=False), Probe()
+    train, val = digits_loaders(BATCH, n_train=N_TRAIN)
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=EPOCHS, callbacks=[snap, probe], limit_val_batches=1, **quiet_trainer_kwargs(tmp_path)
+    )
+    trainer.fit(RestartsClassifier(lr=0.1), train, val)
+    assert snap.snapshot_steps == [4, 12]
+    assert probe.lrs[3] == min(probe.lrs[:4]) and probe.lrs[11] == min(probe.lrs[4:12])
+    assert probe.lrs[4] == pytest.approx(0.1) and probe.lrs[12] == pytest.approx(0.1)
+    assert probe.empty_state_at == [0, 4, 12]  # fresh optimizer, then cleared at both restarts
+
+    with pytest.raises(MisconfigurationException, match=r"`cycles`=3 .*completes only 2 cycles in 24"):
+        L.Trainer(
+            max_epochs=EPOCHS,
+            callbacks=[SnapshotEnsemble(cycles=3, schedule="user")],
+            **quiet_trainer_kwargs(tmp_path),
+        ).fit(RestartsClassifier(), train, val)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cycles": 0}, r"`cycles` must be an integer >= 1, got 0"),
+        ({"cycles": 2.5}, r"`cycles` must be an integer >= 1, got 2.5"),
+        ({"cycles": 4, "ensemble_size": 5}, r"`ensemble_size` must be an integer in \[1, cycles=4\], got 5"),
+        ({"cycles": 4, "ensemble_size": 0}, r"`ensemble_size` .* got 0"),
+        ({"schedule": "cosine"}, r"`schedule` must be one of .*got 'cosine'"),
+        ({"lr": -0.1}, r"`lr` must be a finite number > 0 or None, got -0.1"),
+        ({"lr": 0.1, "schedule": "user"}, r"`lr`=0.1 only applies to schedule='paper'"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        SnapshotEnsemble(**kwargs)
+
+
+@pytest.mark.parametrize(("cycles", "steps"), [(5, 4), (6, 10)])
+def test_impossible_cycle_count_fails_at_setup(tmp_path, cycles, steps):
+    # 6 cycles of ceil(10/6)=2 steps cover 10 steps in only 5 cycles.
+    model = PlainClassifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, val = digits_loaders(BATCH, n_train=N_TRAIN)
+    trainer = L.Trainer(
+        max_steps=steps, callbacks=[SnapshotEnsemble(cycles=cycles)], **quiet_trainer_kwargs(tmp_path)
+    )
+    with pytest.raises(
+        MisconfigurationException, match=rf"`cycles`={cycles} does not fit in {steps} optimizer steps"
+    ):
+        trainer.fit(model, train, val)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_two_instances_have_distinct_state_keys():
+    assert SnapshotEnsemble(cycles=2).state_key != SnapshotEnsemble(cycles=3).state_key
+
+
+class GatherSnapshots(Callback):
+    """On every rank, gather all snapshot tensors and check they agree; rank 0 writes the verdict."""
+
+    def __init__(self, snap, out):
+        self.snap, self.out = snap, out
+
+    def on_fit_end(self, trainer, pl_module):
+        flat = torch.cat([v.flatten().float() for s in self.snap.snapshots for v in s.values()])
+        gathered = trainer.strategy.all_gather(flat)
+        if trainer.is_global_zero:
+            torch.save(
+                {"equal": torch.equal(gathered[0], gathered[1]), "n": len(self.snap.snapshots)}, self.out
+            )
+
+
+@pytest.mark.ddp
+def test_ddp_snapshots_identical_across_ranks_and_metrics_reduced(tmp_path):
+    x, y = digits_tensors()
+    train = DataLoader(TensorDataset(x[:256], y[:256]), batch_size=32)  # 4 steps per epoch per rank
+    val = DataLoader(TensorDataset(x[256:512], y[256:512]), batch_size=64)
+    snap = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snaps"))
+    kwargs = {**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": "ddp_spawn"}
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[snap, GatherSnapshots(snap, tmp_path / "gathered.pt")], **kwargs
+    )
+    L.seed_everything(0)
+    trainer.fit(PlainClassifier(lr=0.1), train, val)
+
+    verdict = torch.load(tmp_path / "gathered.pt", weights_only=True)
+    assert verdict == {"equal": True, "n": 2}
+    files = sorted(Path(tmp_path / "snaps").glob("snapshot_*.pt"))
+    assert [f.name for f in files] == ["snapshot_1.pt", "snapshot_2.pt"]
+    probs = []
+    for f in files:
+        member = PlainClassifier()
+        member.load_state_dict(torch.load(f, weights_only=True)["state_dict"])
+        probs.append(F.softmax(member(x[256:512]), -1).detach())
+    mean = torch.stack(probs).mean(0)
+    expected = (mean.argmax(1) == y[256:512]).float().mean().item()
+    assert trainer.callback_metrics["val/acc_ensemble"].item() == pytest.approx(expected, abs=1e-6)
