@@ -1,0 +1,352 @@
+"""EMA callback: the average against an independent reference, validation of both weights, resume, DDP."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import cloudpickle
+import lightning as L
+import pytest
+import torch
+from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_tricks.callbacks.ema import EMA
+
+
+class BatchNormClassifier(PlainClassifier):
+    """PlainClassifier with a BatchNorm layer, so buffers (float and int) take part."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__(lr=lr)
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)
+        )
+
+
+class StepRecorder(Callback):
+    """Records the live parameters and buffers after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+def reference_decay(warmup: str | None, decay: float, t: int) -> float:
+    if t == 0:
+        return 0.0
+    if warmup == "num_updates":
+        return min(decay, (1 + t) / (10 + t))
+    if warmup == "power":
+        return min(decay, 1 - (1 + t / 1.0) ** (-2 / 3))
+    return decay
+
+
+def evaluate(model: nn.Module, loader) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy over a loader, weighted by batch size."""
+    model.eval()
+    correct, loss, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            logits = model(x)
+            correct += (logits.argmax(1) == y).float().sum().item()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            n += len(y)
+    return correct / n, loss / n
+
+
+def fit(tmp_path, model, callbacks, max_epochs=2, n_train=600, shuffle=False, ckpt_path=None, **kwargs):
+    train, val = digits_loaders(batch_size=64, n_train=n_train, shuffle=shuffle)
+    trainer = L.Trainer(
+        **{**quiet_trainer_kwargs(tmp_path), **kwargs}, max_epochs=max_epochs, callbacks=callbacks
+    )
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("warmup", "every", "start", "average_buffers", "bn"),
+    [
+        (None, 1, 0, True, False),
+        ("num_updates", 3, 5, True, True),
+        ("power", 2, 1, False, True),
+    ],
+)
+def test_ema_matches_step_by_step_reference(tmp_path, warmup, every, start, average_buffers, bn):
+    torch.manual_seed(0)
+    model = BatchNormClassifier() if bn else PlainClassifier()
+    recorder = StepRecorder()
+    ema = EMA(
+        decay=0.8,
+        warmup=warmup,
+        update_every_n_steps=every,
+        start_step=start,
+        average_buffers=average_buffers,
+        copy_average_at_end=False,
+    )
+    fit(tmp_path, model, [recorder, ema])
+
+    assert len(recorder.states) == 20  # 600 samples / 64 per batch = 10 steps per epoch
+    param_names = {name for name, _ in model.named_parameters()}
+    reference: dict[str, torch.Tensor] = {}
+    t = 0
+    for step_idx, live in enumerate(recorder.states):
+        if step_idx < start or (step_idx - start) % every:
+            continue
+        d = reference_decay(warmup, 0.8, t)
+        for name, value in live.items():
+            averaged = value.is_floating_point() and (average_buffers or name in param_names)
+            if t == 0 or not averaged:
+                reference[name] = value.clone()
+            else:
+                reference[name] = d * reference[name] + (1 - d) * value
+        t += 1
+
+    assert ema.num_updates == t == len(range(start, 20, every))
+    ours = ema.ema_state_dict()
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-6, msg=name)
+    # copy_average_at_end=False leaves the raw weights of the last step in the model.
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, recorder.states[-1][name]), name
+    if bn:
+        copied = torch.equal(ours["net.2.running_mean"], recorder.states[-1]["net.2.running_mean"])
+        assert copied == (not average_buffers)
+
+
+class ValidationProbe(Callback):
+    """Checks the weights around each validation and evaluates raw and EMA weights independently."""
+
+    def __init__(self, ema: EMA, val_loader) -> None:
+        self.ema = ema
+        self.val_loader = val_loader
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.before = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def on_validation_epoch_end(self, trainer, pl_module):  # runs after EMA's (later in the list)
+        for name, value in pl_module.state_dict().items():
+            assert torch.equal(value, self.before[name]), name
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        raw = copy.deepcopy(pl_module).cpu()
+        averaged = copy.deepcopy(pl_module).cpu()
+        averaged.load_state_dict(self.ema.ema_state_dict())
+        metrics["own/acc"], metrics["own/loss"] = evaluate(raw, self.val_loader)
+        metrics["own/acc_ema"], metrics["own/loss_ema"] = evaluate(averaged, self.val_loader)
+        self.rows.append(metrics)
+
+
+def test_validation_logs_raw_and_ema_metrics_and_keeps_live_weights(tmp_path):
+    torch.manual_seed(0)
+    model = PlainClassifier(lr=0.2)
+    ema = EMA(decay=0.9, copy_average_at_end=False)
+    _, val = digits_loaders(n_train=600)
+    probe = ValidationProbe(ema, val)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc_ema", mode="max", save_top_k=1)
+    fit(tmp_path, model, [ema, probe, best], max_epochs=3, enable_checkpointing=True)
+
+    assert len(probe.rows) == 3
+    for row in probe.rows:
+        assert row["val/acc"] == pytest.approx(row["own/acc"], abs=1e-6)
+        assert row["val/loss"] == pytest.approx(row["own/loss"], abs=1e-5)
+        assert row["val/acc_ema"] == pytest.approx(row["own/acc_ema"], abs=1e-6)
+        assert row["val/loss_ema"] == pytest.approx(row["own/loss_ema"], abs=1e-5)
+        assert row["val/loss_ema"] != pytest.approx(row["val/loss"], abs=1e-4)
+    assert float(best.best_model_score) == pytest.approx(max(r["val/acc_ema"] for r in probe.rows))
+
+
+def test_ema_pass_leaves_training_rng_and_raw_weights_unchanged(tmp_path):
+    """Shuffled loader + EMA validation pass: raw training is bit-identical to a run without EMA."""
+    torch.manual_seed(0)
+    plain = PlainClassifier()
+    with_ema = copy.deepcopy(plain)
+    torch.manual_seed(1)
+    fit(tmp_path / "a", plain, [], shuffle=True)
+    torch.manual_seed(1)
+    ema = EMA(decay=0.9, copy_average_at_end=False)
+    fit(tmp_path / "b", with_ema, [ema], shuffle=True)
+    assert ema.num_updates == 20
+    for (name, a), b in zip(plain.state_dict().items(), with_ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+class MetricKeys(Callback):
+    def __init__(self) -> None:
+        self.keys: list[set[str]] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.keys.append(set(trainer.callback_metrics))
+
+
+def test_no_swap_and_no_ema_metric_before_first_update(tmp_path):
+    torch.manual_seed(0)
+    model = PlainClassifier()
+    ema = EMA(decay=0.9, start_step=25, copy_average_at_end=False)
+    keys, recorder = MetricKeys(), StepRecorder()
+    with pytest.raises(RuntimeError, match="no average yet"):
+        ema.ema_state_dict()
+    fit(tmp_path, model, [recorder, ema, keys], max_epochs=3)
+    assert ["val/acc_ema" in k for k in keys.keys] == [False, False, True]
+    assert all("val/acc" in k for k in keys.keys)
+    assert ema.num_updates == 5  # steps 25..29
+
+    # Never reached: nothing is swapped or copied and a checkpoint holds the raw weights.
+    torch.manual_seed(0)
+    model = PlainClassifier()
+    late, recorder = EMA(decay=0.9, start_step=1000), StepRecorder()
+    trainer = fit(tmp_path / "late", model, [recorder, late], max_epochs=1)
+    assert late.num_updates == 0
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, recorder.states[-1][name]), name
+    trainer.save_checkpoint(tmp_path / "late.ckpt")
+    ckpt = torch.load(tmp_path / "late.ckpt", weights_only=True)
+    for name, value in ckpt["state_dict"].items():
+        assert torch.equal(value, recorder.states[-1][name]), name
+    with pytest.raises(RuntimeError, match="no average yet"), late.swapped():
+        pass
+
+
+def make_emas() -> list[EMA]:
+    return [
+        EMA(decay=0.9, warmup="num_updates", update_every_n_steps=3, copy_average_at_end=False),
+        EMA(decay=0.95, warmup="power", start_step=4, suffix="_ema95", copy_average_at_end=False),
+    ]
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    torch.manual_seed(0)
+    initial = BatchNormClassifier()
+
+    full_model, full_emas = copy.deepcopy(initial), make_emas()
+    fit(tmp_path / "full", full_model, full_emas, max_epochs=4)
+
+    first_model, first_emas = copy.deepcopy(initial), make_emas()
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    fit(tmp_path / "first", first_model, [*first_emas, ckpt_cb], max_epochs=2, enable_checkpointing=True)
+    last = tmp_path / "ckpt" / "last.ckpt"
+
+    ckpt = torch.load(last, weights_only=True)
+    primary_state = first_emas[0].ema_state_dict()
+    for name, value in ckpt["state_dict"].items():
+        assert torch.equal(value, primary_state[name]), name
+    assert set(ckpt["current_model_state"]) == set(ckpt["state_dict"])
+    secondary = ckpt["callbacks"][first_emas[1].state_key]
+    assert secondary["num_updates"] == first_emas[1].num_updates == 16
+    saved = secondary["average_model_state"]["module.net.1.weight"]
+    assert torch.equal(saved, first_emas[1].ema_state_dict()["net.1.weight"])
+
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    resumed_model, resumed_emas = BatchNormClassifier(), make_emas()
+    fit(tmp_path / "resumed", resumed_model, resumed_emas, max_epochs=4, ckpt_path=last)
+
+    resumed_state = resumed_model.state_dict()
+    for name, value in full_model.state_dict().items():
+        assert torch.equal(value, resumed_state[name]), f"raw {name}"
+    for full, resumed in zip(full_emas, resumed_emas, strict=True):
+        assert full.num_updates == resumed.num_updates
+        a, b = full.ema_state_dict(), resumed.ema_state_dict()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_image_classifier_metric_objects_are_not_mixed(tmp_path):
+    """ImageClassifier logs torchmetrics objects: the EMA pass must use its own metric state."""
+    from lightning_tricks.recipes.classifier import ImageClassifier
+
+    torch.manual_seed(0)
+    model = ImageClassifier(model="mlp", num_classes=10, in_channels=1, model_kwargs={"input_size": 8})
+    ema = EMA(decay=0.9, copy_average_at_end=False)
+    _, val = digits_loaders(n_train=600)
+    probe = ValidationProbe(ema, val)
+    fit(tmp_path, model, [ema, probe], max_epochs=2)
+    for row in probe.rows:
+        assert row["val/acc"] == pytest.approx(row["own/acc"], abs=1e-6)
+        assert row["val/acc_ema"] == pytest.approx(row["own/acc_ema"], abs=1e-6)
+
+
+class RankDump(Callback):
+    """Saves every rank's EMA and the live weights after each step to ``out/rank{r}.pt``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    def on_train_end(self, trainer, pl_module):
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+        payload = {"ema": ema.ema_state_dict(), "steps": self.steps, "num_updates": ema.num_updates}
+        torch.save(payload, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_ema_identical_on_both_ranks(tmp_path):
+    torch.manual_seed(0)
+    model = PlainClassifier()
+    train, val = digits_loaders(batch_size=32, n_train=256)
+    trainer = L.Trainer(
+        **{**quiet_trainer_kwargs(tmp_path), "devices": 2},
+        strategy="ddp_spawn",
+        max_epochs=2,
+        callbacks=[EMA(decay=0.8, warmup="num_updates", copy_average_at_end=False), RankDump(str(tmp_path))],
+    )
+    trainer.fit(model, train, val)
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["num_updates"] == ranks[1]["num_updates"] == 8  # 128 samples per rank / 32, 2 epochs
+    for name in ranks[0]["ema"]:
+        assert torch.equal(ranks[0]["ema"][name], ranks[1]["ema"][name]), name
+    reference = {}
+    for t, live in enumerate(ranks[0]["steps"]):
+        d = reference_decay("num_updates", 0.8, t)
+        reference = {k: v.clone() if t == 0 else d * reference[k] + (1 - d) * v for k, v in live.items()}
+    for name, value in reference.items():
+        torch.testing.assert_close(ranks[0]["ema"][name], value, rtol=0, atol=1e-6)
+
+
+def test_callback_pickles():
+    ema = EMA(decay=0.99, warmup="power", device="cpu", start_step=3)
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        clone = loads(dumps(ema))
+        assert (clone.decay, clone.warmup, clone.start_step) == (0.99, "power", 3)
+        assert clone.state_key == ema.state_key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"decay": 1.0}, "`decay` must be a float in \\(0, 1\\), got 1.0"),
+        ({"decay": 0}, "`decay`"),
+        ({"decay": -0.5}, "`decay`"),
+        ({"update_every_n_steps": -1}, "`update_every_n_steps` must be an int >= 1, got -1"),
+        ({"update_every_n_steps": 0}, "`update_every_n_steps`"),
+        ({"start_step": -2}, "`start_step` must be an int >= 0, got -2"),
+        ({"device": "gpu0"}, "`device` must be None, 'cpu'.*got 'gpu0'"),
+        ({"device": 1.5}, "`device`"),
+        ({"warmup": "linear"}, "`warmup` must be None or one of"),
+        ({"warmup_gamma": 0.0}, "`warmup_gamma`"),
+        ({"suffix": ""}, "`suffix`"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EMA(**kwargs)
+
+
+def test_two_instances_need_distinct_suffixes(tmp_path):
+    with pytest.raises(Exception, match="own `suffix`"):
+        fit(tmp_path, PlainClassifier(), [EMA(decay=0.9), EMA(decay=0.99)], max_epochs=1)
