@@ -76,7 +76,7 @@ def test_missing_cifar_fails_with_fix(tmp_path):
 
 def test_corrupt_cifar_fails_with_fix(tmp_path):
     write_cifar10(tmp_path)  # real torchvision checksums: these files do not match them
-    with pytest.raises(RuntimeError, match="corrupt.*download=True"):
+    with pytest.raises(RuntimeError, match=r"corrupt.*download=True"):
         CIFAR10DataModule(data_dir=tmp_path, download=False).setup("fit")
 
 
