@@ -1,0 +1,264 @@
+"""The image-classification recipe: a LightningModule whose every trick is selectable from YAML.
+
+Metric names (stable, read by callbacks and dashboards):
+
+- ``train/loss`` (the optimised objective: data loss + penalty), ``train/acc``
+- ``val/loss``, ``val/acc``, ``val/acc_top5``
+- ``test/loss``, ``test/acc``, ``test/acc_top5``, and ``test/acc_tta`` when test-time augmentation is on
+
+Example::
+
+    import lightning as L
+    from lightning_tricks.datamodules import DigitsDataModule
+    from lightning_tricks.recipes import ImageClassifier, OptimizerConfig, SchedulerConfig
+
+    dm = DigitsDataModule(image_size=32)
+    model = ImageClassifier(
+        "resnet20",
+        num_classes=dm.num_classes,
+        in_channels=dm.in_channels,
+        optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        scheduler=SchedulerConfig(name="cosine", interval="step", warmup=50),
+    )
+    L.Trainer(max_epochs=5).fit(model, dm)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_tricks.recipes.init import InitConfig, initialize
+from lightning_tricks.recipes.models import DropConnectLinear, create_model
+from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
+from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
+from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
+
+# Modules whose drop probability ``p`` is regularisation that ``regularization_scaled(0)`` turns off.
+_DROP_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, DropConnectLinear)
+
+
+def _as_config(value: Any, config_type: type) -> Any:
+    """Accept a config dataclass, a plain dict (hparams from a checkpoint) or None (defaults)."""
+    if value is None:
+        return config_type()
+    if isinstance(value, config_type):
+        return value
+    if isinstance(value, dict):
+        return config_type(**value)
+    raise TypeError(f"expected {config_type.__name__}, a dict or None, got {type(value).__name__}")
+
+
+class ImageClassifier(L.LightningModule):
+    """Cross-entropy image classifier over a backbone from the model zoo.
+
+    Args:
+        model: Registered model name (see :func:`lightning_tricks.recipes.models.list_models`).
+        num_classes: Number of classes (linked from the DataModule by the CLI).
+        in_channels: Image channels (linked from the DataModule by the CLI).
+        model_kwargs: Extra arguments of the model factory (``norm``, ``depth``, ``weights_path``...).
+        optimizer: Optimizer name and hyper-parameters, no-decay groups, linear LR scaling.
+        scheduler: LR schedule, its interval, and a linear warm-up that composes with it.
+        regularization: L1/L2 penalties, label smoothing (two conventions), dropout, DropConnect.
+        init: Weight initialisation scheme applied to the freshly built model.
+        tta: Test-time augmentation for test/predict (``"hflip"``, ``"ten_crop"``, ``"multi_scale"``);
+            logged as ``test/acc_tta`` beside the plain ``test/acc``.
+    """
+
+    def __init__(
+        self,
+        model: str = "small_cnn",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        regularization: RegularizationConfig | None = None,
+        init: InitConfig | None = None,
+        tta: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.optimizer_config: OptimizerConfig = _as_config(optimizer, OptimizerConfig)
+        self.scheduler_config: SchedulerConfig = _as_config(scheduler, SchedulerConfig)
+        self.regularization_config: RegularizationConfig = _as_config(regularization, RegularizationConfig)
+        self.init_config: InitConfig = _as_config(init, InitConfig)
+        if tta is not None:
+            from lightning_tricks.recipes.tta import TTA_MODES
+
+            if tta not in TTA_MODES:
+                raise ValueError(f"tta must be None or one of {', '.join(TTA_MODES)}, got {tta!r}")
+        self.tta = tta
+        # Plain dicts, not dataclasses, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "model": model,
+                "num_classes": num_classes,
+                "in_channels": in_channels,
+                "model_kwargs": dict(model_kwargs or {}),
+                "optimizer": asdict(self.optimizer_config),
+                "scheduler": asdict(self.scheduler_config),
+                "regularization": asdict(self.regularization_config),
+                "init": asdict(self.init_config),
+                "tta": tta,
+            }
+        )
+        self.num_classes = num_classes
+        self.net = create_model(
+            model, num_classes=num_classes, in_channels=in_channels, **self._model_kwargs(model_kwargs)
+        )
+        initialize(self.net, self.init_config)
+        self._regularization_scale = 1.0
+        top_k = min(5, num_classes)
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top_k, average="micro"))
+        if tta is not None:
+            self.test_acc_tta = MulticlassAccuracy(num_classes, average="micro")
+
+    def _model_kwargs(self, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        kwargs = dict(model_kwargs or {})
+        for name in ("dropout", "drop_connect"):
+            value = getattr(self.regularization_config, name)
+            if value:
+                if name in kwargs:
+                    raise ValueError(
+                        f"{name} is set both in regularization.{name} and model_kwargs.{name}; keep one"
+                    )
+                kwargs[name] = value
+        return kwargs
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    # -- losses -------------------------------------------------------------------------------
+    def data_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with the configured label smoothing; targets are class indices or soft."""
+        cfg = self.regularization_config
+        eps = cfg.label_smoothing * min(self._regularization_scale, 1.0)
+        return classification_loss(
+            logits, targets, label_smoothing=eps, convention=cfg.label_smoothing_convention
+        )
+
+    def penalty(self) -> torch.Tensor:
+        """The L1/L2 (elastic-net) penalty on the weights, scaled by the regularisation factor."""
+        cfg = self.regularization_config
+        scale = self._regularization_scale
+        return penalty(
+            self.net, l1=cfg.l1 * scale, l2=cfg.l2 * scale, include_norm_and_bias=cfg.penalize_norm_and_bias
+        )
+
+    @contextmanager
+    def regularization_scaled(self, factor: float) -> Iterator[None]:
+        """Temporarily scale regularisation: 0 turns off penalties, label smoothing, dropout and
+        DropConnect; factors above 1 multiply the penalty coefficients (the lectures' "crank up
+        regularisation and the loss must go up" check)."""
+        if factor < 0:
+            raise ValueError(f"factor must be >= 0, got {factor}")
+        saved_scale = self._regularization_scale
+        dropping = [m for m in self.net.modules() if isinstance(m, _DROP_TYPES)] if factor == 0 else []
+        saved_p = [module.p for module in dropping]
+        for module in dropping:
+            module.p = 0.0
+        self._regularization_scale = factor
+        try:
+            yield
+        finally:
+            self._regularization_scale = saved_scale
+            for module, p in zip(dropping, saved_p, strict=True):
+                module.p = p
+
+    # -- steps --------------------------------------------------------------------------------
+    @staticmethod
+    def _hard_targets(targets: torch.Tensor) -> torch.Tensor:
+        return targets.argmax(dim=1) if targets.ndim == 2 else targets
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = self.data_loss(logits, targets)
+        cfg = self.regularization_config
+        if (cfg.l1 or cfg.l2) and self._regularization_scale:
+            reg = self.penalty()
+            loss = loss + reg
+            self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
+        self.train_acc(logits.detach(), self._hard_targets(targets))
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        hard = self._hard_targets(targets)
+        acc, top5 = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_acc_top5")
+        acc(logits, hard)
+        top5(logits, hard)
+        self.log(f"{stage}/loss", self.data_loss(logits, targets), sync_dist=True, prog_bar=stage == "val")
+        self.log(f"{stage}/acc", acc, prog_bar=stage == "val")
+        self.log(f"{stage}/acc_top5", top5)
+        return logits
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if self.tta is None:
+            self._evaluate(batch, "test")
+            return
+        from lightning_tricks.recipes.tta import tta_probabilities
+
+        images, targets = batch
+        # Ten-crop/multi-scale inputs are larger than the training crop, so the plain metric runs
+        # on the centre view that the TTA function also uses.
+        probs = tta_probabilities(self, images, self.tta)
+        self.test_acc_tta(probs, self._hard_targets(targets))
+        self.log("test/acc_tta", self.test_acc_tta)
+        if self.tta == "hflip":
+            self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities (averaged over test-time views when ``tta`` is set)."""
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if self.tta is not None:
+            from lightning_tricks.recipes.tta import tta_probabilities
+
+            return tta_probabilities(self, images, self.tta)
+        return self(images).softmax(dim=1)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def _global_batch_size(self) -> int | None:
+        trainer = self.trainer
+        batch_size = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule else None
+        if batch_size is None:
+            loader = trainer.train_dataloader
+            batch_size = getattr(loader, "batch_size", None)
+        if batch_size is None:
+            return None
+        return batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(
+            self.net, self.optimizer_config, global_batch_size=self._global_batch_size()
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches)  # also loads the train loader
+        batches = self.trainer.num_training_batches
+        steps_per_epoch = (
+            max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+            if math.isfinite(batches)
+            else total_steps
+        )
+        scheduler = build_scheduler(
+            optimizer, self.scheduler_config, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+        )
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -1,0 +1,119 @@
+"""ImageClassifier: loss composition, regularisation switch, optimizer wiring and checkpoints."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_tricks.datamodules import DigitsDataModule
+from lightning_tricks.recipes import ImageClassifier, OptimizerConfig, RegularizationConfig, SchedulerConfig
+
+
+def make_classifier(**kwargs) -> ImageClassifier:
+    defaults = dict(model="mlp", num_classes=10, in_channels=1, model_kwargs={"input_size": 8})
+    return ImageClassifier(**{**defaults, **kwargs})
+
+
+def test_training_loss_is_data_loss_plus_half_l2_of_weights_only():
+    torch.manual_seed(0)
+    model = make_classifier(regularization=RegularizationConfig(l2=0.01, label_smoothing=0.1))
+    images, targets = torch.randn(8, 1, 8, 8), torch.randint(10, (8,))
+    weights = [m.weight for m in model.net.modules() if isinstance(m, nn.Linear)]
+    expected_penalty = 0.01 / 2 * sum((w**2).sum() for w in weights)
+    expected = F.cross_entropy(model(images), targets, label_smoothing=0.1) + expected_penalty
+    loss = model.training_step((images, targets), 0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_soft_targets_give_soft_cross_entropy():
+    torch.manual_seed(0)
+    model = make_classifier()
+    images = torch.randn(4, 1, 8, 8)
+    soft = torch.softmax(torch.randn(4, 10), dim=1)
+    expected = -(soft * model(images).log_softmax(1)).sum(1).mean()
+    assert model.data_loss(model(images), soft).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_regularization_scaled_switches_everything_off_and_restores_it():
+    model = make_classifier(
+        regularization=RegularizationConfig(
+            l1=0.001, l2=0.01, label_smoothing=0.2, dropout=0.3, drop_connect=0.4
+        )
+    )
+    drops = {type(m).__name__: m.p for m in model.net.modules() if hasattr(m, "p")}
+    assert drops == {"Dropout": 0.3, "DropConnectLinear": 0.4}
+    logits, targets = torch.zeros(2, 10), torch.tensor([1, 2])
+    base_penalty = model.penalty().item()
+    assert base_penalty > 0
+    with model.regularization_scaled(0.0):
+        assert model.penalty().item() == 0.0
+        assert all(m.p == 0.0 for m in model.net.modules() if hasattr(m, "p"))
+        # without smoothing, CE of uniform logits against one-hot targets is exactly ln(10)
+        assert model.data_loss(logits, targets).item() == pytest.approx(torch.log(torch.tensor(10.0)).item())
+    with model.regularization_scaled(10.0):
+        assert model.penalty().item() == pytest.approx(10 * base_penalty, rel=1e-5)
+    assert {type(m).__name__: m.p for m in model.net.modules() if hasattr(m, "p")} == drops
+    assert model.penalty().item() == pytest.approx(base_penalty)
+
+
+def test_configured_optimizer_has_no_decay_on_norm_and_bias_and_scaled_lr(tmp_path):
+    dm = DigitsDataModule(batch_size=32, image_size=32)
+    model = ImageClassifier(
+        "resnet20",
+        num_classes=10,
+        in_channels=1,
+        optimizer=OptimizerConfig(lr=0.1, weight_decay=5e-4, base_batch_size=16),
+        scheduler=SchedulerConfig(name="cosine", interval="step", warmup=3),
+    )
+    trainer = L.Trainer(
+        max_steps=4,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, dm)
+    optimizer = trainer.optimizers[0]
+    no_decay = {id(p) for m in model.net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    no_decay |= {id(p) for name, p in model.net.named_parameters() if name.endswith("bias")}
+    groups = {g["weight_decay"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    assert groups[0.0] == no_decay
+    assert groups[5e-4] == {id(p) for p in model.parameters()} - no_decay
+    # linear scaling: lr x (32 per device x 1 device x 2 accumulated) / 16
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.1 * 64 / 16)
+
+
+def test_checkpoint_loads_weights_only_and_restores_the_model(tmp_path):
+    dm = DigitsDataModule(batch_size=64)
+    model = make_classifier(regularization=RegularizationConfig(l2=1e-4), optimizer=OptimizerConfig(lr=0.05))
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, dm)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["hyper_parameters"]["optimizer"]["lr"] == 0.05
+    restored = ImageClassifier.load_from_checkpoint(path, weights_only=True)
+    assert restored.optimizer_config == model.optimizer_config
+    for a, b in zip(restored.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_unknown_tta_and_conflicting_dropout_fail_early():
+    with pytest.raises(ValueError, match="tta"):
+        make_classifier(tta="sideways")
+    with pytest.raises(ValueError, match="dropout"):
+        make_classifier(
+            regularization=RegularizationConfig(dropout=0.2), model_kwargs={"input_size": 8, "dropout": 0.1}
+        )
