@@ -264,7 +264,7 @@ def build_transform(
             transforms += PRESETS[name](context, **kwargs.get(name, {}))
         except TypeError as err:
             raise ValueError(f"bad augment_kwargs for preset {name!r}: {err}") from err
-    return v2.Compose(transforms)
+    return v2.Compose(transforms or [v2.Identity()])
 
 
 class BatchAugment:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_tricks.datamodules import stats as stats_lib
 from lightning_tricks.datamodules.augment import BatchAugment, PresetContext, build_transform, preset_names
-from lightning_tricks.datamodules.on_device import ON_DEVICE_PRESETS, OnDeviceAugment
+from lightning_tricks.datamodules.on_device import OnDeviceAugment
 from lightning_tricks.datamodules.stats import ImageStatistics
 
 
