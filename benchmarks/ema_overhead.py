@@ -1,0 +1,157 @@
+"""Time of one EMA update: lightning-tricks ``EMA`` vs timm, torch-ema and torch ``AveragedModel``.
+
+Every implementation averages the same torchvision ResNet parameter set (timm, AveragedModel and
+ours also average the BatchNorm buffers; torch-ema averages parameters only, as it always does).
+For each case: warm-up updates, then the median over repeats of the mean time of a block of
+updates (synchronised on CUDA). ``ours`` is the callback's own update path (``EMA._update``).
+
+Run::
+
+    python benchmarks/ema_overhead.py            # CPU, and CUDA when available
+    python benchmarks/ema_overhead.py --quick    # short run
+
+Writes ``benchmarks/results/ema_overhead.json``; ratio ``ours_vs_fastest_peer`` is ours divided
+by the fastest peer (lower is better, target 1.0), the worst case over the model/device cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from lightning_tricks.callbacks.ema import EMA
+
+DECAY = 0.999
+
+
+def make_ours(model: nn.Module) -> Callable[[], None]:
+    ema = EMA(decay=DECAY)
+    ema._average_model = AveragedModel(model, use_buffers=True)
+    ema._ema = ema._build_ema(model)
+    return lambda: ema._update(model)
+
+
+def make_timm(model: nn.Module) -> Callable[[], None]:
+    from timm.utils.model_ema import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=DECAY)
+    return lambda: ema.update(model)
+
+
+def make_torch_ema(model: nn.Module) -> Callable[[], None]:
+    from torch_ema import ExponentialMovingAverage
+
+    ema = ExponentialMovingAverage(model.parameters(), decay=DECAY)
+    return ema.update
+
+
+def make_averaged_model(model: nn.Module) -> Callable[[], None]:
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=True)
+    return lambda: ema.update_parameters(model)
+
+
+IMPLEMENTATIONS: dict[str, Callable[[nn.Module], Callable[[], None]]] = {
+    "ours": make_ours,
+    "timm_ModelEmaV3": make_timm,
+    "torch_ema": make_torch_ema,
+    "AveragedModel": make_averaged_model,
+}
+
+
+def time_update(
+    update: Callable[[], None], device: torch.device, warmup: int, repeats: int, block: int
+) -> float:
+    """Median over ``repeats`` of the mean milliseconds per update in a block of ``block`` updates."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for _ in range(warmup):
+            update()
+        sync()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(block):
+                update()
+            sync()
+            samples.append((time.perf_counter() - start) * 1000 / block)
+    return statistics.median(samples)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"cpu: {len(os.sched_getaffinity(0))} cores {cpu}, torch threads {torch.get_num_threads()}"
+    if torch.cuda.is_available():
+        text += f" | gpu: {torch.cuda.get_device_name()}"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and only ResNet-18 on CPU")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ema_overhead.json"))
+    args = parser.parse_args()
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    models = ["resnet18"] if args.quick else ["resnet18", "resnet50"]
+    rows, ratios = [], {}
+    print(f"{'device':6} {'model':9} {'implementation':16} {'ms/update':>10}")
+    for device in devices:
+        on_cuda = device.type == "cuda"
+        warmup, repeats = (3, 5) if args.quick else (10, 15)
+        block = 20 if on_cuda else (2 if args.quick else 3)
+        for model_name in models:
+            torch.manual_seed(0)
+            model = getattr(torchvision.models, model_name)(weights=None).to(device)
+            results = {}
+            # Interleave implementations round-robin so background load hits all of them alike.
+            updates = {name: make(model) for name, make in IMPLEMENTATIONS.items()}
+            per_round: dict[str, list[float]] = {name: [] for name in updates}
+            for _ in range(3):
+                for name, update in updates.items():
+                    per_round[name].append(time_update(update, device, warmup, repeats, block))
+            for name, values in per_round.items():
+                results[name] = min(values)
+                prefix = f"{device.type}/" if on_cuda else ""
+                rows.append(
+                    {"case": f"{prefix}{model_name}/{name}", "value": round(results[name], 4), "unit": "ms"}
+                )
+                print(f"{device.type:6} {model_name:9} {name:16} {results[name]:10.3f}")
+            fastest_peer = min(v for k, v in results.items() if k != "ours")
+            key = f"{device.type}/{model_name}/ours_vs_fastest_peer"
+            ratios[key] = round(results["ours"] / fastest_peer, 3)
+            print(f"{'':6} {model_name:9} {'ours/fastest peer':16} {ratios[key]:10.3f}")
+            del updates, model
+    ratios["ours_vs_fastest_peer"] = max(ratios.values())
+    payload = {
+        "benchmark": "ema_overhead",
+        "machine": machine(),
+        "torch": torch.__version__,
+        "rows": rows,
+        "ratios": ratios,
+        "targets": {"ours_vs_fastest_peer": 1.0},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"ours_vs_fastest_peer (worst case) = {ratios['ours_vs_fastest_peer']:.3f}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
