@@ -1,0 +1,428 @@
+"""LRFinder: suggestion rules on known curves, exact restore, applied learning rate, resume and DDP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tricks.callbacks._lr_suggestions import (
+    SmoothedLossTracker,
+    suggest_all,
+    suggest_min_div_10,
+    suggest_steepest,
+    suggest_valley,
+)
+from lightning_tricks.callbacks.lr_finder import LRFinder
+
+# ---------------------------------------------------------------- pure rules
+
+
+def _tanh_curve(n: int = 101) -> tuple[list[float], list[float]]:
+    """Loss falling fastest at lr=1e-3 (tanh step in log10 lr), then rising quadratically after 1e-1."""
+    x = torch.linspace(-5, 0, n, dtype=torch.float64)
+    loss = 2 - torch.tanh(2 * (x + 3)) + 5 * torch.clamp(x + 1, min=0) ** 2
+    return (10**x).tolist(), loss.tolist()
+
+
+def test_steepest_and_min_div_10_on_known_curve():
+    lrs, losses = _tanh_curve()
+    # d/dx of -tanh(2(x+3)) is most negative at x = -3 exactly: grid index 40
+    assert suggest_steepest(lrs, losses) == 40
+    assert lrs[40] == pytest.approx(1e-3)
+    argmin = min(range(len(losses)), key=losses.__getitem__)
+    assert suggest_min_div_10(lrs, losses) == argmin
+    assert suggest_all(lrs, losses)["min_div_10"] == pytest.approx(lrs[argmin] / 10)
+
+
+def test_valley_is_middle_of_longest_descent():
+    lrs, losses = _tanh_curve()
+    argmin = min(range(len(losses)), key=losses.__getitem__)
+    # strictly decreasing from index 0 to argmin: the valley sits half-way down it
+    assert abs(suggest_valley(lrs, losses) - argmin / 2) <= 1
+    # a short early dip followed by a bump must not win over the long descent after it
+    bumpy = [3.0, 2.0, 1.5, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.5, 3.2, 3.1, 12.0]
+    idx = suggest_valley(list(range(1, 14)), bumpy)
+    assert 4 <= idx <= 8
+
+
+def test_skip_begin_ignores_initial_drop():
+    lrs, losses = _tanh_curve()
+    losses = [losses[0] + 10.0, *losses[1:]]  # huge drop between the first two points
+    assert suggest_steepest(lrs, losses) in (0, 1)
+    assert suggest_steepest(lrs, losses, skip_begin=5, skip_end=1) == 40
+
+
+def test_bias_corrected_ema_and_non_finite_drop():
+    beta = 0.8
+    raw = [2.0, 1.5, float("nan"), 1.2, float("inf"), 1.0]
+    tracker = SmoothedLossTracker(beta, divergence_factor=None)
+    got = [tracker.update(v)[0] for v in raw]
+    avg, t, expected = 0.0, 0, []
+    for v in raw:
+        if math.isfinite(v):
+            t += 1
+            avg = beta * avg + (1 - beta) * v
+            expected.append(avg / (1 - beta**t))
+        else:
+            expected.append(None)
+    assert got[2] is None and got[4] is None
+    assert [g for g in got if g is not None] == pytest.approx(
+        [e for e in expected if e is not None], rel=1e-12
+    )
+    assert got[0] == pytest.approx(2.0)  # bias correction: the first smoothed value is the loss itself
+
+
+def test_divergence_flag():
+    tracker = SmoothedLossTracker(beta=0.0, divergence_factor=4.0)
+    flags = [tracker.update(v)[1] for v in [3.0, 1.0, 2.0, 3.9, 4.1]]
+    assert flags == [False, False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"min_lr": 0.0}, "min_lr"),
+        ({"min_lr": 1e-2, "max_lr": 1e-2}, "max_lr"),
+        ({"num_steps": 5}, "num_steps"),
+        ({"mode": "cosine"}, "mode"),
+        ({"suggestion": "fastest"}, "suggestion"),
+        ({"beta": 1.0}, "beta"),
+        ({"divergence_factor": 0.5}, "divergence_factor"),
+        ({"skip_end": -1}, "skip_end"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LRFinder(**kwargs)
+
+
+# ---------------------------------------------------------------- on a real model
+
+
+class RecordingLogger(Logger):
+    """Logger that only remembers what it was asked to log."""
+
+    def __init__(self, save_dir: str) -> None:
+        super().__init__()
+        self._save_dir = save_dir
+        self.images: list[tuple[str, list]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_image(self, key: str, images: list, step=None, **kwargs) -> None:
+        self.images.append((key, images))
+
+
+def test_applied_suggestion_trains_digits_and_is_plotted(tmp_path):
+    L.seed_everything(0)
+    train, val = digits_loaders(batch_size=32, shuffle=True)
+    model = PlainClassifier(lr=1e-5)  # a learning rate that would barely move in this budget
+    finder = LRFinder(min_lr=1e-4, max_lr=10.0, num_steps=40, attr_name="lr")
+    logger = RecordingLogger(str(tmp_path / "logs"))
+    kwargs = {**quiet_trainer_kwargs(tmp_path), "logger": logger}
+    trainer = L.Trainer(max_epochs=3, callbacks=[finder], **kwargs)
+    trainer.fit(model, train, val)
+
+    lr = finder.results.lr
+    assert 1e-3 <= lr <= 1.0
+    assert lr == finder.results.suggestions["valley"]
+    assert set(finder.results.suggestions) == {"steepest", "min_div_10", "valley"}
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr)
+    assert model.hparams.lr == pytest.approx(lr)
+    # best fixed lr in {0.01, 0.045, 0.1, 0.3} reaches 0.79-0.90 here; lr=1e-5 stays near chance
+    assert trainer.callback_metrics["val/acc"] >= 0.85
+
+    plot = Path(finder.plot_path)
+    assert plot.parent == tmp_path / "logs"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert logger.images == [("lr_finder", [str(plot)])]
+
+
+class NaNAtSomeSteps(PlainClassifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx in (3, 4) else loss
+
+
+def test_non_finite_losses_dropped_and_divergence_stops(tmp_path):
+    train, _ = digits_loaders(batch_size=64)
+    finder = LRFinder(min_lr=1e-3, max_lr=0.1, num_steps=12, apply=False, plot=False)
+    trainer = L.Trainer(
+        max_steps=1, limit_val_batches=0, callbacks=[finder], **quiet_trainer_kwargs(tmp_path)
+    )
+    trainer.fit(NaNAtSomeSteps(), train)
+    res = finder.results
+    assert res.num_dropped == 2 and len(res.lrs) == 10 and not res.stopped_early
+    assert all(math.isfinite(v) for v in res.smoothed)
+
+    finder = LRFinder(min_lr=1e-2, max_lr=1e4, num_steps=40, apply=False, plot=False, beta=0.0)
+    trainer = L.Trainer(
+        max_steps=1, limit_val_batches=0, callbacks=[finder], **quiet_trainer_kwargs(tmp_path)
+    )
+    trainer.fit(PlainClassifier(), train)
+    res = finder.results
+    assert res.stopped_early and len(res.lrs) < 40
+    assert res.smoothed[-1] > 4.0 * min(res.smoothed[:-1])
+    assert all(s <= 4.0 * min(res.smoothed[: i + 1]) for i, s in enumerate(res.smoothed[:-1]))
+
+
+# ---------------------------------------------------------------- exact restore
+
+
+class AdamOneCycleNet(PlainClassifier):
+    """Dropout, BatchNorm buffers, two param groups, Adam and a OneCycle schedule."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, 32),
+            torch.nn.BatchNorm1d(32),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.3),
+            torch.nn.Linear(32, 10),
+        )
+
+    def configure_optimizers(self):
+        groups = [
+            {"params": self.net[1].parameters(), "lr": 0.1},
+            {"params": [*self.net[2].parameters(), *self.net[5].parameters()], "lr": 0.05},
+        ]
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1, 0.05], total_steps=100)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _capture(trainer, pl_module) -> dict:
+    loader = trainer.train_dataloader
+    return {
+        "model": copy.deepcopy(pl_module.state_dict()),
+        "grads": [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()],
+        "modes": [m.training for m in pl_module.modules()],
+        "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),
+        "scheduler": copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict()),
+        "counters": (trainer.global_step, trainer.current_epoch, trainer.fit_loop.total_batch_idx),
+        "rng": (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()),
+        "data_rng": None if loader is None else loader.generator.get_state(),
+        "metrics": dict(trainer.callback_metrics),
+    }
+
+
+def _assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+class StateProbe(Callback):
+    """Gives the optimizer real state before the search, then records the state around it."""
+
+    def __init__(self, warm_up: bool, watch: Callback) -> None:
+        self.warm_up = warm_up
+        self.watch = watch
+        self.seen: dict | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.warm_up:
+            opt, sched = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+            x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+            for _ in range(3):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(pl_module(x), y).backward()
+                opt.step()
+                sched.step()
+            pl_module.eval()  # the search must not leave the model in train mode either
+        trainer.fit_loop.setup_data()
+        self.seen = {**_capture(trainer, pl_module), "watched": copy.deepcopy(self.watch.state_dict())}
+
+
+class HookCounter(Callback):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_train_batch_start(self, *args, **kwargs):
+        self.calls += 1
+
+    def on_before_backward(self, *args, **kwargs):
+        self.calls += 1
+
+    def on_before_optimizer_step(self, *args, **kwargs):
+        self.calls += 1
+
+
+def test_search_leaves_every_state_bit_identical(tmp_path):
+    x, y = torch.rand(256, 1, 8, 8), torch.randint(0, 10, (256,))
+    train = DataLoader(
+        TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
+    counter = HookCounter()
+    stopper = EarlyStopping(monitor="train/loss", patience=0, check_on_train_epoch_end=True)
+    before, after = StateProbe(warm_up=True, watch=stopper), StateProbe(warm_up=False, watch=stopper)
+    finder = LRFinder(num_steps=20, max_lr=10.0, apply=False, plot=False)
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        callbacks=[before, counter, stopper, finder, after],
+        **quiet_trainer_kwargs(tmp_path),
+    )
+    trainer.fit(AdamOneCycleNet(), train)
+
+    assert len(finder.results.lrs) > 5
+    _assert_same(before.seen, after.seen)
+    assert before.seen["optimizer"]["state"]  # the Adam moments were real, not empty
+    assert not after.seen["metrics"]  # nothing logged in the search leaked into callback metrics
+    assert after.seen["modes"] == before.seen["modes"] and not any(after.seen["modes"])
+    # no user hook ran during the search: the counter saw only the one real training step
+    assert counter.calls == 3
+    assert math.isinf(after.seen["watched"]["best_score"])  # EarlyStopping saw no loss from the search
+
+
+class OneCycleProbe(Callback):
+    def on_fit_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        self.groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        self.base_lrs = list(trainer.lr_scheduler_configs[0].scheduler.base_lrs)
+
+    def on_train_end(self, trainer, pl_module):
+        self.final_lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+
+
+def test_apply_updates_one_cycle_consistently(tmp_path):
+    train, _ = digits_loaders(batch_size=64)
+    finder = LRFinder(min_lr=1e-4, max_lr=10.0, num_steps=30, plot=False)
+    probe = OneCycleProbe()
+    trainer = L.Trainer(
+        max_steps=7, limit_val_batches=0, callbacks=[finder, probe], **quiet_trainer_kwargs(tmp_path)
+    )
+    trainer.fit(AdamOneCycleNet(), train)
+
+    lr = finder.results.lr
+    ref_params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    ref_opt = torch.optim.Adam([{"params": [p]} for p in ref_params], lr=1.0)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=[lr, lr / 2], total_steps=100)
+    for group, ref_group in zip(probe.groups, ref_opt.param_groups, strict=True):
+        for key in ("max_lr", "initial_lr", "min_lr", "lr"):
+            assert group[key] == pytest.approx(ref_group[key], rel=1e-12)
+    assert probe.base_lrs == pytest.approx(ref.base_lrs, rel=1e-12)
+    for _ in range(7):
+        ref_opt.step()
+        ref.step()
+    assert probe.final_lrs == pytest.approx([g["lr"] for g in ref_opt.param_groups], rel=1e-9)
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _fit_digits(
+    tmp_path, max_epochs: int, finder: LRFinder, ckpt_path=None
+) -> tuple[L.Trainer, PlainClassifier]:
+    L.seed_everything(0)
+    train, _ = digits_loaders(batch_size=128, n_train=512)
+    model = PlainClassifier(lr=1e-3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True}
+    trainer = L.Trainer(max_epochs=max_epochs, limit_val_batches=0, callbacks=[finder, ckpt], **kwargs)
+    trainer.fit(model, train, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def test_resume_skips_search_and_matches_uninterrupted_run(tmp_path, monkeypatch):
+    args = {"min_lr": 1e-4, "max_lr": 10.0, "num_steps": 20, "attr_name": "lr", "plot": False}
+    full_finder = LRFinder(**args)
+    _, full = _fit_digits(tmp_path / "full", 3, full_finder)
+
+    first = LRFinder(**args)
+    _fit_digits(tmp_path / "part", 1, first)
+    ckpt = tmp_path / "part" / "ckpt" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["callbacks"][first.state_key]
+    assert saved["results"]["lr"] == first.results.lr
+
+    resumed_finder = LRFinder(**args)
+    monkeypatch.setattr(LRFinder, "_search", lambda *a, **k: pytest.fail("search re-ran on resume"))
+    trainer, resumed = _fit_digits(tmp_path / "part", 3, resumed_finder, ckpt_path=str(ckpt))
+
+    assert resumed_finder.results == full_finder.results
+    assert resumed.hparams.lr == full_finder.results.lr
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(full_finder.results.lr)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- DDP
+
+
+class RankReport(Callback):
+    """Writes what each rank ended up with, so the parent process can compare them."""
+
+    def __init__(self, finder: LRFinder, out_dir: str) -> None:
+        self.finder = finder
+        self.out_dir = out_dir
+
+    def on_train_start(self, trainer, pl_module):
+        report = {
+            "lr": self.finder.results.lr,
+            "optimizer_lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "smoothed": self.finder.results.smoothed,
+            "weights": float(sum(p.double().sum() for p in pl_module.parameters())),
+        }
+        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_agree_on_curve_and_suggestion(tmp_path):
+    train, _ = digits_loaders(batch_size=32, n_train=512)
+    finder = LRFinder(min_lr=1e-4, max_lr=10.0, num_steps=20, plot=True, dirpath=str(tmp_path / "plots"))
+    kwargs = {**quiet_trainer_kwargs(tmp_path), "devices": 2}
+    trainer = L.Trainer(
+        strategy="ddp_spawn",
+        max_steps=1,
+        limit_val_batches=0,
+        callbacks=[finder, RankReport(finder, str(tmp_path))],
+        **kwargs,
+    )
+    trainer.fit(PlainClassifier(lr=1e-3), train)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["lr"] is not None and r0["lr"] == r1["lr"]
+    assert r0["optimizer_lr"] == pytest.approx(r0["lr"]) and r1["optimizer_lr"] == pytest.approx(r0["lr"])
+    assert r0["smoothed"] == r1["smoothed"] and len(r0["smoothed"]) > 5
+    assert r0["weights"] == pytest.approx(r1["weights"], rel=1e-6)  # restored weights still in sync
+    assert (tmp_path / "plots" / "lr_finder.png").exists()
