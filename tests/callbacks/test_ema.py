@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import pickle
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def test_ema_matches_step_by_step_reference(tmp_path, warmup, every, start, aver
         average_buffers=average_buffers,
         copy_average_at_end=False,
     )
-    fit(tmp_path, model, [recorder, ema])
+    fit(tmp_path, model, [recorder, ema], limit_val_batches=1)
 
     assert len(recorder.states) == 20  # 600 samples / 64 per batch = 10 steps per epoch
     param_names = {name for name, _ in model.named_parameters()}
@@ -153,9 +154,9 @@ def test_validation_logs_raw_and_ema_metrics_and_keeps_live_weights(tmp_path):
     model = PlainClassifier(lr=0.2)
     ema = EMA(decay=0.9, copy_average_at_end=False)
     _, val = digits_loaders(n_train=600)
-    probe = ValidationProbe(ema, val)
+    probe = ValidationProbe(ema, list(itertools.islice(val, 2)))  # the EMA pass honours the limit too
     best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc_ema", mode="max", save_top_k=1)
-    fit(tmp_path, model, [ema, probe, best], max_epochs=3, enable_checkpointing=True)
+    fit(tmp_path, model, [ema, probe, best], max_epochs=3, enable_checkpointing=True, limit_val_batches=2)
 
     assert len(probe.rows) == 3
     for row in probe.rows:
@@ -198,7 +199,7 @@ def test_no_swap_and_no_ema_metric_before_first_update(tmp_path):
     keys, recorder = MetricKeys(), StepRecorder()
     with pytest.raises(RuntimeError, match="no average yet"):
         ema.ema_state_dict()
-    fit(tmp_path, model, [recorder, ema, keys], max_epochs=3)
+    fit(tmp_path, model, [recorder, ema, keys], max_epochs=3, limit_val_batches=1)
     assert ["val/acc_ema" in k for k in keys.keys] == [False, False, True]
     assert all("val/acc" in k for k in keys.keys)
     assert ema.num_updates == 5  # steps 25..29
@@ -231,11 +232,18 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     initial = BatchNormClassifier()
 
     full_model, full_emas = copy.deepcopy(initial), make_emas()
-    fit(tmp_path / "full", full_model, full_emas, max_epochs=4)
+    fit(tmp_path / "full", full_model, full_emas, max_epochs=4, limit_val_batches=1)
 
     first_model, first_emas = copy.deepcopy(initial), make_emas()
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    fit(tmp_path / "first", first_model, [*first_emas, ckpt_cb], max_epochs=2, enable_checkpointing=True)
+    fit(
+        tmp_path / "first",
+        first_model,
+        [*first_emas, ckpt_cb],
+        max_epochs=2,
+        enable_checkpointing=True,
+        limit_val_batches=1,
+    )
     last = tmp_path / "ckpt" / "last.ckpt"
 
     ckpt = torch.load(last, weights_only=True)
@@ -250,7 +258,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
     resumed_model, resumed_emas = BatchNormClassifier(), make_emas()
-    fit(tmp_path / "resumed", resumed_model, resumed_emas, max_epochs=4, ckpt_path=last)
+    fit(tmp_path / "resumed", resumed_model, resumed_emas, max_epochs=4, ckpt_path=last, limit_val_batches=1)
 
     resumed_state = resumed_model.state_dict()
     for name, value in full_model.state_dict().items():
