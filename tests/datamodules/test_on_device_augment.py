@@ -24,6 +24,11 @@ def test_crop_matches_padded_reference():
         )
         out = crop_with_offsets(images, dy, dx, PAD, mode)
         assert out.dtype == torch.uint8 and torch.equal(out.float(), expected)
+        flip = torch.tensor([True, False, True, False, False, True])
+        mirrored = crop_with_offsets(images, dy, dx, PAD, mode, flip=flip)
+        assert torch.equal(
+            mirrored.float(), torch.where(flip[:, None, None, None], expected.flip(-1), expected)
+        )
     with pytest.raises(ValueError, match="pad mode"):
         crop_with_offsets(images, dy, dx, PAD, "wrap")
     with pytest.raises(ValueError, match=r"augment_on_device=False"):

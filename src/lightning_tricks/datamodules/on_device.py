@@ -1,10 +1,10 @@
 """Vectorised batch augmentation on the training device for in-memory image tensors.
 
-One gather per batch replaces a per-sample Python loop: random crops of the (reflect- or
-zero-) padded image are read with advanced indexing, without materialising the padded batch,
-and flips are one ``torch.where``. The distribution matches torchvision's per-sample
-``RandomCrop(size, padding=pad)`` + ``RandomHorizontalFlip()``: crop offsets uniform in
-``[0, 2 * pad]`` per axis, flips with probability 0.5.
+One advanced index over strided windows of the padded batch replaces a per-sample Python
+loop: every image's crop (mirrored or not) is picked in a single gather.
+The distribution matches torchvision's per-sample ``RandomCrop(size, padding=pad)`` +
+``RandomHorizontalFlip()``: crop offsets uniform in ``[0, 2 * pad]`` per axis, flips with
+probability 0.5.
 
 Example::
 
@@ -17,27 +17,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn import functional as F
 
 PAD_MODES = ("reflect", "zeros")
 ON_DEVICE_PRESETS = ("none", "flip", "translate", "crop_flip")
 
 
-def _source_index(offsets: torch.Tensor, size: int, pad: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices into the unpadded axis for output positions ``offset + i - pad`` and a validity mask."""
-    index = offsets[:, None] + torch.arange(size, device=offsets.device)[None, :] - pad
-    if mode == "reflect":
-        # Reflection without repeating the edge pixel, like torch.nn.functional.pad(mode="reflect").
-        index = index.abs()
-        index = torch.where(index >= size, 2 * (size - 1) - index, index)
-        return index, torch.ones_like(index, dtype=torch.bool)
-    valid = (index >= 0) & (index < size)
-    return index.clamp(0, size - 1), valid
+def _pad(images: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
+    """Pad H and W by ``pad`` on both sides; reflection from slices so every dtype (uint8) works."""
+    if mode == "zeros":
+        return F.pad(images, (pad, pad, pad, pad))
+    for dim in (2, 3):
+        size = images.shape[dim]
+        # Reflection without repeating the edge pixel, like F.pad(mode="reflect").
+        before = images.narrow(dim, 1, pad).flip(dim)
+        after = images.narrow(dim, size - pad - 1, pad).flip(dim)
+        images = torch.cat([before, images, after], dim=dim)
+    return images
 
 
 def crop_with_offsets(
-    images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int, mode: str = "reflect"
+    images: torch.Tensor,
+    dy: torch.Tensor,
+    dx: torch.Tensor,
+    pad: int,
+    mode: str = "reflect",
+    flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Crop each padded image at its own offset: ``out[n] = pad(images[n])[:, dy[n]:dy[n]+H, dx[n]:dx[n]+W]``.
+    """Crop each padded image at its own offset, optionally mirrored, in one indexing op.
+
+    ``out[n] = pad(images[n])[:, dy[n]:dy[n]+H, dx[n]:dx[n]+W]``, flipped left-right where
+    ``flip[n]``. Every ``(H, W)`` window of the padded batch is a strided view, so one advanced
+    index picks each image's window; a mirrored crop is the window at ``2 * pad - dx`` of the
+    mirrored padded image.
 
     Args:
         images: ``(N, C, H, W)`` of any dtype.
@@ -45,33 +57,39 @@ def crop_with_offsets(
         dx: ``(N,)`` int64 column offsets in ``[0, 2 * pad]``.
         pad: Padding on every side.
         mode: ``"reflect"`` or ``"zeros"``.
+        flip: Optional ``(N,)`` bool: mirror these crops.
     """
     if mode not in PAD_MODES:
         raise ValueError(f"pad mode must be one of {PAD_MODES}, got {mode!r}")
     n, c, h, w = images.shape
     if mode == "reflect" and pad >= min(h, w):
         raise ValueError(f"reflect padding needs pad < image side, got pad={pad} for {h}x{w} images")
-    rows, row_ok = _source_index(dy, h, pad, mode)
-    cols, col_ok = _source_index(dx, w, pad, mode)
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
-    channel = torch.arange(c, device=images.device)[None, :, None, None]
-    out = images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
-    if mode == "zeros":
-        mask = (row_ok[:, :, None] & col_ok[:, None, :])[:, None]
-        out = out * mask.to(out.dtype)
-    return out
+    padded = _pad(images, pad, mode)
+    batch = torch.arange(n, device=images.device)
+    if flip is not None:
+        padded = torch.stack([padded, padded.flip(-1)], dim=1).flatten(0, 1)  # (2N, C, H', W')
+        batch = 2 * batch + flip.long()
+        dx = torch.where(flip, 2 * pad - dx, dx)
+    s = padded.stride()
+    windows = padded.as_strided(
+        (padded.shape[0], c, 2 * pad + 1, 2 * pad + 1, h, w), (s[0], s[1], s[2], s[3], s[2], s[3])
+    )
+    return windows[batch, :, dy, dx]
 
 
 def random_crop(
-    images: torch.Tensor, pad: int, mode: str = "reflect", generator: torch.Generator | None = None
+    images: torch.Tensor,
+    pad: int,
+    mode: str = "reflect",
+    flip_p: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Random translation by up to ``pad`` pixels per axis (pad-and-crop back to the input size)."""
-    if pad == 0:
-        return images
+    """Random translation by up to ``pad`` pixels per axis, then a flip with probability ``flip_p``."""
     n = images.shape[0]
     dy = torch.randint(0, 2 * pad + 1, (n,), device=images.device, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), device=images.device, generator=generator)
-    return crop_with_offsets(images, dy, dx, pad, mode)
+    flip = torch.rand(n, device=images.device, generator=generator) < flip_p if flip_p > 0 else None
+    return crop_with_offsets(images, dy, dx, pad, mode, flip)
 
 
 def random_flip(
@@ -120,8 +138,9 @@ class OnDeviceAugment:
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         for name in self.presets:
             if name in ("translate", "crop_flip"):
-                images = random_crop(images, self.pad, self.pad_mode, generator)
-            if name in ("flip", "crop_flip"):
+                flip_p = self.flip_p if name == "crop_flip" else 0.0
+                images = random_crop(images, self.pad, self.pad_mode, flip_p, generator)
+            elif name == "flip":
                 images = random_flip(images, self.flip_p, generator)
         return images
 
