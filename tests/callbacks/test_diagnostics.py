@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from helpers import PlainClassifier, digits_loaders, digits_tensors, quiet_trainer_kwargs
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
@@ -225,3 +227,34 @@ def test_resume_keeps_history_identical_to_an_uninterrupted_run(tmp_path):
     assert resumed.train_losses == full.train_losses
     assert resumed.val_losses == full.val_losses
     assert resumed.init == full.init
+
+
+class RankReport(Callback):
+    """Writes each rank's recorded curves (spawned processes cannot return the callback)."""
+
+    def __init__(self, directory, diagnostics):
+        self.directory, self.diagnostics = str(directory), diagnostics
+
+    def on_fit_end(self, trainer, pl_module):
+        d = self.diagnostics
+        report = {"train": d.train_losses, "val": d.val_losses, "checks": [f.check for f in d.findings]}
+        Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.ddp
+def test_ddp_each_rank_records_and_only_rank_zero_prints(tmp_path, capfd):
+    L.seed_everything(0)
+    diagnostics = TrainingDiagnostics()
+    train, val = digits_loaders(batch_size=32, n_train=256)
+    trainer = L.Trainer(
+        **{**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": "ddp_spawn"},
+        max_epochs=2,
+        num_sanity_val_steps=0,
+        callbacks=[diagnostics, RankReport(tmp_path, diagnostics)],
+    )
+    trainer.fit(DeepMLP(), train, val)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [len(r["train"]) for r in reports] == [8, 8]  # 128 samples per rank, batches of 32, 2 epochs
+    assert [len(r["val"]) for r in reports] == [2, 2]
+    assert reports[0]["train"] != reports[1]["train"]  # each rank reads its own shard's loss
+    assert capfd.readouterr().out.count("Training diagnostics") == 1

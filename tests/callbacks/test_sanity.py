@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 from contextlib import contextmanager
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -15,6 +17,7 @@ from helpers import PlainClassifier, digits_loaders, digits_tensors, quiet_train
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DistributedSampler
 
 from lightning_tricks.callbacks.init_loss import InitLossCheck
 from lightning_tricks.callbacks.overfit import OverfitTinyBatch
@@ -372,3 +375,101 @@ def test_checks_do_not_change_the_real_run_or_fire_other_callbacks(tmp_path):
         == {"batch_start": 12, "before_backward": 12, "before_optimizer_step": 12}
     )
     assert_same(dict(plain.state_dict()), dict(checked.state_dict()))
+
+
+# ------------------------------------------------------------------------------------ project recipe
+
+
+def test_checks_on_the_project_classifier_and_datamodule(tmp_path):
+    from lightning_tricks.datamodules.digits import DigitsDataModule
+    from lightning_tricks.recipes.classifier import ImageClassifier
+    from lightning_tricks.recipes.regularization import RegularizationConfig
+
+    L.seed_everything(0)
+    model = ImageClassifier(
+        model="small_cnn",
+        in_channels=1,
+        regularization=RegularizationConfig(l2=1e-3, label_smoothing=0.1, dropout=0.3),
+    )
+    dm = DigitsDataModule(batch_size=32, augment="flip")
+    before, after = Snapshot(), Snapshot()
+    init_check = InitLossCheck(on_fail="raise")
+    overfit = OverfitTinyBatch(on_fail="raise")
+    trainer = L.Trainer(
+        **quiet_trainer_kwargs(tmp_path),
+        max_steps=1,
+        limit_val_batches=0,
+        callbacks=[before, init_check, overfit, after],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert init_check.passed is True and init_check.regularization_passed is True
+    assert overfit.passed is True and overfit.steps > 0
+    assert_same(before.state, after.state)
+
+
+class TransferScaled(PlainClassifier):
+    """Transforms batches in ``on_after_batch_transfer``, as in-memory DataModules do."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return x * 5.0 - 1.0, y
+
+
+def test_init_loss_sees_batches_after_the_transfer_hooks(tmp_path):
+    L.seed_everything(0)
+    model = TransferScaled()
+    x, y = digits_tensors(64)
+    with torch.no_grad():
+        transformed = float(F.cross_entropy(model(x * 5.0 - 1.0), y))
+        raw = float(F.cross_entropy(model(x), y))
+    check = InitLossCheck(num_batches=2)
+    fit(tmp_path, model, [check])
+    assert abs(transformed - raw) > 1e-3
+    assert check.measured == pytest.approx(transformed, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ DDP
+
+
+class RankReport(Callback):
+    """Writes each rank's verdicts (spawned processes cannot return the callback objects)."""
+
+    def __init__(self, directory, init_check, overfit):
+        self.directory, self.init_check, self.overfit = str(directory), init_check, overfit
+
+    def on_train_start(self, trainer, pl_module):
+        report = {
+            "measured": self.init_check.measured,
+            "passed": self.init_check.passed,
+            "overfit_passed": self.overfit.passed,
+            "overfit_steps": self.overfit.steps,
+        }
+        Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_agree_and_reduce_the_init_loss(tmp_path):
+    L.seed_everything(0)
+    model = PlainClassifier()
+    x, y = digits_tensors(512)
+    # Lightning gives each rank a shuffling DistributedSampler (seed 0); the check sees 4 batches of 32
+    # on each rank, and the reduced loss is the mean over all 256 samples.
+    dataset = torch.utils.data.TensorDataset(x, y)
+    shards = [
+        list(DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=0))[:128] for r in (0, 1)
+    ]
+    idx = torch.tensor(shards[0] + shards[1])
+    with torch.no_grad():
+        expected = float(F.cross_entropy(model(x[idx]), y[idx]))
+    init_check, overfit = InitLossCheck(num_batches=4), OverfitTinyBatch()
+    train, _ = digits_loaders(batch_size=32, n_train=512)
+    trainer = L.Trainer(
+        **{**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": "ddp_spawn"},
+        max_steps=1,
+        callbacks=[init_check, overfit, RankReport(tmp_path, init_check, overfit)],
+    )
+    trainer.fit(model, train)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0] == reports[1]
+    assert reports[0]["passed"] is True and reports[0]["measured"] == pytest.approx(expected, rel=1e-5)
+    assert reports[0]["overfit_passed"] is True and reports[0]["overfit_steps"] > 0

@@ -213,12 +213,14 @@ class OverfitTinyBatch(Callback):
                 fitted = self.final_accuracy == 1.0 or (
                     self.loss_threshold is not None and loss < self.loss_threshold
                 )
-                if distributed:
+                diverged = not math.isfinite(loss)
+                if distributed:  # every rank steps in lockstep (SyncBatchNorm) and stops together
                     fitted = trainer.strategy.reduce_boolean_decision(fitted, all=True)
+                    diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
                 if fitted:
                     self.steps, self.passed = step, True
                     return None
-                if not math.isfinite(loss):
+                if diverged:
                     self.passed = False
                     return (
                         f"the loss became {loss} after {step} steps: the learning rate is too high "
