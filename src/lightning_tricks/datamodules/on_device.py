@@ -1,7 +1,7 @@
 """Vectorised batch augmentation on the training device for in-memory image tensors.
 
-One advanced index over strided windows of the padded batch replaces a per-sample Python
-loop: every image's crop (mirrored or not) is picked in a single gather.
+A single ``gather`` with per-image source indices replaces a per-sample Python loop: every
+image's crop (mirrored or not, reflect- or zero-padded) is picked without building a padded copy.
 The distribution matches torchvision's per-sample ``RandomCrop(size, padding=pad)`` +
 ``RandomHorizontalFlip()``: crop offsets uniform in ``[0, 2 * pad]`` per axis, flips with
 probability 0.5.
@@ -17,23 +17,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.nn import functional as F
 
 PAD_MODES = ("reflect", "zeros")
 ON_DEVICE_PRESETS = ("none", "flip", "translate", "crop_flip")
 
 
-def _pad(images: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
-    """Pad H and W by ``pad`` on both sides; reflection from slices so every dtype (uint8) works."""
-    if mode == "zeros":
-        return F.pad(images, (pad, pad, pad, pad))
-    for dim in (2, 3):
-        size = images.shape[dim]
-        # Reflection without repeating the edge pixel, like F.pad(mode="reflect").
-        before = images.narrow(dim, 1, pad).flip(dim)
-        after = images.narrow(dim, size - pad - 1, pad).flip(dim)
-        images = torch.cat([before, images, after], dim=dim)
-    return images
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Map coordinates in ``[-pad, size + pad)`` to their source pixel under reflect padding
+    (the edge pixel is not repeated, as in ``F.pad(mode="reflect")``)."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
 def crop_with_offsets(
@@ -44,12 +37,12 @@ def crop_with_offsets(
     mode: str = "reflect",
     flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Crop each padded image at its own offset, optionally mirrored, in one indexing op.
+    """Crop each padded image at its own offset, optionally mirrored, in one gather.
 
     ``out[n] = pad(images[n])[:, dy[n]:dy[n]+H, dx[n]:dx[n]+W]``, flipped left-right where
-    ``flip[n]``. Every ``(H, W)`` window of the padded batch is a strided view, so one advanced
-    index picks each image's window; a mirrored crop is the window at ``2 * pad - dx`` of the
-    mirrored padded image.
+    ``flip[n]``. The padded batch is never built: each output pixel's source index in the
+    unpadded image is computed directly (reflected, or clamped and masked for zero padding),
+    so the whole augmentation is a single ``gather`` over ``(N, C, H*W)``.
 
     Args:
         images: ``(N, C, H, W)`` of any dtype.
@@ -64,17 +57,21 @@ def crop_with_offsets(
     n, c, h, w = images.shape
     if mode == "reflect" and pad >= min(h, w):
         raise ValueError(f"reflect padding needs pad < image side, got pad={pad} for {h}x{w} images")
-    padded = _pad(images, pad, mode)
-    batch = torch.arange(n, device=images.device)
+    rows = dy[:, None] - pad + torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device).expand(n, w)
     if flip is not None:
-        padded = torch.stack([padded, padded.flip(-1)], dim=1).flatten(0, 1)  # (2N, C, H', W')
-        batch = 2 * batch + flip.long()
-        dx = torch.where(flip, 2 * pad - dx, dx)
-    s = padded.stride()
-    windows = padded.as_strided(
-        (padded.shape[0], c, 2 * pad + 1, 2 * pad + 1, h, w), (s[0], s[1], s[2], s[3], s[2], s[3])
-    )
-    return windows[batch, :, dy, dx]
+        cols = torch.where(flip[:, None], w - 1 - cols, cols)
+    cols = dx[:, None] - pad + cols
+    if mode == "reflect":
+        source_rows, source_cols = _reflect(rows, h), _reflect(cols, w)
+    else:
+        source_rows, source_cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    index = (source_rows[:, :, None] * w + source_cols[:, None, :]).reshape(n, 1, h * w)
+    out = images.reshape(n, c, h * w).gather(2, index.expand(n, c, h * w)).reshape(n, c, h, w)
+    if mode == "zeros":
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        out = out * inside[:, None].to(out.dtype)
+    return out
 
 
 def random_crop(
