@@ -32,6 +32,7 @@ class DigitsDataModule(InMemoryImageDataModule):
         seed: Seed of the stratified split and the shuffling order.
         num_workers: DataLoader workers.
         normalize: Standardise with the training split's mean/std.
+        bootstrap_seed: Bagging: train on a seeded bootstrap resample of the training split.
         augment: On-device training augmentation: ``"flip"``, ``"translate"`` or ``"crop_flip"``
             (padding ``max(1, image_size // 8)``); ``None`` (default) for none.
     """
@@ -49,9 +50,15 @@ class DigitsDataModule(InMemoryImageDataModule):
         num_workers: int = 0,
         normalize: bool = True,
         augment: str | list[str] | None = None,
+        bootstrap_seed: int | None = None,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, normalize=normalize, seed=seed, augment=augment
+            batch_size=batch_size,
+            num_workers=num_workers,
+            normalize=normalize,
+            seed=seed,
+            augment=augment,
+            bootstrap_seed=bootstrap_seed,
         )
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:

@@ -99,6 +99,7 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
         verify: Run the PIL verify pass over every file in ``setup``.
         stats_samples: Training images (seeded sample) for the mean/std and colour PCA.
         stats_cache: Folder for the statistics cache, ``"data_dir"`` (default) or ``None``.
+        bootstrap_seed: Bagging: train on a seeded bootstrap resample of the training images.
         normalize: Standardise with the training statistics.
 
     Raises:
@@ -129,6 +130,7 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
         stats_samples: int = 1000,
         stats_cache: str | Path | None = "data_dir",
         normalize: bool = True,
+        bootstrap_seed: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         super().__init__(
@@ -144,6 +146,7 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
             mixup_alpha=mixup_alpha,
             cutmix_alpha=cutmix_alpha,
             stats_cache=self.data_dir if stats_cache == "data_dir" else stats_cache,
+            bootstrap_seed=bootstrap_seed,
         )
         if crop_size < 1:
             raise ValueError(f"crop_size must be >= 1, got {crop_size}")

@@ -25,12 +25,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_tricks.datamodules import stats as stats_lib
 from lightning_tricks.datamodules.augment import BatchAugment, PresetContext, build_transform, preset_names
 from lightning_tricks.datamodules.on_device import OnDeviceAugment
 from lightning_tricks.datamodules.stats import ImageStatistics
+from lightning_tricks.ensemble import bootstrap_indices
 
 
 class PreprocessedImageDataModule(L.LightningDataModule):
@@ -53,6 +54,9 @@ class PreprocessedImageDataModule(L.LightningDataModule):
         whitening_eps: Added to the whitening eigenvalues.
         stats_cache: Folder for the statistics cache file (named by a fingerprint of the training
             split and the options), or ``None`` to always recompute.
+        bootstrap_seed: Bagging: train on a bootstrap resample of the training split (``n`` draws
+            with replacement, seeded), so each ensemble member sees a different sample. ``None``
+            trains on the split itself. Statistics always come from the whole training split.
     """
 
     num_classes: int
@@ -75,6 +79,7 @@ class PreprocessedImageDataModule(L.LightningDataModule):
         whitening: str | None = None,
         whitening_eps: float = 1e-2,
         stats_cache: str | Path | None = None,
+        bootstrap_seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -106,6 +111,7 @@ class PreprocessedImageDataModule(L.LightningDataModule):
             normalize=normalize, mean_image=mean_image, whitening=whitening, eps=whitening_eps
         )
         self.stats_cache = None if stats_cache is None else Path(stats_cache)
+        self.bootstrap_seed = bootstrap_seed
         self._batch_augment: BatchAugment | None = None
 
     # Statistics ---------------------------------------------------------------------------
@@ -185,6 +191,8 @@ class PreprocessedImageDataModule(L.LightningDataModule):
             self.stats.load_state_dict(state_dict)
 
     def _dataloader(self, dataset: Dataset, train: bool) -> DataLoader:
+        if train and self.bootstrap_seed is not None:
+            dataset = Subset(dataset, bootstrap_indices(len(dataset), self.bootstrap_seed).tolist())
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -29,6 +29,7 @@ class SyntheticDataModule(InMemoryImageDataModule):
         seed: Seed for the images, labels and shuffling.
         num_workers: DataLoader workers.
         normalize: Standardise with the training split's mean/std.
+        bootstrap_seed: Bagging: train on a seeded bootstrap resample of the training split.
         augment: On-device training augmentation: ``"flip"``, ``"translate"`` or ``"crop_flip"``
             (padding ``max(1, image_size // 8)``); ``None`` (default) for none.
     """
@@ -47,9 +48,15 @@ class SyntheticDataModule(InMemoryImageDataModule):
         num_workers: int = 0,
         normalize: bool = True,
         augment: str | list[str] | None = None,
+        bootstrap_seed: int | None = None,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, normalize=normalize, seed=seed, augment=augment
+            batch_size=batch_size,
+            num_workers=num_workers,
+            normalize=normalize,
+            seed=seed,
+            augment=augment,
+            bootstrap_seed=bootstrap_seed,
         )
         for name, value in (
             ("num_classes", num_classes),
