@@ -258,3 +258,17 @@ def test_ddp_each_rank_records_and_only_rank_zero_prints(tmp_path, capfd):
     assert [len(r["val"]) for r in reports] == [2, 2]
     assert reports[0]["train"] != reports[1]["train"]  # each rank reads its own shard's loss
     assert capfd.readouterr().out.count("Training diagnostics") == 1
+
+
+def test_summary_goes_to_a_wandb_table(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    L.seed_everything(0)
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="diagnostics")
+    diagnostics = TrainingDiagnostics(check_init=False)
+    try:
+        fit(tmp_path, PlainClassifier(lr=20.0), [diagnostics], max_epochs=1, logger=logger)
+        summary = logger.experiment.summary["diagnostics/findings"]
+        assert summary["_type"] == "table-file" and summary["nrows"] == len(diagnostics.findings) > 0
+    finally:
+        logger.experiment.finish()

@@ -50,6 +50,10 @@ class Finding:
         message: What was seen, with numbers.
         cause: The likely cause, in one sentence.
         fix: What to do, in one sentence.
+
+    Example::
+
+        Finding("flat", "warning", "loss 2.30 -> 2.29", "learning rate too low", "raise it 3-10x")
     """
 
     check: str
@@ -64,7 +68,12 @@ def _finite(values: Sequence[float]) -> list[float]:
 
 
 def detect_nonfinite(losses: Sequence[float], name: str = "training loss") -> Finding | None:
-    """Flag the first NaN or infinite loss."""
+    """Flag the first NaN or infinite loss.
+
+    Example::
+
+        detect_nonfinite([2.3, 1.9, float("nan")]).message  # "the training loss became nan at point 2"
+    """
     for i, value in enumerate(losses):
         if not math.isfinite(value):
             return Finding(
@@ -80,7 +89,12 @@ def detect_nonfinite(losses: Sequence[float], name: str = "training loss") -> Fi
 def detect_explosion(
     losses: Sequence[float], factor: float = 3.0, name: str = "training loss"
 ) -> Finding | None:
-    """Flag a loss that ever exceeds ``factor`` times the first (finite) value."""
+    """Flag a loss that ever exceeds ``factor`` times the first (finite) value.
+
+    Example::
+
+        detect_explosion([2.3, 1.9, 7.5]).check  # "explosion": 7.5 > 3 * 2.3
+    """
     finite = _finite(losses)
     if len(finite) < 2 or finite[0] <= 0:
         return None
@@ -105,6 +119,10 @@ def detect_flat(
     """Flag a loss whose last window is not ``min_decrease`` (relative) below its first window.
 
     ``window`` defaults to a fifth of the curve; curves shorter than two windows (or 4 points) pass.
+
+    Example::
+
+        detect_flat([2.30, 2.31, 2.29, 2.30, 2.30]).check  # "flat"
     """
     values = _finite(losses)
     window = window or max(1, len(values) // 5)
@@ -132,6 +150,10 @@ def detect_overfitting(
     """Flag validation loss rising for ``patience`` evaluations past its minimum while training loss falls.
 
     ``train_losses[i]`` is the training loss over the period that ended at evaluation ``i``.
+
+    Example::
+
+        detect_overfitting([2.0, 1.0, 0.6, 0.3], [2.1, 1.2, 1.4, 1.6]).check  # "overfitting"
     """
     n = min(len(train_losses), len(val_losses))
     if n < patience + 1:
@@ -158,6 +180,10 @@ def detect_underfitting(
     """Flag final losses that are both still above ``max_fraction * reference`` and close to each other.
 
     ``reference`` is the loss at initialization (or ``ln C`` for a C-class classifier).
+
+    Example::
+
+        detect_underfitting(1.8, 1.85, reference=2.3).check  # "underfitting"
     """
     values = (train_loss, val_loss, reference)
     if not all(math.isfinite(v) for v in values) or reference <= 0 or train_loss <= 0:
@@ -176,7 +202,12 @@ def detect_underfitting(
 
 
 def detect_init_loss(initial_loss: float, num_classes: int, tolerance: float = 0.5) -> Finding | None:
-    """Flag an initial cross-entropy more than ``tolerance`` (relative) away from ``ln(num_classes)``."""
+    """Flag an initial cross-entropy more than ``tolerance`` (relative) away from ``ln(num_classes)``.
+
+    Example::
+
+        detect_init_loss(9.0, num_classes=10).check  # "init_loss": ln(10) = 2.30
+    """
     if num_classes < 2 or not math.isfinite(initial_loss):
         return None
     expected = math.log(num_classes)
@@ -204,6 +235,10 @@ def detect_variance_drift(
 
     ``variances`` are in the order the signal flows: forward order for activations, backward order
     (last layer first) for gradients.
+
+    Example::
+
+        detect_variance_drift([1.0, 100.0, 1e4], ["fc1", "fc2", "fc3"]).message  # "... grows 1e+04x ..."
     """
     values = list(variances)
     if len(values) < 2 or not all(math.isfinite(v) for v in values) or values[0] <= 0:
@@ -237,8 +272,8 @@ class TrainingDiagnostics(Callback):
     run keeps its history.
 
     Args:
-        train_metric: Logged training loss (the ``_step`` variant is preferred when logged with
-            ``on_step=True, on_epoch=True``); falls back to the loss returned by ``training_step``.
+        train_metric: Logged training loss; its ``_step`` variant (logged with ``on_step=True,
+            on_epoch=True``) is read, else the loss returned by ``training_step``, else the metric.
         val_metric: Logged validation loss.
         explosion_factor: Loss above this multiple of the first loss is an explosion (``> 1``).
         min_decrease: Relative decrease below which the training loss is flat (``(0, 1)``).
@@ -328,10 +363,14 @@ class TrainingDiagnostics(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Keep the step loss on its device; it is read back once per epoch."""
+        # The `_step` variant and the returned loss are always this step's value; a bare metric name
+        # may hold the previous epoch's aggregate when it is logged with on_epoch only.
         metrics = trainer.callback_metrics
-        loss = metrics.get(f"{self.train_metric}_step", metrics.get(self.train_metric))
+        loss = metrics.get(f"{self.train_metric}_step")
         if loss is None:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, Tensor):
+            loss = metrics.get(self.train_metric)
         if isinstance(loss, Tensor) and loss.numel() == 1:
             loss = loss.detach().reshape(())
             self._pending.append(loss)
@@ -408,7 +447,8 @@ class TrainingDiagnostics(Callback):
         pl_module.train()
         try:
             with regularization_off(pl_module), torch.enable_grad():
-                logits = pl_module(x)
+                with trainer.precision_plugin.train_step_context():
+                    logits = pl_module(x)
                 if classification_skip_reason(pl_module, logits, y) is None:
                     loss = data_loss(pl_module, logits, y)
                     result["initial_loss"] = float(loss.detach())

@@ -163,7 +163,8 @@ class InitLossCheck(Callback):
                     m.skip_reason = f"batches are {type(batch).__name__}, not (inputs, targets) pairs"
                     return m
                 x, y = pair
-                logits = pl_module(x)
+                with trainer.precision_plugin.train_step_context():
+                    logits = pl_module(x)
                 m.skip_reason = classification_skip_reason(pl_module, logits, y)
                 if m.skip_reason is not None:
                     m.skip_reason = f"the loss is not a classification cross-entropy: {m.skip_reason}"

@@ -173,7 +173,7 @@ class OverfitTinyBatch(Callback):
 
         def closure() -> Tensor:
             optimizer.zero_grad(set_to_none=True)
-            with trainer.precision_plugin.forward_context():
+            with trainer.precision_plugin.train_step_context():
                 logits = pl_module(x)
             reason = classification_skip_reason(pl_module, logits, y)
             if reason is not None:
@@ -196,7 +196,7 @@ class OverfitTinyBatch(Callback):
                     if step < self.max_steps:
                         optimizer.step(closure)
                     else:
-                        with torch.no_grad(), trainer.precision_plugin.forward_context():
+                        with torch.no_grad(), trainer.precision_plugin.train_step_context():
                             logits = pl_module(x)
                         record["loss"] = data_loss(pl_module, logits, y)
                         record["correct"] = logits.argmax(1) == hard

@@ -28,7 +28,15 @@ _MISSING = object()
 
 
 class SanityCheckError(RuntimeError):
-    """Raised by a sanity check with ``on_fail="raise"`` when the model fails it."""
+    """Raised by a sanity check with ``on_fail="raise"`` when the model fails it.
+
+    Example::
+
+        try:
+            trainer.fit(model, datamodule=dm)
+        except SanityCheckError as err:
+            print(err)  # what failed, the measured values and the likely causes
+    """
 
 
 def validate_on_fail(on_fail: str) -> str:
@@ -56,6 +64,14 @@ class ModuleSnapshot:
     Buffers are taken from ``named_buffers()`` so non-persistent ones (absent from ``state_dict``) are
     covered too. :meth:`restore` copies the values back into the *same* tensors, so optimizers,
     schedulers and anything else holding references to them keep working.
+
+    Example::
+
+        snapshot = ModuleSnapshot(model)
+        try:
+            probe(model)
+        finally:
+            snapshot.restore()
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -88,6 +104,14 @@ class OptimizerSnapshot:
     Restored in place (same ``param_groups`` dicts, same ``state`` mapping), unlike
     ``Optimizer.load_state_dict`` which swaps in new dicts and casts tensors; schedulers and
     ``LightningOptimizer`` wrappers that hold references therefore see the original objects.
+
+    Example::
+
+        snapshot = OptimizerSnapshot(optimizer)
+        try:
+            optimizer.step()
+        finally:
+            snapshot.restore()
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -123,6 +147,11 @@ def regularization_off(module: nn.Module) -> Iterator[None]:
 
     Uses the module's ``regularization_scaled(0)`` context manager when it offers one and, for any
     module, sets every dropout layer's ``p`` to 0 (restored afterwards).
+
+    Example::
+
+        with regularization_off(model):
+            loss = F.cross_entropy(model(x), y)
     """
     dropouts = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     saved_p = [m.p for m in dropouts]
