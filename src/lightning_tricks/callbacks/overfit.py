@@ -47,7 +47,8 @@ class OverfitTinyBatch(Callback):
     already-transformed tensors are reused at every step, so augmentation never re-runs. It then turns
     regularization off (``regularization_scaled(0)`` when the module offers it, every dropout ``p`` set
     to 0, the optimizer's ``weight_decay`` set to 0) and trains the model *in place* with the user's
-    own first optimizer, full-batch, for up to ``max_steps`` steps. The learning rate is the
+    own first optimizer (with several optimizers, only its parameters learn), full-batch, for up to
+    ``max_steps`` steps. The learning rate is the
     scheduler's base rate (``max_lr`` or ``initial_lr`` of the param group, else ``lr``) unless ``lr``
     is given. The loss is the module's ``data_loss`` or cross-entropy. It passes as soon as every
     sample is classified correctly by the training-mode forward pass, or the loss falls below
@@ -148,7 +149,7 @@ class OverfitTinyBatch(Callback):
         else:
             report_failure(f"OverfitTinyBatch failed: {failure}", self.on_fail)
 
-    def _samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
+    def _samples(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
         pairs = [split_batch(b) for b in draw_batches(trainer, num_samples=self.num_samples)]
         if not pairs:
             raise _Skip("there is no training data")
@@ -161,7 +162,7 @@ class OverfitTinyBatch(Callback):
     def _run(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> str | None:
-        x, y = self._samples(trainer, pl_module)
+        x, y = self._samples(trainer)
         hard = y.argmax(1) if y.ndim == 2 else y
         for group in optimizer.param_groups:
             group["lr"] = self.lr or group.get("max_lr", group.get("initial_lr", group["lr"]))

@@ -219,7 +219,7 @@ def first_train_loader(trainer: pl.Trainer) -> Any:
     loaders = trainer.train_dataloader
     if loaders is None:
         return None
-    if isinstance(loaders, (DataLoader,)) or not isinstance(loaders, (list, tuple, dict)):
+    if isinstance(loaders, DataLoader) or not isinstance(loaders, (list, tuple, dict)):
         return loaders
     values = list(loaders.values()) if isinstance(loaders, dict) else list(loaders)
     return values[0] if values else None
