@@ -117,3 +117,24 @@ def test_unknown_tta_and_conflicting_dropout_fail_early():
         make_classifier(
             regularization=RegularizationConfig(dropout=0.2), model_kwargs={"input_size": 8, "dropout": 0.1}
         )
+
+
+@pytest.mark.parametrize("mode", ["hflip", "ten_crop"])
+def test_tta_is_logged_beside_plain_accuracy_on_the_plain_view(mode):
+    from torchvision.transforms.v2 import functional as TF
+
+    torch.manual_seed(0)
+    model = ImageClassifier("small_cnn", num_classes=3, in_channels=3, tta=mode).eval()
+    images, targets = torch.randn(6, 3, 36, 36), torch.tensor([0, 1, 2, 0, 1, 2])
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    model.test_step((images, targets), 0)
+    plain = images if mode == "hflip" else TF.center_crop(images, [32, 32])  # round(0.875 * 36)
+    with torch.no_grad():
+        plain_acc = (model(plain).argmax(1) == targets).float().mean()
+        views = [images, images.flip(-1)] if mode == "hflip" else list(TF.ten_crop(images, [32, 32]))
+        tta_acc = (
+            (torch.stack([model(v).softmax(1) for v in views]).mean(0).argmax(1) == targets).float().mean()
+        )
+    assert logged["test/acc"].compute() == pytest.approx(plain_acc.item())
+    assert logged["test/acc_tta"].compute() == pytest.approx(tta_acc.item())

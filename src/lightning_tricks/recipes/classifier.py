@@ -214,16 +214,13 @@ class ImageClassifier(L.LightningModule):
         if self.tta is None:
             self._evaluate(batch, "test")
             return
-        from lightning_tricks.recipes.tta import tta_probabilities
+        from lightning_tricks.recipes.tta import plain_view, tta_probabilities
 
         images, targets = batch
-        # Ten-crop/multi-scale inputs are larger than the training crop, so the plain metric runs
-        # on the centre view that the TTA function also uses.
+        self._evaluate((plain_view(images, self.tta), targets), "test")
         probs = tta_probabilities(self, images, self.tta)
         self.test_acc_tta(probs, self._hard_targets(targets))
         self.log("test/acc_tta", self.test_acc_tta)
-        if self.tta == "hflip":
-            self._evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities (averaged over test-time views when ``tta`` is set)."""

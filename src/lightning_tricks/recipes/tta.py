@@ -53,6 +53,21 @@ def _views(
         yield resized.flip(-1)
 
 
+def plain_view(images: Tensor, mode: str, crop_size: int | None = None) -> Tensor:
+    """The single un-augmented view that plain accuracy is measured on beside ``mode``'s average:
+    the centre crop for ``ten_crop`` (its larger test images), the images themselves otherwise.
+
+    Example::
+
+        plain_logits = model(plain_view(images, "ten_crop"))  # centre 224 crop of 256 images
+    """
+    if mode != "ten_crop":
+        return images
+    side = min(images.shape[-2:])
+    crop = crop_size if crop_size is not None else round(side * DEFAULT_CROP_FRACTION)
+    return TF.center_crop(images, [crop, crop])
+
+
 @torch.no_grad()
 def tta_probabilities(
     forward: Callable[[Tensor], Tensor],
