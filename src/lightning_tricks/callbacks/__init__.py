@@ -1,1 +1,43 @@
-"""Callbacks that babysit and improve training on any LightningModule."""
+"""Callbacks that babysit and improve training on any LightningModule.
+
+Example::
+
+    import lightning as L
+    from lightning_tricks.callbacks import EMA, InitLossCheck, LRFinder, SmoothedEarlyStopping
+
+    trainer = L.Trainer(
+        callbacks=[
+            InitLossCheck(),
+            LRFinder(),
+            EMA(decay=0.999),
+            SmoothedEarlyStopping(monitor="val/loss", smoothing="ema", alpha=0.3, patience=5),
+        ]
+    )
+"""
+
+from lightning_tricks.callbacks.diagnostics import Finding, TrainingDiagnostics
+from lightning_tricks.callbacks.early_stopping import MetricSmoother, SmoothedEarlyStopping
+from lightning_tricks.callbacks.ema import EMA
+from lightning_tricks.callbacks.init_loss import InitLossCheck
+from lightning_tricks.callbacks.lr_finder import LRFinder, LRFinderResults
+from lightning_tricks.callbacks.momentum import MomentumSchedule
+from lightning_tricks.callbacks.optimizer_switch import OptimizerSwitch
+from lightning_tricks.callbacks.overfit import OverfitTinyBatch
+from lightning_tricks.callbacks.sanity import SanityCheckError
+from lightning_tricks.callbacks.snapshot import SnapshotEnsemble
+
+__all__ = [
+    "EMA",
+    "Finding",
+    "InitLossCheck",
+    "LRFinder",
+    "LRFinderResults",
+    "MetricSmoother",
+    "MomentumSchedule",
+    "OptimizerSwitch",
+    "OverfitTinyBatch",
+    "SanityCheckError",
+    "SmoothedEarlyStopping",
+    "SnapshotEnsemble",
+    "TrainingDiagnostics",
+]
