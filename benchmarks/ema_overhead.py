@@ -3,7 +3,8 @@
 Every implementation averages the same torchvision ResNet parameter set (timm, AveragedModel and
 ours also average the BatchNorm buffers; torch-ema averages parameters only, as it always does).
 For each case: warm-up updates, then the median over repeats of the mean time of a block of
-updates (synchronised on CUDA). ``ours`` is the callback's own update path (``EMA._update``).
+updates (synchronised on CUDA), the implementations sampled round-robin. ``ours`` is the
+callback's own update path (``EMA._update``).
 
 Run::
 
@@ -69,23 +70,29 @@ IMPLEMENTATIONS: dict[str, Callable[[nn.Module], Callable[[], None]]] = {
 }
 
 
-def time_update(
-    update: Callable[[], None], device: torch.device, warmup: int, repeats: int, block: int
-) -> float:
-    """Median over ``repeats`` of the mean milliseconds per update in a block of ``block`` updates."""
+def time_updates(
+    updates: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int, block: int
+) -> dict[str, float]:
+    """Median over ``repeats`` of the mean milliseconds per update in a block of ``block`` updates.
+
+    The implementations are sampled round-robin, one block each per repeat, so load from other
+    processes falls on all of them alike.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    samples: dict[str, list[float]] = {name: [] for name in updates}
     with torch.no_grad():
-        for _ in range(warmup):
-            update()
-        sync()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(block):
+        for update in updates.values():
+            for _ in range(warmup):
                 update()
-            sync()
-            samples.append((time.perf_counter() - start) * 1000 / block)
-    return statistics.median(samples)
+        sync()
+        for _ in range(repeats):
+            for name, update in updates.items():
+                start = time.perf_counter()
+                for _ in range(block):
+                    update()
+                sync()
+                samples[name].append((time.perf_counter() - start) * 1000 / block)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def machine() -> str:
@@ -115,25 +122,18 @@ def main() -> None:
     print(f"{'device':6} {'model':9} {'implementation':16} {'ms/update':>10}")
     for device in devices:
         on_cuda = device.type == "cuda"
-        warmup, repeats = (3, 5) if args.quick else (10, 15)
+        warmup, repeats = (3, 7) if args.quick else (10, 41)
         block = 20 if on_cuda else (2 if args.quick else 3)
         for model_name in models:
             torch.manual_seed(0)
             model = getattr(torchvision.models, model_name)(weights=None).to(device)
-            results = {}
-            # Interleave implementations round-robin so background load hits all of them alike.
             updates = {name: make(model) for name, make in IMPLEMENTATIONS.items()}
-            per_round: dict[str, list[float]] = {name: [] for name in updates}
-            for _ in range(3):
-                for name, update in updates.items():
-                    per_round[name].append(time_update(update, device, warmup, repeats, block))
-            for name, values in per_round.items():
-                results[name] = min(values)
+            results = time_updates(updates, device, warmup, repeats, block)
+            for name, value in results.items():
                 prefix = f"{device.type}/" if on_cuda else ""
-                rows.append(
-                    {"case": f"{prefix}{model_name}/{name}", "value": round(results[name], 4), "unit": "ms"}
-                )
-                print(f"{device.type:6} {model_name:9} {name:16} {results[name]:10.3f}")
+                case = f"{prefix}{model_name}/{name}"
+                rows.append({"case": case, "value": round(value, 4), "unit": "ms"})
+                print(f"{device.type:6} {model_name:9} {name:16} {value:10.3f}")
             fastest_peer = min(v for k, v in results.items() if k != "ours")
             key = f"{device.type}/{model_name}/ours_vs_fastest_peer"
             ratios[key] = round(results["ours"] / fastest_peer, 3)
