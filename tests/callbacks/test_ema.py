@@ -15,6 +15,7 @@ from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
+from torchmetrics import MeanMetric
 
 from lightning_tricks.callbacks.ema import EMA
 
@@ -34,9 +35,12 @@ class StepRecorder(Callback):
 
     def __init__(self) -> None:
         self.states: list[dict[str, torch.Tensor]] = []
+        self._step = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+        if trainer.global_step > self._step:  # an optimizer step happened (gradient accumulation)
+            self._step = trainer.global_step
+            self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
 
 def reference_decay(warmup: str | None, decay: float, t: int) -> float:
@@ -72,14 +76,15 @@ def fit(tmp_path, model, callbacks, max_epochs=2, n_train=600, shuffle=False, ck
 
 
 @pytest.mark.parametrize(
-    ("warmup", "every", "start", "average_buffers", "bn"),
+    ("warmup", "every", "start", "average_buffers", "bn", "accumulate"),
     [
-        (None, 1, 0, True, False),
-        ("num_updates", 3, 5, True, True),
-        ("power", 2, 1, False, True),
+        (None, 1, 0, True, False, 1),
+        ("num_updates", 3, 5, True, True, 1),
+        ("power", 2, 1, False, True, 1),
+        ("num_updates", 1, 2, True, False, 2),
     ],
 )
-def test_ema_matches_step_by_step_reference(tmp_path, warmup, every, start, average_buffers, bn):
+def test_ema_matches_step_by_step_reference(tmp_path, warmup, every, start, average_buffers, bn, accumulate):
     torch.manual_seed(0)
     model = BatchNormClassifier() if bn else PlainClassifier()
     recorder = StepRecorder()
@@ -91,9 +96,11 @@ def test_ema_matches_step_by_step_reference(tmp_path, warmup, every, start, aver
         average_buffers=average_buffers,
         copy_average_at_end=False,
     )
-    fit(tmp_path, model, [recorder, ema], limit_val_batches=1)
+    fit(tmp_path, model, [recorder, ema], limit_val_batches=1, accumulate_grad_batches=accumulate)
 
-    assert len(recorder.states) == 20  # 600 samples / 64 per batch = 10 steps per epoch
+    # 600 samples / 64 per batch = 10 batches per epoch, one optimizer step per `accumulate` batches
+    n_steps = 20 // accumulate
+    assert len(recorder.states) == n_steps
     param_names = {name for name, _ in model.named_parameters()}
     reference: dict[str, torch.Tensor] = {}
     t = 0
@@ -109,7 +116,7 @@ def test_ema_matches_step_by_step_reference(tmp_path, warmup, every, start, aver
                 reference[name] = d * reference[name] + (1 - d) * value
         t += 1
 
-    assert ema.num_updates == t == len(range(start, 20, every))
+    assert ema.num_updates == t == len(range(start, n_steps, every))
     ours = ema.ema_state_dict()
     assert ours.keys() == reference.keys()
     for name in reference:
@@ -220,6 +227,42 @@ def test_no_swap_and_no_ema_metric_before_first_update(tmp_path):
         pass
 
 
+class FailingInSecondPass(PlainClassifier):
+    """Raises in the first validation_step after the raw pass (the EMA pass), with a metric attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_metric = MeanMetric()
+        self.calls = 0
+
+    def validation_step(self, batch, batch_idx):
+        self.calls += 1
+        if self.calls == 3:  # limit_val_batches=2, no sanity check: call 3 is the EMA pass
+            raise RuntimeError("boom in validation_step")
+        self.val_metric(batch[1].float().mean())
+        super().validation_step(batch, batch_idx)
+
+
+def test_failure_in_ema_pass_restores_weights_logging_and_metrics(tmp_path):
+    torch.manual_seed(0)
+    model = FailingInSecondPass()
+    metric = model.val_metric
+    before: dict[str, torch.Tensor] = {}
+
+    class Snapshot(Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):
+            before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    ema = EMA(decay=0.9)
+    with pytest.raises(RuntimeError, match="boom in validation_step"):
+        fit(tmp_path, model, [Snapshot(), ema], max_epochs=1, limit_val_batches=2, num_sanity_val_steps=0)
+    assert ema.num_updates == 10
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert "log" not in model.__dict__
+    assert model.val_metric is metric
+
+
 def make_emas() -> list[EMA]:
     return [
         EMA(decay=0.9, warmup="num_updates", update_every_n_steps=3, copy_average_at_end=False),
@@ -324,6 +367,26 @@ def test_ddp_ema_identical_on_both_ranks(tmp_path):
         reference = {k: v.clone() if t == 0 else d * reference[k] + (1 - d) * v for k, v in live.items()}
     for name, value in reference.items():
         torch.testing.assert_close(ranks[0]["ema"][name], value, rtol=0, atol=1e-6)
+
+
+def test_tensor_list_ema_mixed_dtypes_and_copies():
+    """bf16 live weights into an fp32 average (as under bf16-true precision), int buffers copied."""
+    from lightning_tricks.callbacks._averaging import TensorListEMA
+
+    torch.manual_seed(0)
+    average = [torch.randn(5), torch.randn(3, dtype=torch.float64), torch.tensor(3)]
+    live = [torch.randn(5).bfloat16(), torch.randn(3, dtype=torch.float64), torch.tensor(7)]
+    expected = [0.75 * a + 0.25 * b.to(a.dtype) for a, b in zip(average[:2], live[:2], strict=True)]
+    ema = TensorListEMA(average, live)
+    ema.update(decay=0.75)
+    torch.testing.assert_close(average[0], expected[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(average[1], expected[1], rtol=0, atol=1e-12)
+    assert average[2].item() == 7
+    live_before, average_before = [t.clone() for t in live], [t.clone() for t in average]
+    with ema.average_in_live():
+        assert torch.equal(live[0], average[0].bfloat16())
+    assert all(torch.equal(a, b) for a, b in zip(live, live_before, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(average, average_before, strict=True))
 
 
 def test_callback_pickles():

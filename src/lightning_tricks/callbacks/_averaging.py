@@ -6,7 +6,8 @@ Everything here is module level (no closures), so objects holding these function
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -114,10 +115,22 @@ class TensorListEMA:
         for avg, cur in zip(self.average, self.live, strict=True):
             cur.copy_(avg)
 
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange average and live values exactly (bit-identical after two swaps)."""
-        for avg, cur in zip(self.average, self.live, strict=True):
-            tmp = cur.clone()
-            cur.copy_(avg)
-            avg.copy_(tmp)
+    @contextmanager
+    def average_in_live(self) -> Iterator[None]:
+        """Context manager with the average copied into the live tensors, restored bit-identically.
+
+        The live values are backed up on the average's device (so an average kept on the CPU also
+        keeps the backup off the accelerator) and the average itself is never written, so it keeps
+        full precision when the live tensors have a lower-precision dtype.
+        """
+        with torch.no_grad():
+            backups = [
+                cur.to(device=avg.device, copy=True) for avg, cur in zip(self.average, self.live, strict=True)
+            ]
+            try:
+                for avg, cur in zip(self.average, self.live, strict=True):
+                    cur.copy_(avg)
+                yield
+            finally:
+                for cur, backup in zip(self.live, backups, strict=True):
+                    cur.copy_(backup)

@@ -67,6 +67,7 @@ class EMA(WeightAveraging):
     own callback state. At the end of ``fit`` the average is copied into the model when
     ``copy_average_at_end`` is true (Lightning's behaviour, so ``trainer.test`` after ``fit``
     evaluates the EMA); :meth:`ema_state_dict` and :meth:`save_ema_weights` export it explicitly.
+    ``ModelCheckpoint(save_weights_only=True)`` skips callback hooks, so such files hold the raw weights.
 
     **DDP.** Parameters are identical on every rank after each optimizer step, so the averages stay
     identical with no communication. BatchNorm running statistics differ between ranks unless
@@ -288,11 +289,8 @@ class EMA(WeightAveraging):
         """
         if self._ema is None or self._num_updates == 0:
             raise RuntimeError("The EMA has no average yet: it is created by the first update during `fit`.")
-        self._ema.swap()
-        try:
+        with self._ema.average_in_live():
             yield
-        finally:
-            self._ema.swap()
 
     def _validate_average(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loaders = trainer.val_dataloaders
