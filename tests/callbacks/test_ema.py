@@ -163,7 +163,9 @@ def test_validation_logs_raw_and_ema_metrics_and_keeps_live_weights(tmp_path):
     _, val = digits_loaders(n_train=600)
     probe = ValidationProbe(ema, list(itertools.islice(val, 2)))  # the EMA pass honours the limit too
     best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc_ema", mode="max", save_top_k=1)
-    fit(tmp_path, model, [ema, probe, best], max_epochs=3, enable_checkpointing=True, limit_val_batches=2)
+    trainer = fit(
+        tmp_path, model, [ema, probe, best], max_epochs=3, enable_checkpointing=True, limit_val_batches=2
+    )
 
     assert len(probe.rows) == 3
     for row in probe.rows:
@@ -173,6 +175,13 @@ def test_validation_logs_raw_and_ema_metrics_and_keeps_live_weights(tmp_path):
         assert row["val/loss_ema"] == pytest.approx(row["own/loss_ema"], abs=1e-5)
         assert row["val/loss_ema"] != pytest.approx(row["val/loss"], abs=1e-4)
     assert float(best.best_model_score) == pytest.approx(max(r["val/acc_ema"] for r in probe.rows))
+
+    # Outside fit a checkpoint's model is its EMA: `test(ckpt_path="best")` must not reload the raw weights.
+    ckpt = torch.load(best.best_model_path, weights_only=True)
+    trainer.test(model, dataloaders=val, ckpt_path="best", verbose=False)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][name]), name
+    assert not torch.equal(ckpt["state_dict"]["net.1.weight"], ckpt["current_model_state"]["net.1.weight"])
 
 
 def test_ema_pass_leaves_training_rng_and_raw_weights_unchanged(tmp_path):
@@ -190,26 +199,40 @@ def test_ema_pass_leaves_training_rng_and_raw_weights_unchanged(tmp_path):
         assert torch.equal(a, b), name
 
 
-class MetricKeys(Callback):
+class MetricValues(Callback):
     def __init__(self) -> None:
-        self.keys: list[set[str]] = []
+        self.rows: list[dict[str, float]] = []
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            self.keys.append(set(trainer.callback_metrics))
+            self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def test_no_swap_and_no_ema_metric_before_first_update(tmp_path):
+def test_no_swap_before_first_update_and_ema_metrics_equal_raw(tmp_path):
     torch.manual_seed(0)
     model = PlainClassifier()
     ema = EMA(decay=0.9, start_step=25, copy_average_at_end=False)
-    keys, recorder = MetricKeys(), StepRecorder()
+    values, recorder = MetricValues(), StepRecorder()
+    # monitoring val/acc_ema must work from the first epoch on, before the EMA exists
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc_ema", mode="max")
     with pytest.raises(RuntimeError, match="no average yet"):
         ema.ema_state_dict()
-    fit(tmp_path, model, [recorder, ema, keys], max_epochs=3, limit_val_batches=1)
-    assert ["val/acc_ema" in k for k in keys.keys] == [False, False, True]
-    assert all("val/acc" in k for k in keys.keys)
+    fit(
+        tmp_path,
+        model,
+        [recorder, ema, values, best],
+        max_epochs=3,
+        limit_val_batches=1,
+        enable_checkpointing=True,
+    )
     assert ema.num_updates == 5  # steps 25..29
+    # Epochs 0 and 1: the EMA model is the raw model (a swap to the never-updated initial weights
+    # would give near-chance accuracy and a different loss).
+    for row in values.rows[:2]:
+        assert row["val/acc_ema"] == row["val/acc"]
+        assert row["val/loss_ema"] == row["val/loss"]
+    assert values.rows[2]["val/loss_ema"] != values.rows[2]["val/loss"]
+    assert float(best.best_model_score) == max(r["val/acc_ema"] for r in values.rows)
 
     # Never reached: nothing is swapped or copied and a checkpoint holds the raw weights.
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import itertools
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,10 @@ class EMA(WeightAveraging):
     :func:`~lightning.pytorch.utilities.seed.isolate_rng`, so the training RNG stream (shuffling,
     dropout) is the same as without the callback. Only ``validation_step`` runs in the second pass:
     values that a module accumulates itself and logs from its own ``on_validation_epoch_end`` get no
-    ``_ema`` twin. Before the first update (``start_step`` not reached) no swap happens and no
-    ``_ema`` metric is logged (Lightning issue #21724). The live weights are swapped back
+    ``_ema`` twin. Before the first update (``start_step`` not reached) the EMA model is the raw
+    model: nothing is swapped in (unlike Lightning issue #21724, where the never-updated initial
+    weights get validated) and the ``_ema`` metrics equal the raw ones, so a ``ModelCheckpoint``
+    or ``EarlyStopping`` monitoring ``val/acc_ema`` always finds its key. The live weights are swapped back
     bit-identically, also when the pass raises.
 
     **Checkpoints.** The layout is ``WeightAveraging``'s: ``checkpoint["state_dict"]`` holds the
@@ -270,12 +272,14 @@ class EMA(WeightAveraging):
         if (
             not self.validate
             or self._ema is None
-            or self._num_updates == 0
             or trainer.sanity_checking
             or trainer.state.fn != TrainerFn.FITTING
         ):
             return
-        with isolate_rng(include_cuda=True), torch.no_grad(), self.swapped():
+        # Before the first update the EMA model *is* the raw model (as in checkpoints): no swap, and
+        # the `_ema` metrics equal the raw ones, so monitors of `val/acc_ema` find their key.
+        swap = self.swapped() if self._num_updates > 0 else nullcontext()
+        with isolate_rng(include_cuda=True), torch.no_grad(), swap:
             self._validate_average(trainer, pl_module)
 
     @contextmanager
