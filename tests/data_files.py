@@ -1,4 +1,4 @@
-"""Tiny CIFAR-10/100 datasets written in torchvision's real on-disk format."""
+"""Small datasets in real on-disk formats: CIFAR-10/100 pickles and ImageNet-style JPEG folders."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from sklearn.datasets import load_sample_images
 from torchvision.datasets import CIFAR10, CIFAR100
 
 
@@ -66,3 +68,24 @@ def accept_checksums(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
             monkeypatch.setattr(cls, attr, entries)
         meta = dict(cls.meta, md5=_md5(folder / cls.meta["filename"]))
         monkeypatch.setattr(cls, "meta", meta)
+
+
+CLASSES = ("china", "flower")
+
+
+def make_tree(root: Path, per_class: int = 3, splits=("train", "val")) -> dict[str, list[Path]]:
+    """Real JPEG crops of scikit-learn's two sample photos, one class per photo."""
+    photos = load_sample_images().images
+    files: dict[str, list[Path]] = {}
+    for split in splits:
+        files[split] = []
+        for label, (name, photo) in enumerate(zip(CLASSES, photos, strict=True)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                top, left = 20 * i + 5 * label, 30 * i
+                crop = photo[top : top + 72 + 8 * i, left : left + 96]
+                path = folder / f"{split}_{i}.jpg"
+                Image.fromarray(crop).save(path, quality=90)
+                files[split].append(path)
+    return files

@@ -82,3 +82,16 @@ def quiet_trainer_kwargs(tmp_path) -> dict:
         enable_checkpointing=False,
         deterministic=True,
     )
+
+
+class MetricRecorder(L.Callback):
+    """Records the names of every metric seen at the end of validation and test (``seen``)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen |= set(trainer.callback_metrics)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen |= set(trainer.callback_metrics)

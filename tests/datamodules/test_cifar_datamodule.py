@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cifar_files import accept_checksums, write_cifar10, write_cifar100
+from data_files import accept_checksums, write_cifar10, write_cifar100
 
 from lightning_tricks.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
 

@@ -6,32 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_files import CLASSES, make_tree
 from PIL import Image
-from sklearn.datasets import load_sample_images
 from torchvision.transforms import v2
 
 from lightning_tricks.datamodules.folder import ImageFolderDataModule
 from lightning_tricks.datamodules.stats import ImageStatistics
-
-CLASSES = ("china", "flower")
-
-
-def make_tree(root: Path, per_class: int = 3, splits=("train", "val")) -> dict[str, list[Path]]:
-    """Real JPEG crops of scikit-learn's two sample photos, one class per photo."""
-    photos = load_sample_images().images
-    files: dict[str, list[Path]] = {}
-    for split in splits:
-        files[split] = []
-        for label, (name, photo) in enumerate(zip(CLASSES, photos, strict=True)):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                top, left = 20 * i + 5 * label, 30 * i
-                crop = photo[top : top + 72 + 8 * i, left : left + 96]
-                path = folder / f"{split}_{i}.jpg"
-                Image.fromarray(crop).save(path, quality=90)
-                files[split].append(path)
-    return files
 
 
 def small_dm(root: Path, **kwargs) -> ImageFolderDataModule:

@@ -1,0 +1,113 @@
+"""Every shipped config runs end to end (a few steps) on data written in the real on-disk formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from data_files import accept_checksums, make_tree, write_cifar10, write_cifar100
+
+from lightning_tricks.cli import build_cli
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+QUICK_TRAINER = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.precision=32-true",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.callbacks+=helpers.MetricRecorder",
+]
+
+
+def seen_metrics(cli) -> set[str]:
+    return next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "MetricRecorder").seen
+
+
+def test_every_config_is_covered_here():
+    covered = {"digits", "digits_babysit", "cifar10_resnet56", "cifar100_wrn", "cifar10_resnet18_ema"}
+    covered |= {"cifar10_resnet56_snapshot", "imagenet_resnet50"}
+    assert {path.stem for path in CONFIGS.glob("*.yaml")} == covered
+
+
+@pytest.mark.parametrize(
+    ("config", "steps", "extra", "expected_metrics"),
+    [
+        ("cifar10_resnet56", 2, [], {"test/acc", "val/acc"}),
+        ("cifar10_resnet18_ema", 4, [], {"test/acc", "val/acc", "val/acc_ema"}),
+        ("cifar10_resnet56_snapshot", 10, [], {"test/acc", "test/acc_ensemble", "val/acc_ensemble"}),
+        ("cifar100_wrn", 2, ["--data.init_args.batch_size=4"], {"test/acc", "val/acc"}),
+    ],
+)
+def test_cifar_configs_train_and_test(tmp_path, monkeypatch, config, steps, extra, expected_metrics):
+    if "cifar100" in config:
+        write_cifar100(tmp_path, n_train=100, n_test=16)
+    else:
+        write_cifar10(tmp_path, per_batch=20, n_test=16)
+    accept_checksums(monkeypatch, tmp_path)
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / (config + '.yaml')}",
+            *QUICK_TRAINER,
+            f"--trainer.limit_train_batches={steps}",
+            "--trainer.max_epochs=1",
+            f"--data.init_args.data_dir={tmp_path}",
+            "--data.init_args.download=false",
+            "--data.init_args.val_size=20",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.pin_memory=false",
+            "--model.init_args.scheduler.warmup=0",
+            *extra,
+        ]
+    )
+    assert cli.trainer.global_step == steps
+    missing = expected_metrics - seen_metrics(cli)
+    assert not missing, f"{config} did not log {missing}"
+    assert cli.model.num_classes == (100 if "cifar100" in config else 10)
+
+
+def test_imagenet_config_trains_and_tests_with_ten_crop(tmp_path):
+    make_tree(tmp_path / "imagenet", per_class=3)
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / 'imagenet_resnet50.yaml'}",
+            *QUICK_TRAINER,
+            "--trainer.limit_train_batches=2",
+            "--trainer.max_epochs=1",
+            f"--data.init_args.data_dir={tmp_path / 'imagenet'}",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.pin_memory=false",
+            "--data.init_args.crop_size=64",
+            "--data.init_args.resize_size=72",
+            "--data.init_args.augment=[flip, color_jitter, pca_lighting]",
+            "--data.init_args.stats_samples=6",
+            "--model.init_args.scheduler.warmup=0",
+        ]
+    )
+    assert cli.model.num_classes == 2
+    assert {"val/acc", "test/acc", "test/acc_tta"} <= seen_metrics(cli)
+
+
+def test_babysit_config_runs_every_check_and_learns(tmp_path):
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / 'digits_babysit.yaml'}",
+            "--trainer.max_epochs=3",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    names = {type(callback).__name__: callback for callback in cli.trainer.callbacks}
+    finder = names["LRFinder"]
+    applied = finder.results.suggestions[finder.suggestion]
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(applied)
+    assert cli.trainer.callback_metrics["test/acc"].item() > 0.8
