@@ -6,8 +6,12 @@ written the way a user would write one, on scikit-learn's real 8x8 digits.
 
 from __future__ import annotations
 
+import atexit
+
 import lightning as L
 import torch
+from lightning.fabric.utilities.distributed import _destroy_dist_connection
+from lightning.pytorch.strategies import DDPStrategy
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
@@ -95,3 +99,23 @@ class MetricRecorder(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seen |= set(trainer.callback_metrics)
+
+
+class CleanExitDDPSpawn(DDPStrategy):
+    """``ddp_spawn`` on CPU whose workers destroy their gloo process group when they exit.
+
+    Lightning registers that clean-up at exit for NCCL only; a gloo group left alive can abort a
+    worker at interpreter shutdown ("terminate called without an active exception").
+    """
+
+    def __init__(self) -> None:
+        super().__init__(start_method="spawn")
+
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        atexit.register(_destroy_dist_connection)
+
+
+def ddp_spawn_trainer_kwargs(tmp_path) -> dict:
+    """:func:`quiet_trainer_kwargs` for two CPU processes (gloo) that exit cleanly."""
+    return {**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": CleanExitDDPSpawn()}

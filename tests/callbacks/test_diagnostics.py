@@ -10,7 +10,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import PlainClassifier, digits_loaders, digits_tensors, quiet_trainer_kwargs
+from helpers import (
+    PlainClassifier,
+    ddp_spawn_trainer_kwargs,
+    digits_loaders,
+    digits_tensors,
+    quiet_trainer_kwargs,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
@@ -247,7 +253,7 @@ def test_ddp_each_rank_records_and_only_rank_zero_prints(tmp_path, capfd):
     diagnostics = TrainingDiagnostics()
     train, val = digits_loaders(batch_size=32, n_train=256)
     trainer = L.Trainer(
-        **{**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": "ddp_spawn"},
+        **ddp_spawn_trainer_kwargs(tmp_path),
         max_epochs=2,
         num_sanity_val_steps=0,
         callbacks=[diagnostics, RankReport(tmp_path, diagnostics)],

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs
+from helpers import PlainClassifier, ddp_spawn_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from torch.utils.data import DataLoader, TensorDataset
@@ -298,7 +298,7 @@ def test_ddp_ranks_stop_together(tmp_path):
     trainer = L.Trainer(
         max_epochs=20,
         callbacks=[es, RankReport(tmp_path)],
-        **{**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": "ddp_spawn"},
+        **ddp_spawn_trainer_kwargs(tmp_path),
     )
     trainer.fit(model, tiny_loader(), tiny_loader())
     mean_values = [v + (2.5 if e >= 4 else 0.0) for e, v in enumerate(values)]

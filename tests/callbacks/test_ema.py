@@ -11,7 +11,7 @@ import cloudpickle
 import lightning as L
 import pytest
 import torch
-from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs
+from helpers import PlainClassifier, ddp_spawn_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
@@ -373,8 +373,7 @@ def test_ddp_ema_identical_on_both_ranks(tmp_path):
     model = PlainClassifier()
     train, val = digits_loaders(batch_size=32, n_train=256)
     trainer = L.Trainer(
-        **{**quiet_trainer_kwargs(tmp_path), "devices": 2},
-        strategy="ddp_spawn",
+        **ddp_spawn_trainer_kwargs(tmp_path),
         max_epochs=2,
         callbacks=[EMA(decay=0.8, warmup="num_updates", copy_average_at_end=False), RankDump(str(tmp_path))],
     )

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs
+from helpers import PlainClassifier, ddp_spawn_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
@@ -411,9 +411,8 @@ class RankReport(Callback):
 def test_ddp_ranks_agree_on_curve_and_suggestion(tmp_path):
     train, _ = digits_loaders(batch_size=32, n_train=512)
     finder = LRFinder(min_lr=1e-4, max_lr=10.0, num_steps=20, plot=True, dirpath=str(tmp_path / "plots"))
-    kwargs = {**quiet_trainer_kwargs(tmp_path), "devices": 2}
+    kwargs = ddp_spawn_trainer_kwargs(tmp_path)
     trainer = L.Trainer(
-        strategy="ddp_spawn",
         max_steps=1,
         limit_val_batches=0,
         callbacks=[finder, RankReport(finder, str(tmp_path))],

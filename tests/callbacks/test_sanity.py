@@ -13,7 +13,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import PlainClassifier, digits_loaders, digits_tensors, quiet_trainer_kwargs
+from helpers import (
+    PlainClassifier,
+    ddp_spawn_trainer_kwargs,
+    digits_loaders,
+    digits_tensors,
+    quiet_trainer_kwargs,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
@@ -464,7 +470,7 @@ def test_ddp_ranks_agree_and_reduce_the_init_loss(tmp_path):
     init_check, overfit = InitLossCheck(num_batches=4), OverfitTinyBatch()
     train, _ = digits_loaders(batch_size=32, n_train=512)
     trainer = L.Trainer(
-        **{**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": "ddp_spawn"},
+        **ddp_spawn_trainer_kwargs(tmp_path),
         max_steps=1,
         callbacks=[init_check, overfit, RankReport(tmp_path, init_check, overfit)],
     )

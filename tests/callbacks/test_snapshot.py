@@ -4,7 +4,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import PlainClassifier, digits_loaders, digits_tensors, quiet_trainer_kwargs
+from helpers import (
+    PlainClassifier,
+    ddp_spawn_trainer_kwargs,
+    digits_loaders,
+    digits_tensors,
+    quiet_trainer_kwargs,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn import functional as F
@@ -246,7 +252,7 @@ def test_ddp_snapshots_identical_across_ranks_and_metrics_reduced(tmp_path):
     train = DataLoader(TensorDataset(x[:256], y[:256]), batch_size=32)  # 4 steps per epoch per rank
     val = DataLoader(TensorDataset(x[256:512], y[256:512]), batch_size=64)
     snap = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snaps"))
-    kwargs = {**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": "ddp_spawn"}
+    kwargs = ddp_spawn_trainer_kwargs(tmp_path)
     trainer = L.Trainer(
         max_epochs=2, callbacks=[snap, GatherSnapshots(snap, tmp_path / "gathered.pt")], **kwargs
     )
