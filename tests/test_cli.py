@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +100,35 @@ def test_expected_initial_loss_is_ln_classes():
     logits = torch.zeros(4, cli.model.num_classes)
     loss = cli.model.data_loss(logits, torch.tensor([0, 1, 2, 3]))
     assert loss.item() == pytest.approx(math.log(10), rel=1e-6)
+
+
+@pytest.mark.ddp
+def test_console_command_runs_two_cpu_processes_with_offline_wandb(tmp_path):
+    """The real console entry point with the DDP and W&B fragments: the linear scaling rule counts
+    both processes, and W&B writes an offline run without any login."""
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_tricks",
+        "fit",
+        f"--config={CONFIGS / 'digits.yaml'}",
+        f"--config={CONFIGS / 'trainer' / 'ddp_cpu.yaml'}",
+        f"--config={CONFIGS / 'logger' / 'wandb.yaml'}",
+        "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[{class_path: ModelCheckpoint, init_args: {save_last: true}}]",
+        "--model.init_args.model=small_cnn",
+        "--model.init_args.scheduler.name=null",
+        "--model.init_args.optimizer.lr=0.01",
+        "--model.init_args.optimizer.base_batch_size=64",
+        "--data.init_args.image_size=8",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (last,) = tmp_path.glob("runs/**/last.ckpt")
+    checkpoint = torch.load(last, weights_only=True)
+    # lr x (64 per process x 2 processes) / 64
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.02)
+    assert list(tmp_path.glob("runs/wandb/wandb/offline-run-*")), "no offline W&B run was written"
+    assert "test/acc" in result.stdout

@@ -13,6 +13,7 @@ importing the packages below makes every project class known to the parser by na
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -58,4 +59,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningTrick
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-tricks`` console script and ``python -m lightning_tricks``."""
-    build_cli(args)
+    try:
+        build_cli(args)
+    finally:
+        # Lightning destroys NCCL groups at exit but not gloo ones (CPU DDP), whose threads can
+        # then abort the process at interpreter shutdown.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -231,3 +231,11 @@ def test_unknown_name_lists_valid_names_and_warmup_longer_than_run_fails() -> No
         build_scheduler(
             make_optimizer(), SchedulerConfig("cosine", warmup=10), total_steps=100, steps_per_epoch=10
         )
+
+
+@pytest.mark.parametrize("spelling", [None, "none", "None", "null", "constant"])
+def test_no_schedule_spellings_mean_constant(spelling):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    config = SchedulerConfig(name=spelling)
+    assert config.resolved_name == "constant"
+    assert build_scheduler(optimizer, config, total_steps=10, steps_per_epoch=5) is None

@@ -103,10 +103,11 @@ class SchedulerConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        name = "constant" if self.name is None else self.name
+        name = self.resolved_name
         if name not in SCHEDULER_NAMES:
             raise ValueError(
-                f"scheduler.name={self.name!r} is unknown; valid names: None, {', '.join(SCHEDULER_NAMES)}"
+                f"scheduler.name={self.name!r} is unknown; valid names: {', '.join(SCHEDULER_NAMES)} "
+                "(null or none also mean constant)"
             )
         if self.interval not in INTERVALS:
             raise ValueError(f"scheduler.interval must be 'epoch' or 'step', got {self.interval!r}")
@@ -136,8 +137,11 @@ class SchedulerConfig:
 
     @property
     def resolved_name(self) -> str:
-        """``name`` with ``None`` mapped to ``"constant"``."""
-        return "constant" if self.name is None else self.name
+        """``name`` with ``None`` (also spelled ``"none"``/``"null"`` on a command line) mapped to
+        ``"constant"``."""
+        if self.name is None or self.name.lower() in ("none", "null"):
+            return "constant"
+        return self.name
 
 
 class InverseTimeDecay:
