@@ -2,22 +2,107 @@
 
 Parameters and buffers are copied back in place (``Tensor.copy_``) so optimizers and schedulers keep
 pointing at the same tensors; optimizer state and param-group dicts are restored in place for the
-same reason. RNG streams are handled separately by ``lightning.pytorch.utilities.seed.isolate_rng``.
+same reason. :func:`preserved_training_state` adds every RNG stream (Python, NumPy, torch CPU and CUDA).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from torch import nn
 from torch.utils.data import DataLoader
 
+_MISSING = object()
 
-def _clone(value: Any) -> Any:
-    return apply_to_collection(copy.deepcopy(value), torch.Tensor, lambda t: t.detach().clone())
+
+class ModuleSnapshot:
+    """Bit-exact copy of a module's parameters, buffers, gradients and per-submodule training flags.
+
+    Buffers are taken from ``named_buffers()`` so non-persistent ones (absent from ``state_dict``) are
+    covered too. :meth:`restore` copies the values back by name into the module's current tensors, so
+    optimizers, schedulers and anything else holding references to them keep working, and a buffer
+    reassigned in the meantime gets its old value back as well.
+
+    Example::
+
+        snapshot = ModuleSnapshot(model)
+        try:
+            probe(model)
+        finally:
+            snapshot.restore()
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.params = {n: p.detach().clone() for n, p in module.named_parameters(remove_duplicate=False)}
+        self.grads = {
+            n: None if p.grad is None else p.grad.detach().clone()
+            for n, p in module.named_parameters(remove_duplicate=False)
+        }
+        self.buffers = {n: b.detach().clone() for n, b in module.named_buffers(remove_duplicate=False)}
+        self.training = {n: m.training for n, m in module.named_modules(remove_duplicate=False)}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the captured values back into the module."""
+        for name, param in self.module.named_parameters(remove_duplicate=False):
+            param.copy_(self.params[name])
+            saved = self.grads[name]
+            param.grad = None if saved is None else saved.clone()
+        for name, buf in self.module.named_buffers(remove_duplicate=False):
+            if name in self.buffers:
+                buf.copy_(self.buffers[name])
+        for name, mod in self.module.named_modules(remove_duplicate=False):
+            if name in self.training:
+                mod.training = self.training[name]
+
+
+class OptimizerSnapshot:
+    """Copy of an optimizer's per-parameter state, param-group hyperparameters and step flag.
+
+    Restored in place (same ``param_groups`` dicts, same ``state`` mapping), unlike
+    ``Optimizer.load_state_dict`` which swaps in new dicts and casts tensors; schedulers and
+    ``LightningOptimizer`` wrappers that hold references therefore see the original objects. The step
+    flag is the ``_opt_called`` attribute schedulers check to warn about ``scheduler.step()`` before
+    ``optimizer.step()``.
+
+    Example::
+
+        snapshot = OptimizerSnapshot(optimizer)
+        try:
+            optimizer.step()
+        finally:
+            snapshot.restore()
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.state = {p: copy.deepcopy(s) for p, s in optimizer.state.items()}
+        self.groups = [
+            {k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+        ]
+        self.opt_called = optimizer.__dict__.get("_opt_called", _MISSING)
+
+    def restore(self) -> None:
+        """Put the captured state and hyperparameters back into the same optimizer objects."""
+        opt = self.optimizer
+        opt.state.clear()
+        opt.state.update(self.state)
+        for group, saved in zip(opt.param_groups, self.groups, strict=True):
+            for key in [k for k in group if k != "params" and k not in saved]:
+                del group[key]
+            group.update(saved)
+        if self.opt_called is _MISSING:
+            opt.__dict__.pop("_opt_called", None)
+        else:
+            opt._opt_called = self.opt_called  # type: ignore[attr-defined]
 
 
 def _loader_generators(iterables: Any) -> list[torch.Generator]:
@@ -53,45 +138,42 @@ class TrainingStateSnapshot:
     """
 
     def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._tensors = [(t, t.detach().clone()) for t in [*pl_module.parameters(), *pl_module.buffers()]]
-        self._grads = [
-            (p, None if p.grad is None else p.grad.detach().clone()) for p in pl_module.parameters()
-        ]
-        self._modes = [(m, m.training) for m in pl_module.modules()]
-        self._optimizers = [
-            (
-                opt,
-                {p: _clone(s) for p, s in opt.state.items()},
-                [{k: _clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups],
-            )
-            for opt in trainer.optimizers
-        ]
+        self._module = ModuleSnapshot(pl_module)
+        self._optimizers = [OptimizerSnapshot(opt) for opt in trainer.optimizers]
         self._schedulers = [
-            (cfg.scheduler, _clone(cfg.scheduler.state_dict())) for cfg in trainer.lr_scheduler_configs
+            (cfg.scheduler, copy.deepcopy(cfg.scheduler.state_dict())) for cfg in trainer.lr_scheduler_configs
         ]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._scaler = (scaler, _clone(scaler.state_dict())) if scaler is not None else None
+        self._scaler = (scaler, copy.deepcopy(scaler.state_dict())) if scaler is not None else None
         self._generators = [(g, g.get_state()) for g in _loader_generators(trainer.train_dataloader)]
 
     def restore(self) -> None:
         """Put every captured object back exactly as it was, reusing the original tensor objects."""
-        with torch.no_grad():
-            for tensor, saved in self._tensors:
-                tensor.copy_(saved)
-        for param, grad in self._grads:
-            param.grad = grad
-        for module, mode in self._modes:
-            module.training = mode
-        for opt, state, groups in self._optimizers:
-            opt.state.clear()
-            opt.state.update(state)
-            for group, saved in zip(opt.param_groups, groups, strict=True):
-                for key in [k for k in group if k != "params" and k not in saved]:
-                    del group[key]
-                group.update(saved)
+        self._module.restore()
+        for optimizer in self._optimizers:
+            optimizer.restore()
         for scheduler, state in self._schedulers:
             scheduler.load_state_dict(state)
         if self._scaler is not None:
             self._scaler[0].load_state_dict(self._scaler[1])
         for gen, state in self._generators:
             gen.set_state(state)
+
+
+@contextmanager
+def preserved_training_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """Run the body, then restore the training state and every RNG stream exactly, even on error.
+
+    Example::
+
+        with preserved_training_state(trainer, pl_module):
+            optimizer.step()  # trial step, undone on exit
+    """
+    # Like `isolate_rng`, but that one leaves the streams advanced when the body raises.
+    rng_states = _collect_rng_states(include_cuda=True)
+    snapshot = TrainingStateSnapshot(trainer, pl_module)
+    try:
+        yield
+    finally:
+        snapshot.restore()
+        _set_rng_states(rng_states)

@@ -23,13 +23,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_tricks.callbacks._training_state import preserved_training_state
 from lightning_tricks.callbacks.sanity import (
-    ModuleSnapshot,
-    classification_skip_reason,
+    classifier_forward,
     data_loss,
     draw_batches,
     regularization_off,
@@ -351,12 +350,8 @@ class TrainingDiagnostics(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Probe the per-layer signal at initialization on one training batch."""
         if self.check_init and trainer.global_step == 0 and not self.init:
-            with isolate_rng():
-                snapshot = ModuleSnapshot(pl_module)
-                try:
-                    self.init = self._probe(trainer, pl_module)
-                finally:
-                    snapshot.restore()
+            with preserved_training_state(trainer, pl_module):
+                self.init = self._probe(trainer, pl_module)
 
     @override
     def on_train_batch_end(
@@ -447,9 +442,8 @@ class TrainingDiagnostics(Callback):
         pl_module.train()
         try:
             with regularization_off(pl_module), torch.enable_grad():
-                with trainer.precision_plugin.train_step_context():
-                    logits = pl_module(x)
-                if classification_skip_reason(pl_module, logits, y) is None:
+                logits, reason = classifier_forward(trainer, pl_module, x, y)
+                if reason is None:
                     loss = data_loss(pl_module, logits, y)
                     result["initial_loss"] = float(loss.detach())
                     result["num_classes"] = int(logits.shape[1])

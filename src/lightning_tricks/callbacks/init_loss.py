@@ -21,12 +21,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.seed import isolate_rng
 from typing_extensions import override
 
+from lightning_tricks.callbacks._training_state import preserved_training_state
 from lightning_tricks.callbacks.sanity import (
-    ModuleSnapshot,
-    classification_skip_reason,
+    classifier_forward,
     data_loss,
     draw_batches,
     regularization_off,
@@ -128,12 +127,8 @@ class InitLossCheck(Callback):
         """Measure the loss at initialization and report."""
         if trainer.global_step > 0:
             return
-        with isolate_rng():
-            snapshot = ModuleSnapshot(pl_module)
-            try:
-                m = self._measure(trainer, pl_module)
-            finally:
-                snapshot.restore()
+        with preserved_training_state(trainer, pl_module):
+            m = self._measure(trainer, pl_module)
         skip = trainer.strategy.reduce_boolean_decision(m.skip_reason is not None, all=False)
         if skip:
             self.skip_reason = m.skip_reason or "another rank could not measure a classification loss"
@@ -163,11 +158,8 @@ class InitLossCheck(Callback):
                     m.skip_reason = f"batches are {type(batch).__name__}, not (inputs, targets) pairs"
                     return m
                 x, y = pair
-                with trainer.precision_plugin.train_step_context():
-                    logits = pl_module(x)
-                m.skip_reason = classification_skip_reason(pl_module, logits, y)
+                logits, m.skip_reason = classifier_forward(trainer, pl_module, x, y)
                 if m.skip_reason is not None:
-                    m.skip_reason = f"the loss is not a classification cross-entropy: {m.skip_reason}"
                     return m
                 m.num_classes = logits.shape[1]
                 m.loss_sum += float(data_loss(pl_module, logits, y)) * logits.shape[0]

@@ -17,7 +17,6 @@ from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
 from typing_extensions import override
 
 from lightning_tricks.callbacks._lr_suggestions import (
@@ -27,7 +26,7 @@ from lightning_tricks.callbacks._lr_suggestions import (
     lr_schedule,
     suggest_all,
 )
-from lightning_tricks.callbacks._training_state import TrainingStateSnapshot
+from lightning_tricks.callbacks._training_state import preserved_training_state
 
 _MIN_STEPS = 10
 # Consecutive non-finite losses after which the weights are assumed to be gone and the search stops.
@@ -223,21 +222,18 @@ class LRFinder(LearningRateFinder):
         nominal = _nominal_lrs(optimizer, schedulers)
         ratios = [n / nominal[0] if nominal[0] > 0 else 1.0 for n in nominal]
 
-        snapshot = TrainingStateSnapshot(trainer, pl_module)
         epoch_loop = trainer.fit_loop.epoch_loop
         saved_results, saved_fx = epoch_loop._results, pl_module._current_fx_name
-        try:
-            with isolate_rng(include_cuda=True):
-                epoch_loop._results = _ResultCollection(
-                    training=True
-                )  # `self.log` in the search goes nowhere
+        with preserved_training_state(trainer, pl_module):
+            try:
+                # `self.log` in the search goes nowhere
+                epoch_loop._results = _ResultCollection(training=True)
                 pl_module._current_fx_name = "training_step"
                 pl_module.train()
                 results = self._search(trainer, optimizer, ratios)
-        finally:
-            epoch_loop._results, pl_module._current_fx_name = saved_results, saved_fx
-            optimizer.zero_grad(set_to_none=True)
-            snapshot.restore()
+            finally:
+                epoch_loop._results, pl_module._current_fx_name = saved_results, saved_fx
+                optimizer.zero_grad(set_to_none=True)
 
         results = LRFinderResults(**trainer.strategy.broadcast(asdict(results), src=0))
         self.results = results

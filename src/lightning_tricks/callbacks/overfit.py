@@ -9,14 +9,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tricks.callbacks._training_state import preserved_training_state
 from lightning_tricks.callbacks.sanity import (
-    ModuleSnapshot,
-    OptimizerSnapshot,
-    classification_skip_reason,
+    classifier_forward,
     data_loss,
     draw_batches,
     regularization_off,
@@ -128,17 +126,11 @@ class OverfitTinyBatch(Callback):
             rank_zero_info(f"OverfitTinyBatch skipped: {self.skip_reason}.")
             return
         failure: str | None = None
-        with isolate_rng():
-            module_state = ModuleSnapshot(pl_module)
-            optimizer_states = [OptimizerSnapshot(opt) for opt in trainer.optimizers]
-            try:
+        try:
+            with preserved_training_state(trainer, pl_module):
                 failure = self._run(trainer, pl_module, trainer.optimizers[0])
-            except _Skip as skip:
-                self.skip_reason = str(skip)
-            finally:
-                module_state.restore()
-                for state in optimizer_states:
-                    state.restore()
+        except _Skip as skip:
+            self.skip_reason = str(skip)
         if self.skip_reason is not None:
             rank_zero_info(f"OverfitTinyBatch skipped: {self.skip_reason}.")
         elif failure is None:
@@ -174,11 +166,9 @@ class OverfitTinyBatch(Callback):
 
         def closure() -> Tensor:
             optimizer.zero_grad(set_to_none=True)
-            with trainer.precision_plugin.train_step_context():
-                logits = pl_module(x)
-            reason = classification_skip_reason(pl_module, logits, y)
+            logits, reason = classifier_forward(trainer, pl_module, x, y)
             if reason is not None:
-                raise _Skip(f"the loss is not a classification cross-entropy: {reason}")
+                raise _Skip(reason)
             loss = data_loss(pl_module, logits, y)
             record["loss"], record["correct"] = loss.detach(), (logits.detach().argmax(1) == hard)
             if not loss.requires_grad:

@@ -2,15 +2,15 @@
 
 :class:`~lightning_tricks.callbacks.init_loss.InitLossCheck` and
 :class:`~lightning_tricks.callbacks.overfit.OverfitTinyBatch` run forward (and backward) passes of
-the user's own model before training starts. Everything here exists so that they can do that
-without leaving a trace: snapshots of parameters, buffers, gradients, training flags and optimizer
-state that are restored bit for bit, a switch that turns regularization off on any module, and a
-way to draw already-transferred batches from the training data.
+the user's own model before training starts. This module holds what they share: the failure
+policy, a switch that turns regularization off on any module, the classification forward pass and
+loss, and a way to draw already-transferred batches from the training data. Both run inside
+:func:`~lightning_tricks.callbacks._training_state.preserved_training_state`, which restores the
+model, optimizer and RNG state bit for bit afterwards.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -22,9 +22,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-ON_FAIL_CHOICES: tuple[str, ...] = ("warn", "raise")
+# Re-exported for code that imports the snapshots from this module.
+from lightning_tricks.callbacks._training_state import ModuleSnapshot as ModuleSnapshot
+from lightning_tricks.callbacks._training_state import OptimizerSnapshot as OptimizerSnapshot
 
-_MISSING = object()
+ON_FAIL_CHOICES: tuple[str, ...] = ("warn", "raise")
 
 
 class SanityCheckError(RuntimeError):
@@ -51,89 +53,6 @@ def report_failure(message: str, on_fail: str) -> None:
     if on_fail == "raise":
         raise SanityCheckError(message)
     rank_zero_warn(message, category=UserWarning)
-
-
-# ---------------------------------------------------------------------------------------------
-# Snapshots
-# ---------------------------------------------------------------------------------------------
-
-
-class ModuleSnapshot:
-    """Bit-exact copy of a module's parameters, buffers, gradients and per-submodule training flags.
-
-    Buffers are taken from ``named_buffers()`` so non-persistent ones (absent from ``state_dict``) are
-    covered too. :meth:`restore` copies the values back into the *same* tensors, so optimizers,
-    schedulers and anything else holding references to them keep working.
-
-    Example::
-
-        snapshot = ModuleSnapshot(model)
-        try:
-            probe(model)
-        finally:
-            snapshot.restore()
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.params = {n: p.detach().clone() for n, p in module.named_parameters(remove_duplicate=False)}
-        self.grads = {
-            n: None if p.grad is None else p.grad.detach().clone()
-            for n, p in module.named_parameters(remove_duplicate=False)
-        }
-        self.buffers = {n: b.detach().clone() for n, b in module.named_buffers(remove_duplicate=False)}
-        self.training = {n: m.training for n, m in module.named_modules(remove_duplicate=False)}
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for name, param in self.module.named_parameters(remove_duplicate=False):
-            param.copy_(self.params[name])
-            saved = self.grads[name]
-            param.grad = None if saved is None else saved.clone()
-        for name, buf in self.module.named_buffers(remove_duplicate=False):
-            if name in self.buffers:
-                buf.copy_(self.buffers[name])
-        for name, mod in self.module.named_modules(remove_duplicate=False):
-            if name in self.training:
-                mod.training = self.training[name]
-
-
-class OptimizerSnapshot:
-    """Copy of an optimizer's per-parameter state, param-group hyperparameters and step flag.
-
-    Restored in place (same ``param_groups`` dicts, same ``state`` mapping), unlike
-    ``Optimizer.load_state_dict`` which swaps in new dicts and casts tensors; schedulers and
-    ``LightningOptimizer`` wrappers that hold references therefore see the original objects.
-
-    Example::
-
-        snapshot = OptimizerSnapshot(optimizer)
-        try:
-            optimizer.step()
-        finally:
-            snapshot.restore()
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-        self.state = {p: copy.deepcopy(s) for p, s in optimizer.state.items()}
-        self.groups = [
-            {k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups
-        ]
-        self.opt_called = optimizer.__dict__.get("_opt_called", _MISSING)
-
-    def restore(self) -> None:
-        opt = self.optimizer
-        opt.state.clear()
-        opt.state.update(self.state)
-        for group, saved in zip(opt.param_groups, self.groups, strict=True):
-            for key in [k for k in group if k != "params" and k not in saved]:
-                del group[key]
-            group.update(saved)
-        if self.opt_called is _MISSING:
-            opt.__dict__.pop("_opt_called", None)
-        else:
-            opt._opt_called = self.opt_called  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +126,23 @@ def classification_skip_reason(module: nn.Module, logits: Any, targets: Any) -> 
         f"the targets ({tuple(targets.shape)}, {targets.dtype}) are neither class indices (N,) int64 "
         f"nor class probabilities matching the output {tuple(logits.shape)}"
     )
+
+
+def classifier_forward(
+    trainer: pl.Trainer, module: nn.Module, inputs: Any, targets: Any
+) -> tuple[Any, str | None]:
+    """Run ``module(inputs)`` in the training precision context and check it is a C-class classifier.
+
+    Returns:
+        The model output, and ``None`` when ``(output, targets)`` is a classification cross-entropy
+        problem, otherwise why it is not.
+    """
+    with trainer.precision_plugin.train_step_context():
+        logits = module(inputs)
+    reason = classification_skip_reason(module, logits, targets)
+    if reason is not None:
+        reason = f"the loss is not a classification cross-entropy: {reason}"
+    return logits, reason
 
 
 # ---------------------------------------------------------------------------------------------
