@@ -20,9 +20,8 @@ the CPU on-device throughput divided by the per-sample CPU throughput (target >=
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,22 +33,13 @@ from torchvision.transforms import v2
 from lightning_tricks.datamodules.in_memory import TransformedTensorDataset
 from lightning_tricks.datamodules.on_device import OnDeviceAugment
 
+try:
+    from _report import result_path, write_result
+except ModuleNotFoundError:  # imported from outside benchmarks/, which running a script puts on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _report import result_path, write_result
+
 BATCH = 512
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"cpu: {len(os.sched_getaffinity(0))} cores {cpu}, torch threads {torch.get_num_threads()}"
-    if torch.cuda.is_available():
-        text += f" | gpu: {torch.cuda.get_device_name()}"
-    return text
 
 
 def cifar_standard() -> v2.Compose:
@@ -86,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batches")
     parser.add_argument("--workers", type=int, default=min(2, len(os.sched_getaffinity(0))))
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "augment_throughput.json"))
+    parser.add_argument("--out", default=str(result_path("augment_throughput")))
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
@@ -116,17 +106,10 @@ def main() -> None:
     ratios = {"on_device_vs_per_sample_cpu": round(results["on_device/cpu"] / per_sample, 2)}
     if "on_device/cuda" in results:
         ratios["on_device_cuda_vs_per_sample_cpu"] = round(results["on_device/cuda"] / per_sample, 2)
-    payload = {
-        "benchmark": "augment_throughput",
-        "machine": machine(),
-        "torch": torch.__version__,
-        "rows": rows,
-        "ratios": ratios,
-        "targets": {"on_device_vs_per_sample_cpu": 10.0},
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"on_device_vs_per_sample_cpu = {ratios['on_device_vs_per_sample_cpu']:.1f}x; wrote {args.out}")
+    out = write_result(
+        "augment_throughput", rows, ratios, {"on_device_vs_per_sample_cpu": 10.0}, out=args.out
+    )
+    print(f"on_device_vs_per_sample_cpu = {ratios['on_device_vs_per_sample_cpu']:.1f}x; wrote {out}")
 
 
 if __name__ == "__main__":

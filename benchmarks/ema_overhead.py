@@ -18,10 +18,8 @@ by the fastest peer (lower is better, target 1.0), the worst case over the model
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +30,12 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lightning_tricks.callbacks.ema import EMA
+
+try:
+    from _report import result_path, write_result
+except ModuleNotFoundError:  # imported from outside benchmarks/, which running a script puts on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _report import result_path, write_result
 
 DECAY = 0.999
 
@@ -95,25 +99,10 @@ def time_updates(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"cpu: {len(os.sched_getaffinity(0))} cores {cpu}, torch threads {torch.get_num_threads()}"
-    if torch.cuda.is_available():
-        text += f" | gpu: {torch.cuda.get_device_name()}"
-    return text
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and only ResNet-18 on CPU")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ema_overhead.json"))
+    parser.add_argument("--out", default=str(result_path("ema_overhead")))
     args = parser.parse_args()
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -140,17 +129,8 @@ def main() -> None:
             print(f"{'':6} {model_name:9} {'ours/fastest peer':16} {ratios[key]:10.3f}")
             del updates, model
     ratios["ours_vs_fastest_peer"] = max(ratios.values())
-    payload = {
-        "benchmark": "ema_overhead",
-        "machine": machine(),
-        "torch": torch.__version__,
-        "rows": rows,
-        "ratios": ratios,
-        "targets": {"ours_vs_fastest_peer": 1.0},
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"ours_vs_fastest_peer (worst case) = {ratios['ours_vs_fastest_peer']:.3f}; wrote {args.out}")
+    out = write_result("ema_overhead", rows, ratios, {"ours_vs_fastest_peer": 1.0}, out=args.out)
+    print(f"ours_vs_fastest_peer (worst case) = {ratios['ours_vs_fastest_peer']:.3f}; wrote {out}")
 
 
 if __name__ == "__main__":

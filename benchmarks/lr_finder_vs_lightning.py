@@ -19,12 +19,11 @@ for the worst seed, which shows how often a suggestion misfires.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -38,18 +37,14 @@ from lightning_tricks.datamodules.digits import DigitsDataModule
 from lightning_tricks.recipes.classifier import ImageClassifier
 from lightning_tricks.recipes.optim import OptimizerConfig
 
+try:
+    from _report import result_path, write_result
+except ModuleNotFoundError:  # imported from outside benchmarks/, which running a script puts on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _report import result_path, write_result
+
 MIN_LR, MAX_LR, NUM_STEPS = 1e-5, 10.0, 100
 EPOCHS = 3
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return f"cpu: {os.cpu_count()} cores {cpu} | gpu: {gpu}"
 
 
 def make_model(lr: float) -> ImageClassifier:
@@ -115,9 +110,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="one seed instead of three")
-    parser.add_argument(
-        "--out", default=str(Path(__file__).parent / "results" / "lr_finder_vs_lightning.json")
-    )
+    parser.add_argument("--out", default=str(result_path("lr_finder_vs_lightning")))
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
@@ -164,17 +157,9 @@ def main() -> None:
         "ours_vs_lightning_finder_time": statistics.median(times["ours"])
         / statistics.median(times["lightning"]),
     }
-    payload = {
-        "benchmark": "lr_finder_vs_lightning",
-        "machine": machine(),
-        "torch": torch.__version__,
-        "rows": rows,
-        "ratios": ratios,
-        "targets": {"ours_valley_vs_lightning_acc": 1.0, "ours_valley_vs_lightning_min_acc": 1.0},
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print({k: round(v, 3) for k, v in ratios.items()}, f"wrote {args.out}")
+    targets = {"ours_valley_vs_lightning_acc": 1.0, "ours_valley_vs_lightning_min_acc": 1.0}
+    out = write_result("lr_finder_vs_lightning", rows, ratios, targets, out=args.out)
+    print({k: round(v, 3) for k, v in ratios.items()}, f"wrote {out}")
 
 
 if __name__ == "__main__":
