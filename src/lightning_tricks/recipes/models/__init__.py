@@ -26,6 +26,7 @@ from lightning_tricks.recipes.models.registry import (
     get_model_entry,
     list_models,
     register_model,
+    register_variant,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "list_models",
     "make_norm",
     "register_model",
+    "register_variant",
 ]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_tricks.recipes.models.layers import check_choice, check_probability, make_classifier
-from lightning_tricks.recipes.models.registry import register_model
+from lightning_tricks.recipes.models.registry import register_model, register_variant
 
 MLP_NORMS: tuple[str, ...] = ("none", "batch", "layer")
 
@@ -73,23 +73,17 @@ class MLP(nn.Module):
         return self.classifier(self.dropout(self.hidden(self.flatten(x))))
 
 
-@register_model("mlp", input_sizes=(8, 32))
-def mlp(
-    num_classes: int,
-    in_channels: int = 3,
-    input_size: int = 32,
-    hidden: int = 100,
-    norm: str = "none",
-    dropout: float = 0.0,
-    drop_connect: float = 0.0,
-) -> MLP:
-    """Two-layer MLP: flatten -> Linear(``hidden``) -> ReLU -> Linear(``num_classes``).
+mlp = register_variant(
+    "mlp",
+    MLP,
+    input_sizes=(8, 32),
+    doc="""Two-layer MLP: flatten -> Linear(``hidden``) -> ReLU -> Linear(``num_classes``).
 
     Example::
 
         create_model("mlp", num_classes=10, in_channels=1, input_size=8)
-    """
-    return MLP(num_classes, in_channels, input_size, hidden, norm, dropout, drop_connect)
+    """,
+)
 
 
 @register_model("linear", input_sizes=(8, 32))

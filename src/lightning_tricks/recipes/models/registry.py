@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -45,6 +46,50 @@ def register_model(name: str, input_sizes: tuple[int, ...] = (32,)) -> Callable[
         return factory
 
     return decorator
+
+
+def register_variant(
+    name: str,
+    builder: ModelFactory,
+    *,
+    input_sizes: tuple[int, ...] = (32,),
+    doc: str | None = None,
+    **fixed: Any,
+) -> ModelFactory:
+    """Register ``builder`` under ``name`` with the arguments in ``fixed`` set, and return the factory.
+
+    The factory's signature is ``builder``'s without the fixed arguments, so :func:`create_model`
+    rejects them, and any other unknown argument, by name, as it does for a hand-written factory.
+
+    Args:
+        name: registry name, also the factory's ``__name__``.
+        builder: model class or function taking ``num_classes``, ``in_channels`` and ``fixed``.
+        input_sizes: square image sizes the architecture is meant for (see :func:`register_model`).
+        doc: the factory's docstring; ``builder``'s when ``None``.
+        **fixed: arguments of ``builder`` that this variant sets, e.g. ``depth=20``.
+
+    Example::
+
+        resnet20 = register_variant("resnet20", CifarResNet, depth=20)
+        resnet20(num_classes=10, shortcut="B")
+    """
+    signature = inspect.signature(builder)
+    unknown = sorted(set(fixed) - set(signature.parameters))
+    if unknown:
+        raise TypeError(f"{builder.__qualname__} has no argument(s) {unknown} to fix for {name!r}")
+    signature = signature.replace(
+        parameters=[p for key, p in signature.parameters.items() if key not in fixed],
+        return_annotation=builder.__name__ if inspect.isclass(builder) else signature.return_annotation,
+    )
+
+    def factory(*args: Any, **kwargs: Any) -> nn.Module:
+        return builder(**fixed, **signature.bind(*args, **kwargs).arguments)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = builder.__module__
+    factory.__doc__ = builder.__doc__ if doc is None else doc
+    factory.__signature__ = signature  # type: ignore[attr-defined]
+    return register_model(name, input_sizes)(factory)
 
 
 def list_models() -> list[str]:

@@ -33,7 +33,7 @@ from lightning_tricks.recipes.models.layers import (
     make_classifier,
     make_norm,
 )
-from lightning_tricks.recipes.models.registry import register_model
+from lightning_tricks.recipes.models.registry import register_variant
 
 FREEZE_MODES: tuple[str, ...] = ("none", "backbone", "stages")
 
@@ -207,38 +207,16 @@ def build_torchvision_model(
     return model
 
 
-def _register(arch_name: str) -> None:
-    def factory(
-        num_classes: int,
-        in_channels: int = 3,
-        weights_path: str | None = None,
-        freeze: str = "none",
-        trainable_stages: int = 1,
-        norm: str = "batch",
-        dropout: float = 0.0,
-        drop_connect: float = 0.0,
-    ) -> nn.Module:
-        return build_torchvision_model(
-            arch_name,
-            num_classes,
-            in_channels,
-            weights_path,
-            freeze,
-            trainable_stages,
-            norm,
-            dropout,
-            drop_connect,
-        )
-
-    factory.__name__ = factory.__qualname__ = arch_name
-    factory.__doc__ = f"""torchvision ``{arch_name}``; see :func:`build_torchvision_model` for the arguments.
+for _name in _ARCHS:
+    register_variant(
+        _name,
+        build_torchvision_model,
+        arch_name=_name,
+        input_sizes=(32, 224),
+        doc=f"""torchvision ``{_name}``; see :func:`build_torchvision_model` for the arguments.
 
     Example::
 
-        create_model("{arch_name}", num_classes=10, weights_path="{arch_name}.pt", freeze="stages")
-    """
-    register_model(arch_name, input_sizes=(32, 224))(factory)
-
-
-for _name in _ARCHS:
-    _register(_name)
+        create_model("{_name}", num_classes=10, weights_path="{_name}.pt", freeze="stages")
+    """,
+    )
