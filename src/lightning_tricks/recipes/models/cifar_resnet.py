@@ -23,10 +23,10 @@ from lightning_tricks.recipes.models.layers import (
     conv3x3,
     is_norm,
     kaiming_init,
-    make_classifier,
     make_norm,
+    pooled_classifier_head,
 )
-from lightning_tricks.recipes.models.registry import register_model
+from lightning_tricks.recipes.models.registry import register_variant
 
 SHORTCUTS: tuple[str, ...] = ("A", "B")
 
@@ -121,9 +121,9 @@ class CifarResNet(nn.Module):
                 channels = width
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = make_classifier(channels, num_classes, drop_connect)
+        self.pool, self.dropout, self.classifier = pooled_classifier_head(
+            channels, num_classes, dropout, drop_connect
+        )
         kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,26 +131,16 @@ class CifarResNet(nn.Module):
         return self.classifier(self.dropout(self.pool(x)))
 
 
-def _register(depth: int) -> None:
-    def factory(
-        num_classes: int,
-        in_channels: int = 3,
-        norm: str = "batch",
-        shortcut: str = "A",
-        dropout: float = 0.0,
-        drop_connect: float = 0.0,
-    ) -> CifarResNet:
-        return CifarResNet(depth, num_classes, in_channels, norm, shortcut, dropout, drop_connect)
-
-    factory.__name__ = factory.__qualname__ = f"resnet{depth}"
-    factory.__doc__ = f"""CIFAR ResNet-{depth} (He et al. 2016); see :class:`CifarResNet` for the arguments.
+for _depth in (20, 32, 44, 56, 110):
+    register_variant(
+        f"resnet{_depth}",
+        CifarResNet,
+        depth=_depth,
+        input_sizes=(32,),
+        doc=f"""CIFAR ResNet-{_depth} (He et al. 2016); see :class:`CifarResNet` for the arguments.
 
     Example::
 
-        create_model("resnet{depth}", num_classes=10, shortcut="A")
-    """
-    register_model(f"resnet{depth}", input_sizes=(32,))(factory)
-
-
-for _depth in (20, 32, 44, 56, 110):
-    _register(_depth)
+        create_model("resnet{_depth}", num_classes=10, shortcut="A")
+    """,
+    )

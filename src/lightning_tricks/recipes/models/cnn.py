@@ -19,10 +19,10 @@ from lightning_tricks.recipes.models.layers import (
     check_choice,
     check_probability,
     conv3x3,
-    make_classifier,
     make_norm,
+    pooled_classifier_head,
 )
-from lightning_tricks.recipes.models.registry import register_model
+from lightning_tricks.recipes.models.registry import register_variant
 
 
 class SmallCNN(nn.Module):
@@ -52,6 +52,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         check_choice("norm", norm, CONV_NORMS)
         check_probability("dropout", dropout)
+        widths = tuple(widths)
         if not widths or any(w < 1 for w in widths):
             raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths!r}")
         blocks: list[nn.Module] = []
@@ -65,27 +66,22 @@ class SmallCNN(nn.Module):
             ]
             channels = width
         self.features = nn.Sequential(*blocks)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = make_classifier(channels, num_classes, drop_connect)
+        self.pool, self.dropout, self.classifier = pooled_classifier_head(
+            channels, num_classes, dropout, drop_connect
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.pool(self.features(x))))
 
 
-@register_model("small_cnn", input_sizes=(8, 32, 224))
-def small_cnn(
-    num_classes: int,
-    in_channels: int = 3,
-    widths: Sequence[int] = (32, 64, 128),
-    norm: str = "batch",
-    dropout: float = 0.0,
-    drop_connect: float = 0.0,
-) -> SmallCNN:
-    """Small plain CNN (see :class:`SmallCNN`).
+small_cnn = register_variant(
+    "small_cnn",
+    SmallCNN,
+    input_sizes=(8, 32, 224),
+    doc="""Small plain CNN (see :class:`SmallCNN`).
 
     Example::
 
         create_model("small_cnn", num_classes=10, in_channels=1, norm="group")
-    """
-    return SmallCNN(num_classes, in_channels, tuple(widths), norm, dropout, drop_connect)
+    """,
+)

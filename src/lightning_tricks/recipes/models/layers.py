@@ -126,6 +126,21 @@ def make_classifier(in_features: int, num_classes: int, drop_connect: float = 0.
     return nn.Linear(in_features, num_classes)
 
 
+def pooled_classifier_head(
+    in_features: int, num_classes: int, dropout: float = 0.0, drop_connect: float = 0.0
+) -> tuple[nn.Sequential, nn.Dropout, nn.Linear]:
+    """Global average pool + flatten, dropout, and the final linear layer of a convolutional net.
+
+    Returned as three modules so models keep them as ``pool``, ``dropout`` and ``classifier``.
+
+    Example::
+
+        self.pool, self.dropout, self.classifier = pooled_classifier_head(64, 10, dropout=0.2)
+    """
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return pool, nn.Dropout(dropout), make_classifier(in_features, num_classes, drop_connect)
+
+
 def get_classifier(model: nn.Module) -> nn.Linear:
     """The final linear classifier of a zoo model (``model.classifier``, ``model.fc``, or the last Linear).
 

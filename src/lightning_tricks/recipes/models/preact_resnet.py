@@ -11,6 +11,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,10 +24,10 @@ from lightning_tricks.recipes.models.layers import (
     conv3x3,
     is_norm,
     kaiming_init,
-    make_classifier,
     make_norm,
+    pooled_classifier_head,
 )
-from lightning_tricks.recipes.models.registry import register_model
+from lightning_tricks.recipes.models.registry import register_variant
 
 
 class PreActBlock(nn.Module):
@@ -56,7 +58,47 @@ class PreActBlock(nn.Module):
         return out + identity
 
 
-class PreActResNet(nn.Module):
+class _PreActNet(nn.Module):
+    """3x3 stem, stages of :class:`PreActBlock`, final norm-ReLU, then pool, dropout and classifier.
+
+    ``stages`` lists ``(width, num_blocks)``; the first stage keeps the resolution and each later
+    one halves it. Arguments are validated by the public subclasses.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        stem_width: int,
+        stages: Sequence[tuple[int, int]],
+        norm: str,
+        block_dropout: float,
+        num_classes: int,
+        head_dropout: float,
+        drop_connect: float,
+    ) -> None:
+        super().__init__()
+        self.stem = conv3x3(in_channels, stem_width, bias=norm == "none")
+        layers: list[nn.Module] = []
+        channels = stem_width
+        for i, (width, n) in enumerate(stages):
+            blocks = [PreActBlock(channels, width, 1 if i == 0 else 2, norm, block_dropout)]
+            blocks += [PreActBlock(width, width, 1, norm, block_dropout) for _ in range(n - 1)]
+            layers.append(nn.Sequential(*blocks))
+            channels = width
+        self.layers = nn.Sequential(*layers)
+        self.final_norm = make_norm(norm, channels)
+        self.pool, self.dropout, self.classifier = pooled_classifier_head(
+            channels, num_classes, head_dropout, drop_connect
+        )
+        kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.final_norm(self.layers(self.stem(x))))
+        return self.classifier(self.dropout(self.pool(x)))
+
+
+class PreActResNet(_PreActNet):
     """Pre-activation ResNet with a CIFAR stem.
 
     Args:
@@ -77,42 +119,29 @@ class PreActResNet(nn.Module):
         dropout: float = 0.0,
         drop_connect: float = 0.0,
     ) -> None:
-        super().__init__()
         check_choice("norm", norm, CONV_NORMS)
         check_probability("dropout", dropout)
-        self.stem = conv3x3(in_channels, 64, bias=norm == "none")
-        stages: list[nn.Module] = []
-        channels = 64
-        for i, n in enumerate(num_blocks):
-            width = 64 * 2**i
-            blocks = [PreActBlock(channels, width, 1 if i == 0 else 2, norm)]
-            blocks += [PreActBlock(width, width, 1, norm) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*blocks))
-            channels = width
-        self.layers = nn.Sequential(*stages)
-        self.final_norm = make_norm(norm, channels)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = make_classifier(channels, num_classes, drop_connect)
-        kaiming_init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.final_norm(self.layers(self.stem(x))))
-        return self.classifier(self.dropout(self.pool(x)))
+        super().__init__(
+            in_channels=in_channels,
+            stem_width=64,
+            stages=[(64 * 2**i, n) for i, n in enumerate(num_blocks)],
+            norm=norm,
+            block_dropout=0.0,
+            num_classes=num_classes,
+            head_dropout=dropout,
+            drop_connect=drop_connect,
+        )
 
 
-@register_model("preact_resnet18", input_sizes=(32,))
-def preact_resnet18(
-    num_classes: int,
-    in_channels: int = 3,
-    norm: str = "batch",
-    dropout: float = 0.0,
-    drop_connect: float = 0.0,
-) -> PreActResNet:
-    """Pre-activation ResNet-18 for 32x32 images (see :class:`PreActResNet`).
+preact_resnet18 = register_variant(
+    "preact_resnet18",
+    PreActResNet,
+    num_blocks=(2, 2, 2, 2),
+    input_sizes=(32,),
+    doc="""Pre-activation ResNet-18 for 32x32 images (see :class:`PreActResNet`).
 
     Example::
 
         create_model("preact_resnet18", num_classes=100, dropout=0.2)
-    """
-    return PreActResNet((2, 2, 2, 2), num_classes, in_channels, norm, dropout, drop_connect)
+    """,
+)

@@ -12,24 +12,12 @@ Example::
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from lightning_tricks.recipes.models.layers import (
-    CONV_NORMS,
-    check_choice,
-    check_probability,
-    conv3x3,
-    kaiming_init,
-    make_classifier,
-    make_norm,
-)
-from lightning_tricks.recipes.models.preact_resnet import PreActBlock
-from lightning_tricks.recipes.models.registry import register_model
+from lightning_tricks.recipes.models.layers import CONV_NORMS, check_choice, check_probability
+from lightning_tricks.recipes.models.preact_resnet import _PreActNet
+from lightning_tricks.recipes.models.registry import register_variant
 
 
-class WideResNet(nn.Module):
+class WideResNet(_PreActNet):
     """WRN-``depth``-``widen_factor`` for 32x32 inputs.
 
     Args:
@@ -54,7 +42,6 @@ class WideResNet(nn.Module):
         drop_connect: float = 0.0,
         norm: str = "batch",
     ) -> None:
-        super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"depth must satisfy (depth - 4) % 6 == 0 with depth >= 10, got {depth}")
         if widen_factor < 1:
@@ -63,79 +50,54 @@ class WideResNet(nn.Module):
         check_probability("dropout", dropout)
         check_probability("head_dropout", head_dropout)
         n = (depth - 4) // 6
-        self.stem = conv3x3(in_channels, 16, bias=norm == "none")
-        stages: list[nn.Module] = []
-        channels = 16
-        for i, width in enumerate((16 * widen_factor, 32 * widen_factor, 64 * widen_factor)):
-            blocks = [PreActBlock(channels, width, 1 if i == 0 else 2, norm, dropout)]
-            blocks += [PreActBlock(width, width, 1, norm, dropout) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*blocks))
-            channels = width
-        self.layers = nn.Sequential(*stages)
-        self.final_norm = make_norm(norm, channels)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.dropout = nn.Dropout(head_dropout)
-        self.classifier = make_classifier(channels, num_classes, drop_connect)
-        kaiming_init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.final_norm(self.layers(self.stem(x))))
-        return self.classifier(self.dropout(self.pool(x)))
+        super().__init__(
+            in_channels=in_channels,
+            stem_width=16,
+            stages=[(16 * widen_factor, n), (32 * widen_factor, n), (64 * widen_factor, n)],
+            norm=norm,
+            block_dropout=dropout,
+            num_classes=num_classes,
+            head_dropout=head_dropout,
+            drop_connect=drop_connect,
+        )
 
 
-@register_model("wide_resnet", input_sizes=(32,))
-def wide_resnet(
-    num_classes: int,
-    in_channels: int = 3,
-    depth: int = 28,
-    widen_factor: int = 10,
-    dropout: float = 0.0,
-    head_dropout: float = 0.0,
-    drop_connect: float = 0.0,
-    norm: str = "batch",
-) -> WideResNet:
-    """WRN-``depth``-``widen_factor`` (see :class:`WideResNet`); ``dropout`` acts inside the blocks.
+wide_resnet = register_variant(
+    "wide_resnet",
+    WideResNet,
+    input_sizes=(32,),
+    doc="""WRN-``depth``-``widen_factor`` (see :class:`WideResNet`); ``dropout`` acts inside the blocks.
 
     Example::
 
         create_model("wide_resnet", num_classes=100, depth=40, widen_factor=4, dropout=0.3)
-    """
-    return WideResNet(
-        num_classes, in_channels, depth, widen_factor, dropout, head_dropout, drop_connect, norm
-    )
+    """,
+)
 
-
-@register_model("wrn_28_10", input_sizes=(32,))
-def wrn_28_10(
-    num_classes: int,
-    in_channels: int = 3,
-    dropout: float = 0.0,
-    head_dropout: float = 0.0,
-    drop_connect: float = 0.0,
-    norm: str = "batch",
-) -> WideResNet:
-    """WRN-28-10 (36.5M parameters); the paper trains it with ``dropout=0.3``.
+wrn_28_10 = register_variant(
+    "wrn_28_10",
+    WideResNet,
+    depth=28,
+    widen_factor=10,
+    input_sizes=(32,),
+    doc="""WRN-28-10 (36.5M parameters); the paper trains it with ``dropout=0.3``.
 
     Example::
 
         create_model("wrn_28_10", num_classes=10, dropout=0.3)
-    """
-    return WideResNet(num_classes, in_channels, 28, 10, dropout, head_dropout, drop_connect, norm)
+    """,
+)
 
-
-@register_model("wrn_16_8", input_sizes=(32,))
-def wrn_16_8(
-    num_classes: int,
-    in_channels: int = 3,
-    dropout: float = 0.0,
-    head_dropout: float = 0.0,
-    drop_connect: float = 0.0,
-    norm: str = "batch",
-) -> WideResNet:
-    """WRN-16-8 (11M parameters).
+wrn_16_8 = register_variant(
+    "wrn_16_8",
+    WideResNet,
+    depth=16,
+    widen_factor=8,
+    input_sizes=(32,),
+    doc="""WRN-16-8 (11M parameters).
 
     Example::
 
         create_model("wrn_16_8", num_classes=10, dropout=0.3)
-    """
-    return WideResNet(num_classes, in_channels, 16, 8, dropout, head_dropout, drop_connect, norm)
+    """,
+)
