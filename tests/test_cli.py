@@ -48,9 +48,24 @@ def test_cli_trains_and_tests_digits_well_above_chance(tmp_path):
     assert test_acc > 0.8, f"10-class chance is 0.1; a working recipe reaches far more, got {test_acc}"
     # test ran on the best checkpoint written by the config's ModelCheckpoint
     assert Path(cli.trainer.checkpoint_callback.best_model_path).is_file()
-    checkpoint = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
+    best = cli.trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(best, weights_only=True)
     assert checkpoint["hyper_parameters"]["model"] == "small_cnn"
     assert "mean" in checkpoint["DigitsDataModule"]
+
+    # The other subcommands rebuild the model from the checkpoint's hyperparameters alone.
+    same_data = ["--data.init_args.image_size=8"]
+    tested = build_cli(
+        ["test", "--config", str(CONFIGS / "digits.yaml"), *FAST, *same_data, f"--ckpt_path={best}"]
+    )
+    assert type(tested.model.net).__name__ == type(cli.model.net).__name__
+    assert tested.trainer.callback_metrics["test/acc"].item() == pytest.approx(test_acc)
+    predicted = build_cli(
+        ["predict", "--config", str(CONFIGS / "digits.yaml"), *FAST, *same_data, f"--ckpt_path={best}"]
+    )
+    probabilities = torch.cat(predicted.trainer.predict_loop.predictions)
+    assert probabilities.shape == (360, 10)
+    assert torch.allclose(probabilities.sum(1), torch.ones(360))
 
 
 def test_print_config_lists_recipe_defaults(capsys):

@@ -96,19 +96,15 @@ class ImageClassifier(L.LightningModule):
             if tta not in TTA_MODES:
                 raise ValueError(f"tta must be None or one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.tta = tta
-        # Plain dicts, not dataclasses, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(
-            {
-                "model": model,
-                "num_classes": num_classes,
-                "in_channels": in_channels,
-                "model_kwargs": dict(model_kwargs or {}),
-                "optimizer": asdict(self.optimizer_config),
-                "scheduler": asdict(self.scheduler_config),
-                "regularization": asdict(self.regularization_config),
-                "init": asdict(self.init_config),
-                "tta": tta,
-            }
+        # Under LightningCLI this records the config with its class path, so `test --ckpt_path`
+        # can rebuild the module; the configs are then stored as plain dicts, not dataclasses,
+        # so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters()
+        self.hparams.update(
+            optimizer=asdict(self.optimizer_config),
+            scheduler=asdict(self.scheduler_config),
+            regularization=asdict(self.regularization_config),
+            init=asdict(self.init_config),
         )
         self.num_classes = num_classes
         self.net = create_model(
