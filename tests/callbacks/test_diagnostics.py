@@ -278,3 +278,28 @@ def test_summary_goes_to_a_wandb_table(tmp_path):
         assert summary["_type"] == "table-file" and summary["nrows"] == len(diagnostics.findings) > 0
     finally:
         logger.experiment.finish()
+
+
+def test_summary_goes_to_tensorboard_text(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    L.seed_everything(0)
+    logger = TensorBoardLogger(save_dir=str(tmp_path))
+    diagnostics = TrainingDiagnostics(check_init=False)
+    with pytest.warns(UserWarning, match="TrainingDiagnostics: the training loss"):
+        trainer = fit(tmp_path, PlainClassifier(lr=20.0), [diagnostics], max_epochs=1, logger=logger)
+    assert "explosion" in {f.check for f in diagnostics.findings}
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    tag = "diagnostics/findings/text_summary"
+    assert tag in events.Tags()["tensors"]
+    (event,) = events.Tensors(tag)
+    assert event.step == trainer.global_step == 8
+    lines = event.tensor_proto.string_val[0].decode().splitlines()
+    assert lines[:2] == ["| severity | check | message | cause | fix |", "|---|---|---|---|---|"]
+    assert lines[2:] == [
+        f"| {f.severity} | {f.check} | {f.message} | {f.cause} | {f.fix} |" for f in diagnostics.findings
+    ]
+    assert any(line.startswith("| error | explosion | the training loss rose to") for line in lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import random
@@ -425,3 +426,55 @@ def test_ddp_ranks_agree_on_curve_and_suggestion(tmp_path):
     assert r0["smoothed"] == r1["smoothed"] and len(r0["smoothed"]) > 5
     assert r0["weights"] == pytest.approx(r1["weights"], rel=1e-6)  # restored weights still in sync
     assert (tmp_path / "plots" / "lr_finder.png").exists()
+
+
+# ---------------------------------------------------------------- real loggers
+
+
+def _search_only_fit(tmp_path, logger) -> tuple[L.Trainer, LRFinder]:
+    L.seed_everything(0)
+    train, _ = digits_loaders(batch_size=64, n_train=256)
+    finder = LRFinder(min_lr=1e-4, max_lr=10.0, num_steps=20)
+    kwargs = {**quiet_trainer_kwargs(tmp_path), "logger": logger}
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, callbacks=[finder], **kwargs)
+    trainer.fit(PlainClassifier(), train)
+    return trainer, finder
+
+
+def test_plot_is_logged_as_a_tensorboard_figure(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path))
+    _, finder = _search_only_fit(tmp_path, logger)
+    assert Path(finder.plot_path) == Path(logger.log_dir) / "lr_finder.png"
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["lr_finder"]
+    (image,) = events.Images("lr_finder")
+    assert image.step == 0  # logged before the first training step
+    assert (image.width, image.height) == (600, 400)
+    logged = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"), dtype=np.float32)
+    saved = np.asarray(Image.open(finder.plot_path).convert("RGB"), dtype=np.float32)
+    assert logged.shape == saved.shape == (400, 600, 3)
+    assert logged.std() > 10  # a drawn plot, not a blank canvas
+    assert np.abs(logged - saved).mean() < 1  # the same figure as the saved file
+
+
+def test_plot_is_logged_as_a_wandb_image_offline(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lr-finder")
+    try:
+        _, finder = _search_only_fit(tmp_path, logger)
+        run_dir = Path(logger.experiment.dir)
+        summary = logger.experiment.summary._as_dict()["lr_finder"]
+    finally:
+        logger.experiment.finish()
+    assert run_dir.parent.name.startswith("offline-run-") and run_dir.is_relative_to(tmp_path)
+    assert summary["_type"] == "images/separated" and summary["count"] == 1
+    (media,) = (run_dir / "media" / "images").glob("lr_finder_*.png")
+    assert summary["filenames"] == [str(media.relative_to(run_dir))]
+    assert media.read_bytes() == Path(finder.plot_path).read_bytes()
