@@ -308,3 +308,89 @@ def test_ddp_ranks_stop_together(tmp_path):
     assert reports[0]["stopped"] == expected_stop
     assert reports[0]["epoch"] == expected_stop + 1
     assert reports[0]["reason"] == EarlyStoppingReason.PATIENCE_EXHAUSTED.value
+
+
+class RankStepLoss(L.LightningModule):
+    """Logs a scripted per-step ``train/loss`` (no ``sync_dist``); rank 0 adds ``rank0_shift(step)``."""
+
+    def __init__(self, explode_from: int, growth: float):
+        super().__init__()
+        self.explode_from, self.growth = explode_from, growth
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        value = rank_step_loss(self.global_rank, self.global_step, self.explode_from, self.growth)
+        self.log("train/loss", torch.tensor(value), on_step=True, on_epoch=True)
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", torch.tensor(1.0))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def rank_step_loss(rank: int, step: int, explode_from: int, growth: float) -> float:
+    value = 2.0 - 0.05 * step  # a healthy, slowly falling loss on every rank
+    if rank == 0 and step >= explode_from:
+        value += growth * (step - explode_from + 1)
+    return value
+
+
+class StepRankReport(L.Callback):
+    def __init__(self, directory):
+        self.directory = str(directory)
+
+    def on_train_end(self, trainer, pl_module):
+        es = next(c for c in trainer.callbacks if isinstance(c, SmoothedEarlyStopping))
+        report = {
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "stopped": es.stopped_epoch,
+            "reason": es.stopping_reason.value,
+            "message": es.stopping_reason_message,
+            "initial": es.initial_train_loss,
+        }
+        Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.ddp
+def test_ddp_explosion_on_one_rank_stops_both_with_divergence_reason(tmp_path):
+    explode_from, growth, steps_per_epoch = 5, 2.5, 4
+    mean = [
+        (rank_step_loss(0, t, explode_from, growth) + rank_step_loss(1, t, explode_from, growth)) / 2
+        for t in range(40)
+    ]
+    smoothed = ema_reference(mean, 0.5)
+    expected = next(t for t, v in enumerate(smoothed) if v > 3.0 * smoothed[0])
+    # rank 0 alone would stop an epoch earlier, rank 1 alone never: the rule must see the mean
+    rank0 = ema_reference([rank_step_loss(0, t, explode_from, growth) for t in range(40)], 0.5)
+    assert next(t for t, v in enumerate(rank0) if v > 3.0 * rank0[0]) // steps_per_epoch == 1
+    rank1 = ema_reference([rank_step_loss(1, t, explode_from, growth) for t in range(40)], 0.5)
+    assert max(rank1) < 3.0 * rank1[0]
+    assert (expected // steps_per_epoch, expected % steps_per_epoch) == (2, 1)  # mid third epoch
+
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(TensorDataset(torch.randn(32, 4, generator=g)), batch_size=4)  # 4 batches per rank
+    es = SmoothedEarlyStopping(
+        "val/loss",
+        patience=100,
+        smoothing="ema",
+        alpha=0.5,
+        divergence_factor=3.0,
+        train_check_every_n_steps=1,
+    )
+    trainer = L.Trainer(
+        max_epochs=10,
+        callbacks=[es, StepRankReport(tmp_path)],
+        **ddp_spawn_trainer_kwargs(tmp_path),
+    )
+    trainer.fit(RankStepLoss(explode_from, growth), train, tiny_loader())
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0] == reports[1]
+    assert reports[0]["global_step"] == expected + 1  # stopped right after the step that exploded
+    assert reports[0]["stopped"] == expected // steps_per_epoch
+    assert reports[0]["epoch"] == expected // steps_per_epoch + 1  # the stopped epoch counts as run
+    assert reports[0]["reason"] == EarlyStoppingReason.DIVERGENCE_THRESHOLD.value
+    assert "Training loss exploded" in reports[0]["message"]
+    assert reports[0]["initial"] == pytest.approx(mean[0])

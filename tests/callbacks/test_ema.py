@@ -11,10 +11,14 @@ import cloudpickle
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from helpers import PlainClassifier, ddp_spawn_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins import TorchSyncBatchNorm
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MeanMetric
 
 from lightning_tricks.callbacks.ema import EMA
@@ -443,3 +447,134 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 def test_two_instances_need_distinct_suffixes(tmp_path):
     with pytest.raises(Exception, match="own `suffix`"):
         fit(tmp_path, PlainClassifier(), [EMA(decay=0.9), EMA(decay=0.99)], max_epochs=1)
+
+
+class GlooSyncBatchNorm(_BatchNorm):
+    """Synchronised BatchNorm whose training forward runs on CPU under gloo.
+
+    torch's ``nn.SyncBatchNorm`` cannot: its statistics kernels are CUDA-only and DDP rejects it on
+    CPU modules. This one sums ``x``, ``x**2`` and the count over all ranks with a differentiable
+    all-reduce and normalises with the global batch mean and biased variance; the running statistics
+    move towards the global mean and unbiased variance, as ``nn.SyncBatchNorm`` does. Evaluation is
+    plain BatchNorm on the running statistics.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {input.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        c, dims = x.shape[1], [0, *range(2, x.dim())]
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype)
+        sums = dist_nn.all_reduce(torch.cat([x.sum(dims), x.pow(2).sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:c] / n
+        var = sums[c : 2 * c] / n - mean.pow(2)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        normed = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return normed * self.weight.view(shape) + self.bias.view(shape)
+
+
+class CPUSyncBatchNorm(TorchSyncBatchNorm):
+    """The layer sync of ``Trainer(sync_batchnorm=True)``, with :class:`GlooSyncBatchNorm` layers.
+
+    Layers keep their parameters and buffers; only their class changes, and ``revert`` restores it.
+    """
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        for module in model.modules():
+            if isinstance(module, _BatchNorm) and not isinstance(module, GlooSyncBatchNorm):
+                module.unsynced_class = type(module)
+                module.__class__ = GlooSyncBatchNorm
+        return model
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        for module in model.modules():
+            if isinstance(module, GlooSyncBatchNorm):
+                module.__class__ = module.__dict__.pop("unsynced_class")
+        return model
+
+
+class SyncBNRankDump(Callback):
+    """Per rank, to ``out/rank{r}.pt``: BatchNorm inputs and live state after each step, and the EMA."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.steps: list[dict[str, torch.Tensor]] = []
+        self.bn_inputs: list[torch.Tensor] = []
+        self.bn_types: list[str] = []
+
+    def _record_input(self, module, args):
+        if module.training:
+            self.bn_inputs.append(args[0].detach().clone())
+
+    def on_fit_start(self, trainer, pl_module):
+        for module in pl_module.modules():
+            if isinstance(module, _BatchNorm):
+                self.bn_types.append(type(module).__name__)
+                module.register_forward_pre_hook(self._record_input)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    def on_train_end(self, trainer, pl_module):
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+        payload = {
+            "ema": ema.ema_state_dict(),
+            "steps": self.steps,
+            "bn_inputs": self.bn_inputs,
+            "bn_types": self.bn_types,
+            "num_updates": ema.num_updates,
+        }
+        torch.save(payload, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_sync_batchnorm_ema_buffers_identical_on_both_ranks(tmp_path):
+    torch.manual_seed(0)
+    train, val = digits_loaders(batch_size=32, n_train=256)  # 4 steps per epoch on each rank
+    trainer = L.Trainer(
+        **ddp_spawn_trainer_kwargs(tmp_path),
+        max_epochs=2,
+        limit_val_batches=1,
+        sync_batchnorm=True,
+        plugins=[CPUSyncBatchNorm()],
+        callbacks=[EMA(decay=0.8, copy_average_at_end=False), SyncBNRankDump(str(tmp_path))],
+    )
+    trainer.fit(BatchNormClassifier(), train, val)
+
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["bn_types"] == r1["bn_types"] == ["GlooSyncBatchNorm"]
+    assert r0["num_updates"] == r1["num_updates"] == len(r0["steps"]) == len(r0["bn_inputs"]) == 8
+    # each rank normalises a different half of the data, so unsynchronised statistics would differ
+    assert not torch.allclose(r0["bn_inputs"][0].mean(0), r1["bn_inputs"][0].mean(0), atol=1e-2)
+
+    # running statistics of the global batch (both ranks' inputs), from BatchNorm's defaults
+    mean, var = torch.zeros(32), torch.ones(32)
+    for t, (x0, x1) in enumerate(zip(r0["bn_inputs"], r1["bn_inputs"], strict=True)):
+        x = torch.cat([x0, x1])
+        mean, var = 0.9 * mean + 0.1 * x.mean(0), 0.9 * var + 0.1 * x.var(0, unbiased=True)
+        for r in (r0, r1):
+            torch.testing.assert_close(r["steps"][t]["net.2.running_mean"], mean, rtol=0, atol=1e-5)
+            torch.testing.assert_close(r["steps"][t]["net.2.running_var"], var, rtol=0, atol=1e-5)
+            assert r["steps"][t]["net.2.num_batches_tracked"].item() == t + 1
+        for name, value in r0["steps"][t].items():
+            assert torch.equal(value, r1["steps"][t][name]), (t, name)
+
+    assert r0["ema"].keys() == r1["ema"].keys() and "net.2.running_var" in r0["ema"]
+    for name, value in r0["ema"].items():
+        assert torch.equal(value, r1["ema"][name]), name
+    reference = {}
+    for t, live in enumerate(r0["steps"]):
+        reference = {
+            k: v.clone() if t == 0 or not v.is_floating_point() else 0.8 * reference[k] + 0.2 * v
+            for k, v in live.items()
+        }
+    for name, value in reference.items():
+        torch.testing.assert_close(r0["ema"][name], value, rtol=0, atol=1e-6)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
-from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs
+from helpers import PlainClassifier, ddp_spawn_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_tricks.callbacks.momentum import MomentumSchedule
@@ -220,3 +222,149 @@ def test_resume_after_switch_continues_with_sgd(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == full.optimizers[0].param_groups[0]["lr"]
     for k, v in full_model.state_dict().items():
         assert torch.equal(v, resumed_model.state_dict()[k]), k
+
+
+class RankPlateau(PlainClassifier):
+    """Adam; ``val/score`` logged without ``sync_dist``: worse on rank 0 from epoch 3, better on rank 1."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", torch.tensor(rank_plateau_score(self.global_rank, self.current_epoch)))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def rank_plateau_score(rank: int, epoch: int) -> float:
+    return 0.8 + 0.05 * (epoch - 2) ** 2 if rank == 0 and epoch >= 3 else 1.0 - 0.1 * epoch
+
+
+def rank_plateau_scores(rank: int, epochs: int) -> list[float]:
+    return [rank_plateau_score(rank, e) for e in range(epochs)]
+
+
+def plateau_switch_reference(values: list[float], patience: int) -> int | None:
+    """Epoch at whose start a min-mode plateau rule with ``patience`` switches, or None."""
+    best, wait = float("inf"), 0
+    for e, v in enumerate(values):
+        best, wait = (v, 0) if v < best else (best, wait + 1)
+        if wait >= patience:
+            return e + 1
+    return None
+
+
+class AdamBeforeSwitch(L.Callback):
+    """Before the switch callback runs at an epoch start: the reference SGD rate from the Adam state."""
+
+    def __init__(self):
+        self.expected_lr = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        if isinstance(opt, torch.optim.Adam) and opt.state:
+            self.expected_lr = adam_reference_lr(opt, 0.9)
+
+
+class SwitchRankReport(L.Callback):
+    """After the switch callback: each epoch's optimizer; at the end everything a rank knows, to a file."""
+
+    def __init__(self, out: str, probe: AdamBeforeSwitch):
+        self.out, self.probe = out, probe
+        self.kinds, self.lrs, self.momenta = [], [], []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        group = trainer.optimizers[0].param_groups[0]
+        self.kinds.append(type(trainer.optimizers[0]).__name__)
+        self.lrs.append(group["lr"])
+        self.momenta.append(group.get("momentum"))
+
+    def on_train_end(self, trainer, pl_module):
+        switch = next(c for c in trainer.callbacks if isinstance(c, OptimizerSwitch))
+        payload = {
+            "kinds": self.kinds,
+            "lrs": self.lrs,
+            "momenta": self.momenta,
+            "expected_lr": self.probe.expected_lr,
+            "switched_epoch": switch.switched_epoch,
+            "sgd_lrs": switch.sgd_lrs,
+            "stepped": bool(trainer.optimizers[0].state),
+            "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+        }
+        torch.save(payload, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_plateau_on_one_rank_switches_both_at_the_same_epoch(tmp_path):
+    epochs, patience = 8, 2
+    mean = [(a + b) / 2 for a, b in zip(*(rank_plateau_scores(r, epochs) for r in (0, 1)), strict=True)]
+    expected = plateau_switch_reference(mean, patience)
+    assert expected == 6
+    # rank 0 alone would switch earlier, rank 1 alone never: the decision must come from the mean
+    assert plateau_switch_reference(rank_plateau_scores(0, epochs), patience) == 5
+    assert plateau_switch_reference(rank_plateau_scores(1, epochs), patience) is None
+
+    torch.manual_seed(0)
+    probe = AdamBeforeSwitch()
+    switch = OptimizerSwitch(monitor="val/score", patience=patience, momentum=0.9)
+    train, val = digits_loaders(batch_size=32, n_train=256)  # 4 steps per epoch on each rank
+    trainer = L.Trainer(
+        **ddp_spawn_trainer_kwargs(tmp_path),
+        max_epochs=epochs,
+        limit_val_batches=1,
+        callbacks=[probe, switch, SwitchRankReport(str(tmp_path), probe)],
+    )
+    trainer.fit(RankPlateau(), train, val)
+
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["switched_epoch"] == expected
+        assert r["kinds"] == ["Adam"] * expected + ["SGD"] * (epochs - expected)
+        assert r["momenta"][expected:] == [0.9] * (epochs - expected)
+        assert r["stepped"]
+    # the rate derived from the Adam state at the switch, identical on both ranks
+    assert r0["expected_lr"] is not None and r0["expected_lr"] == pytest.approx(r1["expected_lr"], rel=1e-12)
+    assert r0["sgd_lrs"] == r1["sgd_lrs"] == [pytest.approx(r0["expected_lr"], rel=1e-6)]
+    assert r0["lrs"][expected:] == r1["lrs"][expected:] == [r0["sgd_lrs"][0]] * (epochs - expected)
+    assert r0["weights"].keys() == r1["weights"].keys()
+    for name, value in r0["weights"].items():
+        assert torch.equal(value, r1["weights"][name]), name
+
+
+class MomentumRankReport(L.Callback):
+    """After the schedule: the momentum/beta1 each rank trains with at every batch, to a file."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.by_step = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for group in trainer.optimizers[0].param_groups:
+            self.by_step.append((trainer.current_epoch, batch_idx, group["betas"][0], group["betas"][1]))
+
+    def on_train_end(self, trainer, pl_module):
+        payload = {"by_step": self.by_step, "batches": trainer.num_training_batches}
+        torch.save(payload, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_momentum_ramp_identical_on_both_ranks(tmp_path):
+    torch.manual_seed(0)
+    train, val = digits_loaders(batch_size=32, n_train=256)  # 128 samples per rank: 4 batches
+    trainer = L.Trainer(
+        **ddp_spawn_trainer_kwargs(tmp_path),
+        max_epochs=3,
+        limit_val_batches=1,
+        callbacks=[
+            MomentumSchedule(0.5, 0.95, ramp_epochs=1.5, interval="step"),
+            MomentumRankReport(str(tmp_path)),
+        ],
+    )
+    trainer.fit(Configured("adam", lr=0.01), train, val)
+
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["batches"] == r1["batches"] == 4
+    assert r0["by_step"] == r1["by_step"]
+    assert [(e, b) for e, b, _, _ in r0["by_step"]] == [(e, b) for e in range(3) for b in range(4)]
+    for epoch, batch_idx, beta1, beta2 in r0["by_step"]:
+        t = epoch + batch_idx / 4
+        assert beta1 == pytest.approx(0.5 + 0.45 * min(t / 1.5, 1.0), abs=1e-12), (epoch, batch_idx)
+        assert beta2 == 0.999
