@@ -1,3 +1,4 @@
+import itertools
 import math
 from pathlib import Path
 
@@ -271,3 +272,161 @@ def test_ddp_snapshots_identical_across_ranks_and_metrics_reduced(tmp_path):
     mean = torch.stack(probs).mean(0)
     expected = (mean.argmax(1) == y[256:512]).float().mean().item()
     assert trainer.callback_metrics["val/acc_ensemble"].item() == pytest.approx(expected, abs=1e-6)
+
+
+class EpochRestartsClassifier(PlainClassifier):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2, T_mult=2)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class EpochProbe(Callback):
+    """Records, per 1-based epoch, the LRs of its optimizer steps, its final weights and momentum state."""
+
+    def __init__(self):
+        self.lrs, self.weights, self.steps, self.empty_state_at = {}, {}, {}, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if not trainer.optimizers[0].state:
+            self.empty_state_at.append(trainer.current_epoch + 1)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.setdefault(trainer.current_epoch + 1, []).append(optimizer.param_groups[0]["lr"])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        epoch = trainer.current_epoch + 1
+        self.weights[epoch] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.steps[epoch] = trainer.global_step
+
+
+@pytest.mark.parametrize("cycles", [3, 2])
+def test_user_warm_restarts_per_epoch_snapshot_at_cycle_ends(tmp_path, cycles):
+    # 128 samples in batches of 64: 2 optimizer steps per epoch, 15 epochs.
+    epochs, steps_per_epoch, a0 = 15, 2, 0.1
+    # Cycle i of CosineAnnealingWarmRestarts(T_0=2, T_mult=2) ends at epoch 2 * (2**i - 1): 2, 6, 14, 30.
+    cycle_ends = [2 * (2**i - 1) for i in range(1, 5) if 2 * (2**i - 1) <= epochs]
+    assert cycle_ends == [2, 6, 14]
+    expected_epochs = cycle_ends[-cycles:]
+
+    snap = SnapshotEnsemble(cycles=cycles, schedule="user", reset_momentum=True, save_files=False)
+    probe = EpochProbe()
+    train, val = digits_loaders(BATCH, n_train=128)
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=epochs, callbacks=[snap, probe], limit_val_batches=1, **quiet_trainer_kwargs(tmp_path)
+    )
+    model = EpochRestartsClassifier(lr=a0)
+    trainer.fit(model, train, val)
+
+    # The LR is constant within an epoch and follows the cosine of its cycle.
+    starts = [0, *cycle_ends]
+    lengths = [b - a for a, b in itertools.pairwise(starts)] + [16]
+    epoch_lr = {}
+    for epoch in range(1, epochs + 1):
+        cycle = max(i for i, s in enumerate(starts) if s < epoch)
+        t_cur, t_i = epoch - 1 - starts[cycle], lengths[cycle]
+        expected = a0 / 2 * (math.cos(math.pi * t_cur / t_i) + 1)
+        assert probe.lrs[epoch] == pytest.approx([expected] * steps_per_epoch, rel=1e-12, abs=1e-15)
+        epoch_lr[epoch] = probe.lrs[epoch][0]
+    # The restarts seen in the LR curve are exactly the cycle ends.
+    assert [e for e in range(1, epochs) if epoch_lr[e + 1] > epoch_lr[e]] == cycle_ends
+
+    assert len(snap.snapshots) == cycles
+    assert snap.snapshot_steps == [e * steps_per_epoch for e in expected_epochs]
+    assert [probe.steps[e] for e in expected_epochs] == snap.snapshot_steps
+    for snapshot, epoch in zip(snap.snapshots, expected_epochs, strict=True):
+        assert snapshot.keys() == probe.weights[epoch].keys()
+        assert all(torch.equal(v, probe.weights[epoch][k]) for k, v in snapshot.items())
+        start = starts[starts.index(epoch) - 1]
+        cycle_lrs = [epoch_lr[e] for e in range(start + 1, epoch + 1)]
+        assert epoch_lr[epoch] == min(cycle_lrs) < cycle_lrs[0] == pytest.approx(a0)
+        assert epoch_lr[epoch + 1] == pytest.approx(a0)  # the scheduler restarts right after
+    # Snapshots are not all the same model: training moved between them.
+    assert not torch.equal(snap.snapshots[0]["net.1.weight"], snap.snapshots[-1]["net.1.weight"])
+    # Momentum is cleared after every completed cycle, not at any other epoch.
+    assert probe.empty_state_at == [1, *[e + 1 for e in cycle_ends]]
+
+
+@pytest.mark.parametrize(("budget", "cycles"), [({"max_steps": 22}, 4), ({"max_epochs": 5}, 3)])
+def test_paper_schedule_with_last_cycle_cut_short(tmp_path, budget, cycles):
+    # 4 optimizer steps per epoch: 22 steps in cycles of 6 (last one 4), or 20 steps in cycles of 7 (last 6).
+    total = budget.get("max_steps", 4 * budget.get("max_epochs", 0))
+    length = -(-total // cycles)
+    assert total % cycles != 0 and total % length != 0
+    ends = [*range(length, total, length), total]
+    assert len(ends) == cycles and ends[-1] - ends[-2] < length
+
+    snap, probe = SnapshotEnsemble(cycles=cycles, save_files=False), Probe()
+    train, val = digits_loaders(BATCH, n_train=N_TRAIN)
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        **budget, callbacks=[snap, probe], limit_val_batches=1, **quiet_trainer_kwargs(tmp_path)
+    )
+    model = PlainClassifier(lr=0.1)
+    with pytest.warns(UserWarning, match=rf"{total} optimizer steps are not a multiple of the cycle length"):
+        trainer.fit(model, train, val)
+
+    assert trainer.global_step == total
+    expected = [paper_lr(t, total, cycles, 0.1) for t in range(1, total + 1)]
+    assert len(probe.lrs) == total
+    assert probe.lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+    assert len(snap.snapshots) == cycles
+    assert snap.snapshot_steps == ends
+    for snapshot, step in zip(snap.snapshots, ends, strict=True):
+        assert all(torch.equal(v, probe.weights[step][k]) for k, v in snapshot.items())
+        cycle = probe.lrs[step - ((step - 1) % length) - 1 : step]
+        assert probe.lrs[step - 1] == min(cycle) < cycle[0] == pytest.approx(0.1)
+    # The last snapshot is the final model.
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in snap.snapshots[-1].items())
+
+
+class CountStarts(Callback):
+    def __init__(self):
+        self.started = []
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self.started.append("sanity_check")
+
+    def on_train_start(self, trainer, pl_module):
+        self.started.append("train")
+
+
+def _cyclic(opt):
+    return {
+        "scheduler": torch.optim.lr_scheduler.CyclicLR(opt, 0.001, 0.1, step_size_up=3),
+        "interval": "step",
+    }
+
+
+def _lambda_cosine_restarts(opt):
+    cosine = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (math.cos(math.pi * (s % 6) / 6) + 1))
+    return {"scheduler": cosine, "interval": "step"}
+
+
+@pytest.mark.parametrize("make_scheduler", [_cyclic, _lambda_cosine_restarts, None])
+def test_user_schedule_without_warm_restarts_fails_before_training(tmp_path, make_scheduler):
+    class UserScheduled(PlainClassifier):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+            if make_scheduler is None:
+                return opt
+            return {"optimizer": opt, "lr_scheduler": make_scheduler(opt)}
+
+    model, counter = UserScheduled(lr=0.1), CountStarts()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, val = digits_loaders(BATCH, n_train=N_TRAIN)
+    trainer = L.Trainer(
+        max_epochs=EPOCHS,
+        callbacks=[SnapshotEnsemble(cycles=2, schedule="user"), counter],
+        **quiet_trainer_kwargs(tmp_path),
+    )
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"schedule='user'\) needs a torch\.optim\.lr_scheduler\.CosineAnnealingWarmRestarts.*"
+        r"use schedule='paper'",
+    ):
+        trainer.fit(model, train, val)
+    assert counter.started == [] and trainer.global_step == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
