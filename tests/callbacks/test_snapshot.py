@@ -430,3 +430,32 @@ def test_user_schedule_without_warm_restarts_fails_before_training(tmp_path, mak
         trainer.fit(model, train, val)
     assert counter.started == [] and trainer.global_step == 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_user_warm_restarts_per_epoch_counts_only_epochs_that_max_steps_completes(tmp_path):
+    # 2 optimizer steps per epoch; max_steps=29 ends the run in epoch 15, after 14 complete epochs,
+    # although max_epochs allows 100: the cycles ending at epochs 30 and 62 never happen.
+    train, val = digits_loaders(BATCH, n_train=128)
+    snap = SnapshotEnsemble(cycles=2, schedule="user", save_files=False)
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=100, max_steps=29, callbacks=[snap], limit_val_batches=1, **quiet_trainer_kwargs(tmp_path)
+    )
+    trainer.fit(EpochRestartsClassifier(lr=0.1), train, val)
+    assert trainer.global_step == 29
+    assert snap.snapshot_steps == [6 * 2, 14 * 2]  # the last two cycle ends, epochs 6 and 14
+
+    # max_steps=27: 13 complete epochs hold only the cycles ending at epochs 2 and 6.
+    model = EpochRestartsClassifier(lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = L.Trainer(
+        max_epochs=100,
+        max_steps=27,
+        callbacks=[SnapshotEnsemble(cycles=3, schedule="user")],
+        **quiet_trainer_kwargs(tmp_path),
+    )
+    with pytest.raises(
+        MisconfigurationException, match=r"`cycles`=3 .*completes only 2 cycles in 13 complete"
+    ):
+        trainer.fit(model, train, val)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -254,7 +254,13 @@ class SnapshotEnsemble(Callback):
                 raise MisconfigurationException(
                     "SnapshotEnsemble(schedule='user') with an epoch-interval scheduler needs `max_epochs`"
                 )
-            budget, unit = trainer.max_epochs, "epochs"
+            # Only complete epochs step the scheduler; `max_steps` may end the run before `max_epochs`.
+            batches = trainer.num_training_batches
+            steps_per_epoch = (
+                math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
+            )
+            full_epochs = self._total_steps // steps_per_epoch if steps_per_epoch > 0 else 0
+            budget, unit = min(trainer.max_epochs, full_epochs), "complete epochs"
         else:
             budget, unit = self._total_steps, "optimizer steps"
         ends = warm_restart_cycle_ends(sched.T_0, sched.T_mult, budget // config.frequency)
