@@ -394,3 +394,146 @@ def test_ddp_explosion_on_one_rank_stops_both_with_divergence_reason(tmp_path):
     assert reports[0]["reason"] == EarlyStoppingReason.DIVERGENCE_THRESHOLD.value
     assert "Training loss exploded" in reports[0]["message"]
     assert reports[0]["initial"] == pytest.approx(mean[0])
+
+
+class RankZeroOnlyMetric(L.LightningModule):
+    """Logs ``train/loss`` and ``val/loss`` (no ``sync_dist``), ``only_on_rank0`` on rank 0 only."""
+
+    def __init__(self, only_on_rank0: str):
+        super().__init__()
+        self.only_on_rank0 = only_on_rank0
+        self.layer = torch.nn.Linear(4, 1)
+
+    def _log(self, name, value):
+        if name != self.only_on_rank0 or self.global_rank == 0:
+            self.log(name, value, on_epoch=True)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        self._log("train/loss", loss.detach())
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._log("val/loss", torch.tensor(1.0 - 0.1 * self.current_epoch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class RankOutcome(L.Callback):
+    """Per rank: the weights and early-stopping state at the end of training."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+
+    def on_train_end(self, trainer, pl_module):
+        es = next(c for c in trainer.callbacks if isinstance(c, SmoothedEarlyStopping))
+        outcome = {
+            "epoch": trainer.current_epoch,
+            "smoothed": es.smoothed_value,
+            "initial_train_loss": es.initial_train_loss,
+            "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+        }
+        torch.save(outcome, Path(self.directory, f"rank{trainer.global_rank}.pt"))
+
+
+class ErrorRecordingEarlyStopping(SmoothedEarlyStopping):
+    """Writes the exception a check raises on this rank to ``rank{r}.error`` (spawned workers do not
+    call ``Callback.on_exception``; only the main process does)."""
+
+    def __init__(self, directory, **kwargs):
+        super().__init__(**kwargs)
+        self.directory = str(directory)
+
+    def _recorded(self, trainer, check):
+        try:
+            check(trainer)
+        except Exception as e:
+            Path(self.directory, f"rank{trainer.global_rank}.error").write_text(f"{type(e).__name__}: {e}")
+            raise
+
+    def _run_early_stopping_check(self, trainer):
+        self._recorded(trainer, super()._run_early_stopping_check)
+
+    def _run_explosion_check(self, trainer):
+        self._recorded(trainer, super()._run_explosion_check)
+
+
+def fit_with_metric_on_rank0_only(tmp_path, only_on_rank0, strict):
+    es = ErrorRecordingEarlyStopping(
+        tmp_path, monitor="val/loss", strict=strict, patience=100, divergence_factor=3.0
+    )
+    trainer = L.Trainer(
+        max_epochs=3, callbacks=[es, RankOutcome(tmp_path)], **ddp_spawn_trainer_kwargs(tmp_path)
+    )
+    trainer.fit(RankZeroOnlyMetric(only_on_rank0), tiny_loader(), tiny_loader())
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("only_on_rank0", ["val/loss", "train/loss"])
+def test_ddp_metric_on_one_rank_only_non_strict_skips_on_every_rank(tmp_path, only_on_rank0):
+    fit_with_metric_on_rank0_only(tmp_path, only_on_rank0, strict=False)
+    assert not list(tmp_path.glob("*.error"))
+    outcomes = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for outcome in outcomes:
+        assert outcome["epoch"] == 3  # trained to max_epochs
+        if only_on_rank0 == "val/loss":  # the early-stopping check was skipped, the explosion rule ran
+            assert outcome["smoothed"] is None
+            assert outcome["initial_train_loss"] is not None
+        else:  # the explosion rule was skipped, the early-stopping check ran
+            assert outcome["smoothed"] == pytest.approx(ema_reference([1.0, 0.9, 0.8], 0.3)[-1], rel=1e-5)
+            assert outcome["initial_train_loss"] is None
+    w0, w1 = outcomes[0]["weights"], outcomes[1]["weights"]
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k])
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("only_on_rank0", ["val/loss", "train/loss"])
+def test_ddp_metric_on_one_rank_only_strict_fails_on_every_rank(tmp_path, only_on_rank0):
+    with pytest.raises(Exception, match=f"metric `{only_on_rank0}` which is not available"):
+        fit_with_metric_on_rank0_only(tmp_path, only_on_rank0, strict=True)
+    for r in (0, 1):
+        error = (tmp_path / f"rank{r}.error").read_text()
+        assert error.startswith("RuntimeError: ")
+        assert f"metric `{only_on_rank0}` which is not available" in error
+    assert not list(tmp_path.glob("*.pt"))
+
+
+class StopsOnRankOne(SmoothedEarlyStopping):
+    """A user's rule that fires on rank 1 only, at ``epoch``."""
+
+    def __init__(self, epoch, **kwargs):
+        super().__init__(**kwargs)
+        self.epoch = epoch
+        self.where = (0, 0)
+
+    def _run_early_stopping_check(self, trainer):
+        self.where = (trainer.global_rank, trainer.current_epoch)
+        super()._run_early_stopping_check(trainer)
+
+    def _evaluate_stopping_criteria(self, current):
+        should_stop, reason = super()._evaluate_stopping_criteria(current)
+        if self.where == (1, self.epoch):
+            self.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD
+            return True, "The rank-1 rule fired."
+        return should_stop, reason
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(60)
+def test_ddp_every_rank_records_the_reason_of_the_rank_that_stopped(tmp_path):
+    values = [1.0 - 0.05 * e for e in range(10)]  # keeps improving: only the rank-1 rule stops
+    es = StopsOnRankOne(2, monitor="val/loss", patience=100, divergence_factor=None)
+    trainer = L.Trainer(
+        max_epochs=10, callbacks=[es, StepRankReport(tmp_path)], **ddp_spawn_trainer_kwargs(tmp_path)
+    )
+    trainer.fit(ScriptedModule(values), tiny_loader(), tiny_loader())
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0] == reports[1]
+    assert (reports[0]["stopped"], reports[0]["epoch"]) == (2, 3)
+    assert reports[0]["reason"] == EarlyStoppingReason.STOPPING_THRESHOLD.value
+    assert reports[0]["message"] == "The rank-1 rule fired."

@@ -110,6 +110,8 @@ class SmoothedEarlyStopping(EarlyStopping):
       The rule assumes a positive loss; it switches itself off with a warning otherwise.
 
     ``patience`` is configuration and is not taken from a checkpoint (Lightning's callback does so).
+    Under DDP, when one rank decides to stop, every rank records that rank's ``stopping_reason`` and
+    ``stopping_reason_message`` (rank 0 writes the checkpoints).
 
     Args:
         monitor: quantity to be monitored, e.g. ``"val/loss"``.
@@ -117,7 +119,8 @@ class SmoothedEarlyStopping(EarlyStopping):
         patience: number of checks without improvement after which training stops.
         verbose: log decisions.
         mode: ``"min"`` or ``"max"``.
-        strict: raise when ``monitor`` (or ``train_monitor``) is not logged.
+        strict: raise when ``monitor`` (or ``train_monitor``) is not logged. Under DDP a metric missing on
+            any rank counts as missing on every rank: all ranks raise, or with ``strict=False`` all skip.
         check_finite: stop when the raw monitored value is NaN or infinite.
         stopping_threshold: stop once the smoothed value reaches this threshold.
         divergence_threshold: stop once the smoothed value is worse than this threshold.
@@ -140,8 +143,8 @@ class SmoothedEarlyStopping(EarlyStopping):
 
     Raises:
         ValueError: for an unknown ``smoothing`` or an argument outside its range.
-        RuntimeError: if ``strict`` and a monitored metric is not logged; the message lists the
-            available metrics.
+        RuntimeError: if ``strict`` and a monitored metric is not logged (on any rank); the message lists
+            the available metrics.
 
     Example::
 
@@ -285,11 +288,15 @@ class SmoothedEarlyStopping(EarlyStopping):
 
     # ------------------------------------------------------------------ checks
     def _require(self, trainer: pl.Trainer, name: str, logs: dict[str, Tensor]) -> bool:
-        if name in logs:
+        # Decided together before any other collective: a rank that returned here alone would leave the
+        # others waiting in the collectives that follow.
+        here = name in logs
+        if trainer.strategy.reduce_boolean_decision(here, all=True):
             return True
+        where = " on every rank (this rank has it, another one does not)" if here else ""
         msg = (
-            f"Early stopping conditioned on metric `{name}` which is not available. Pass in or modify your"
-            f" `{type(self).__name__}` callback to use any of the following: `{'`, `'.join(logs)}`"
+            f"Early stopping conditioned on metric `{name}` which is not available{where}. Pass in or modify"
+            f" your `{type(self).__name__}` callback to use any of the following: `{'`, `'.join(logs)}`"
         )
         if self.strict:
             raise RuntimeError(msg)
@@ -383,10 +390,17 @@ class SmoothedEarlyStopping(EarlyStopping):
 
     def _stop(self, trainer: pl.Trainer, should_stop: bool, reason: str | None) -> None:
         # stop every process if any process decides to stop
-        should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
-        if should_stop and not trainer.should_stop:
+        stop_any = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
+        if stop_any and trainer.world_size > 1:
+            # every rank records the reason of the first rank that decided to stop (rank 0 writes checkpoints)
+            strategy = trainer.strategy
+            decided = strategy.all_gather(torch.tensor(int(should_stop), device=strategy.root_device))
+            src = int(decided.flatten().nonzero()[0, 0])
+            reason_value, reason = strategy.broadcast((self.stopping_reason.value, reason), src=src)
+            self.stopping_reason = EarlyStoppingReason(reason_value)
+        if stop_any and not trainer.should_stop:
             self.stopped_epoch = trainer.current_epoch
             self.stopping_reason_message = reason
-        trainer.should_stop = trainer.should_stop or should_stop
+        trainer.should_stop = trainer.should_stop or stop_any
         if reason and self.verbose:
             self._log_info(trainer, reason, self.log_rank_zero_only)
