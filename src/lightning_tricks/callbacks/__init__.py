@@ -15,8 +15,9 @@ Example::
     )
 """
 
+from lightning_tricks.callbacks._smoothing import MetricSmoother
 from lightning_tricks.callbacks.diagnostics import Finding, TrainingDiagnostics
-from lightning_tricks.callbacks.early_stopping import MetricSmoother, SmoothedEarlyStopping
+from lightning_tricks.callbacks.early_stopping import SmoothedEarlyStopping
 from lightning_tricks.callbacks.ema import EMA
 from lightning_tricks.callbacks.init_loss import InitLossCheck
 from lightning_tricks.callbacks.lr_finder import LRFinder, LRFinderResults

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_tricks.callbacks._smoothing import MetricSmoother
+
 SUGGESTIONS = ("steepest", "min_div_10", "valley")
 MODES = ("exponential", "linear")
 
@@ -41,20 +43,17 @@ class SmoothedLossTracker:
     def __init__(self, beta: float, divergence_factor: float | None) -> None:
         self.beta = beta
         self.divergence_factor = divergence_factor
-        self._avg = 0.0
-        self._count = 0
+        self._smoother = MetricSmoother("ema", alpha=1.0 - beta)
         self.best = math.inf
 
     def update(self, loss: float) -> tuple[float | None, bool]:
         """Add one raw loss; return ``(smoothed or None if dropped, diverged)``."""
         if not math.isfinite(loss):
             return None, False
-        self._count += 1
-        self._avg = self.beta * self._avg + (1.0 - self.beta) * loss
-        smoothed = self._avg / (1.0 - self.beta**self._count)
+        smoothed = self._smoother.update(loss)
         diverged = (
             self.divergence_factor is not None
-            and self._count > 1
+            and self._smoother.count > 1
             and smoothed > self.divergence_factor * self.best
         )
         self.best = min(self.best, smoothed)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,60 +18,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tricks.callbacks._smoothing import SMOOTHINGS, MetricSmoother
+
 log = logging.getLogger(__name__)
-
-SMOOTHINGS = ("ema", "mean", "median")
-
-
-class MetricSmoother:
-    """Running smoother of a scalar series: bias-corrected EMA, or mean/median over a window.
-
-    The EMA is bias-corrected (as in Adam): after values ``x_1..x_t`` it returns
-    ``sum_k (1-alpha)^k x_{t-k} / sum_k (1-alpha)^k``, which equals pandas'
-    ``Series.ewm(alpha=alpha, adjust=True).mean()``; so the first value is returned unchanged
-    rather than being pulled towards zero. ``alpha=1`` returns the raw value.
-
-    Args:
-        kind: ``"ema"``, ``"mean"``, ``"median"`` or ``None`` (raw values).
-        alpha: EMA weight of the newest value, in ``(0, 1]``.
-        window: number of recent values for ``"mean"``/``"median"``, at least 1.
-
-    Example::
-
-        >>> s = MetricSmoother("mean", window=2)
-        >>> [s.update(v) for v in (1.0, 3.0, 5.0)]
-        [1.0, 2.0, 4.0]
-    """
-
-    def __init__(self, kind: str | None, alpha: float = 0.3, window: int = 5) -> None:
-        self.kind = kind
-        self.alpha = alpha
-        self.window = window
-        self.count = 0
-        self.ema = 0.0
-        self.buffer: deque[float] = deque(maxlen=window)
-
-    def update(self, value: float) -> float:
-        """Adds ``value`` and returns the smoothed value."""
-        self.count += 1
-        if self.kind == "ema":
-            self.ema = (1.0 - self.alpha) * self.ema + self.alpha * value
-            return self.ema / (1.0 - (1.0 - self.alpha) ** self.count)
-        self.buffer.append(value)
-        if self.kind == "mean":
-            return sum(self.buffer) / len(self.buffer)
-        if self.kind == "median":
-            # torch.median returns the lower of the two middle values; use the usual midpoint instead
-            return float(torch.tensor(list(self.buffer), dtype=torch.float64).quantile(0.5))
-        return value
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "ema": self.ema, "buffer": list(self.buffer)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.count = int(state.get("count", 0))
-        self.ema = float(state.get("ema", 0.0))
-        self.buffer = deque((float(v) for v in state.get("buffer", [])), maxlen=self.window)
 
 
 class SmoothedEarlyStopping(EarlyStopping):
