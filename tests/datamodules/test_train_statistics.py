@@ -107,3 +107,20 @@ def test_in_memory_cache_reused(tmp_path, monkeypatch):
     assert len(calls) == 2 and len(list(tmp_path.glob("*.pt"))) == 2
     state = torch.load(next(tmp_path.glob("*.pt")), weights_only=True)
     assert set(state) == {"mean", "std", "eigval", "eigvec"}
+
+
+def test_statistics_are_copied_to_a_device_once_and_again_only_after_they_change():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    stats = ImageStatistics(normalize=True)
+    stats.fit(images)
+    batch = torch.zeros(4, 3, 8, 8, device="meta")  # a second device without moving data
+    stats.apply(batch)
+    first = stats._on("mean", batch.device)
+    stats.apply(batch)
+    assert stats._on("mean", batch.device) is first, "the device copy must be reused across batches"
+    restored = ImageStatistics(normalize=True)
+    restored.load_state_dict({name: value + 1 for name, value in stats.state_dict().items()})
+    stats.load_state_dict(restored.state_dict())
+    stats.apply(batch)
+    assert stats._on("mean", batch.device) is not first, "new statistics must be copied again"
