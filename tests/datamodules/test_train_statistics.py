@@ -6,7 +6,7 @@ import torch
 from helpers import PlainClassifier, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_tricks.datamodules.stats import ImageStatistics
+from lightning_tricks.datamodules.stats import ImageStatistics, channel_mean_std
 from lightning_tricks.datamodules.synthetic import SyntheticDataModule
 
 
@@ -124,3 +124,12 @@ def test_statistics_are_copied_to_a_device_once_and_again_only_after_they_change
     stats.load_state_dict(restored.state_dict())
     stats.apply(batch)
     assert stats._on("mean", batch.device) is not first, "new statistics must be copied again"
+
+
+def test_channel_mean_std_equals_numpy_across_chunks():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (37, 3, 5, 5), dtype=torch.uint8, generator=generator)
+    mean, std = channel_mean_std(images, chunk_size=8)  # several chunks, the last one partial
+    pixels = images.numpy().astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean.numpy(), pixels.mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(std.numpy(), pixels.std(axis=(0, 2, 3)), rtol=1e-4)

@@ -40,20 +40,8 @@ def channel_mean_std(images: torch.Tensor, chunk_size: int = 4096) -> tuple[torc
 
     Accumulates sums in float64 over chunks, so uint8 datasets never need a full float copy.
     """
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
-    channels = images.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    total_sq = torch.zeros(channels, dtype=torch.float64)
-    count = 0
-    for start in range(0, images.shape[0], chunk_size):
-        chunk = to_unit_float(images[start : start + chunk_size]).double()
-        total += chunk.sum(dim=(0, 2, 3))
-        total_sq += chunk.pow(2).sum(dim=(0, 2, 3))
-        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
-    mean = total / count
-    var = (total_sq / count - mean.pow(2)).clamp_min(0.0)
-    return mean.float(), var.sqrt().float()
+    moments = _moments_of(images, chunk_size)
+    return moments.mean().float(), moments.std().float()
 
 
 def pixel_pca(images: torch.Tensor, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,10 +50,7 @@ def pixel_pca(images: torch.Tensor, chunk_size: int = 4096) -> tuple[torch.Tenso
     This is AlexNet's colour PCA: every pixel of every training image is one ``C``-vector in [0, 1]
     units. Eigenvalues are sorted in descending order.
     """
-    acc = _ChannelMoments(images.shape[1])
-    for start in range(0, images.shape[0], chunk_size):
-        acc.update(images[start : start + chunk_size])
-    return _eigh_desc(acc.covariance())
+    return _eigh_desc(_moments_of(images, chunk_size).covariance())
 
 
 def fingerprint(**parts: Any) -> str:
@@ -107,6 +92,19 @@ class _ChannelMoments:
     def covariance(self) -> torch.Tensor:
         mean = self.mean()
         return self.outer / self.count - torch.outer(mean, mean)
+
+    def std(self) -> torch.Tensor:
+        return self.covariance().diagonal().clamp_min(0.0).sqrt()
+
+
+def _moments_of(images: torch.Tensor, chunk_size: int) -> _ChannelMoments:
+    """Channel moments of ``(N, C, H, W)`` images, accumulated in chunks (no full float copy)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    moments = _ChannelMoments(images.shape[1])
+    for start in range(0, images.shape[0], chunk_size):
+        moments.update(images[start : start + chunk_size])
+    return moments
 
 
 class ImageStatistics:
@@ -249,7 +247,7 @@ class ImageStatistics:
         cov = moments.covariance()
         self.tensors = {
             "mean": moments.mean().float(),
-            "std": cov.diagonal().clamp_min(0.0).sqrt().float(),
+            "std": moments.std().float(),
         }
         self.tensors["eigval"], self.tensors["eigvec"] = _eigh_desc(cov)
         if image_sum is not None:
