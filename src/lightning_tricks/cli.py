@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
-from lightning_tricks.callbacks.final_weights import test_weights_after_fit
+from lightning_tricks.callbacks.final_weights import weights_for_test_after_fit
 
 
 class LightningTricksCLI(LightningCLI):
@@ -43,7 +43,7 @@ class LightningTricksCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
-        ckpt_path, description = test_weights_after_fit(self.trainer)
+        ckpt_path, description = weights_for_test_after_fit(self.trainer)
         rank_zero_info(f"Testing {description}.")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
