@@ -8,14 +8,10 @@ public API does the job.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.utilities.cloud_io import _atomic_save, get_filesystem
 from lightning.pytorch.tuner.lr_finder import _LRFinder
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -30,46 +26,15 @@ def lightning_lr_finder_result(
     Private: ``lightning.pytorch.tuner.lr_finder._LRFinder``. Lightning's ``LearningRateFinder.optimal_lr``
     and ``Tuner.lr_find`` return this object; building it keeps :class:`LRFinder` a drop-in replacement.
 
-    Example::
+    Example:
 
-        result = lightning_lr_finder_result("exponential", 1e-5, 1.0, 3, [1e-5, 1e-3, 1.0], [2.3, 1.9, 4.0])
-        result.results["lr"]  # [1e-05, 0.001, 1.0]
+        >>> result = lightning_lr_finder_result("exponential", 1e-5, 1.0, 3, [1e-5, 1e-3, 1.0], [2, 1, 4])
+        >>> result.results["lr"]
+        [1e-05, 0.001, 1.0]
     """
     result = _LRFinder(mode, min_lr, max_lr, num_steps)
     result.results = {"lr": list(lrs), "loss": list(losses)}
     return result
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` that either writes the whole file or leaves the previous one untouched.
-
-    Local paths: written to a temporary file in the same folder, flushed to disk, then moved over the
-    target with ``os.replace`` (atomic on POSIX and Windows). Lightning's ``_atomic_save`` (private,
-    ``lightning.fabric.utilities.cloud_io``) stages local files in the system temp folder and moves them
-    with ``shutil.move``, which is a copy (not atomic) when that folder is on another file system, so it
-    is used only for remote (fsspec) URLs, where it commits an fsspec transaction.
-
-    Example::
-
-        atomic_save({"weights": model.state_dict()}, "snapshots/snapshot_0.pt")
-    """
-    if not isinstance(get_filesystem(path), LocalFileSystem):
-        _atomic_save(obj, path)
-        return
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def optimizer_step_flag(optimizer: torch.optim.Optimizer) -> Any:

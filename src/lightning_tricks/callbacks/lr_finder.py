@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_tricks._io import atomic_savefig
 from lightning_tricks._lightning_compat import lightning_lr_finder_result
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.callbacks._lr_suggestions import (
@@ -397,11 +398,8 @@ class LRFinder(LearningRateFinder):
         dirpath = self.dirpath or trainer.log_dir or trainer.default_root_dir  # log_dir: call on every rank
         if not trainer.is_global_zero or not results.lrs:
             return
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            rank_zero_warn("LRFinder: install matplotlib to get the loss-vs-lr plot.")
-            return
+        from matplotlib.figure import Figure  # a core dependency, imported here to keep imports fast
+
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
         ax.plot(results.lrs, results.losses, color="0.7", linewidth=0.8, label="loss")
@@ -417,7 +415,7 @@ class LRFinder(LearningRateFinder):
         fig.tight_layout()
         os.makedirs(dirpath, exist_ok=True)
         self.plot_path = os.path.join(dirpath, "lr_finder.png")
-        fig.savefig(self.plot_path, dpi=100)
+        atomic_savefig(fig, self.plot_path, dpi=100)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("lr_finder", fig, global_step=trainer.global_step)
