@@ -124,6 +124,33 @@ def test_optimizer_switch_bad_arguments(kwargs, match):
         OptimizerSwitch(**kwargs)
 
 
+def test_optimizer_switch_mode_from_the_monitor_name():
+    assert OptimizerSwitch(monitor="val/acc").mode == "max"
+    assert OptimizerSwitch(monitor="val_loss").mode == "min"
+    with pytest.raises(ValueError, match=r"monitor='val/score'.*mode='min'"):
+        OptimizerSwitch(monitor="val/score")
+
+
+def test_switch_epoch_beyond_the_run_fails_before_training(tmp_path):
+    model = Configured("adam", lr=0.01)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"switch_epoch=50.*max_epochs=2.*`switch_epoch` to at most 1"):
+        run(tmp_path, model, [OptimizerSwitch(switch_epoch=50)], 2)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # not a step was taken
+    # with a monitor the plateau can still switch: a warning, and training runs
+    with pytest.warns(UserWarning, match=r"switch_epoch=50.*Only the plateau of `val/loss`"):
+        trainer = run(tmp_path, Configured("adam", lr=0.01), [OptimizerSwitch(50, monitor="val/loss")], 1)
+    assert trainer.current_epoch == 1
+
+
+def test_wrong_monitor_is_reported_at_the_sanity_check(tmp_path):
+    switch = OptimizerSwitch(monitor="val/los", mode="min")
+    model = Configured("adam", lr=0.01)
+    with pytest.raises(RuntimeError, match=r"`val/los`.*Did you mean `val/loss`\?.*`monitor`"):
+        run(tmp_path, model, [switch], 2)
+    assert model.trainer.global_step == 0
+
+
 def adam_reference_lr(adam: torch.optim.Adam, momentum: float) -> float:
     """Least-squares scalar step matching Adam along m_hat, times (1 - momentum), from the raw state."""
     group = adam.param_groups[0]
@@ -186,7 +213,7 @@ def test_switch_on_plateau_and_fixed_lr(tmp_path):
             return torch.optim.Adam(self.parameters(), lr=0.01)
 
     probe = SwitchProbe(99)
-    switch = OptimizerSwitch(monitor="val/score", patience=2, sgd_lr=0.05, nesterov=True)
+    switch = OptimizerSwitch(monitor="val/score", mode="min", patience=2, sgd_lr=0.05, nesterov=True)
     run(tmp_path, Plateau(), [switch, probe], 6)
     # best at epoch 1, no improvement at 2 and 3 -> switch at the start of epoch 4
     assert switch.switched_epoch == 4
@@ -304,7 +331,7 @@ def test_ddp_plateau_on_one_rank_switches_both_at_the_same_epoch(tmp_path):
 
     torch.manual_seed(0)
     probe = AdamBeforeSwitch()
-    switch = OptimizerSwitch(monitor="val/score", patience=patience, momentum=0.9)
+    switch = OptimizerSwitch(monitor="val/score", mode="min", patience=patience, momentum=0.9)
     train, val = digits_loaders(batch_size=32, n_train=256)  # 4 steps per epoch on each rank
     trainer = L.Trainer(
         **ddp_spawn_trainer_kwargs(tmp_path),
