@@ -52,9 +52,9 @@ class OptimizerSwitch(pl.Callback):
     ``monitor`` failed to improve for ``patience`` checks (whichever comes first; give at least one).
     The plateau rule is torch's ``ReduceLROnPlateau`` (``threshold=min_delta``, ``threshold_mode="abs"``),
     the one the ``plateau`` LR schedule uses. A ``switch_epoch`` the run never reaches (``>= max_epochs``)
-    is an error before training when it is the only trigger, and a warning when a ``monitor`` can still
-    trigger the switch; a validation ``monitor`` that is not logged is reported at the first validation
-    (the sanity check included).
+    is warned about on rank 0 before training (a shortened run of a shipped config stays runnable); a
+    validation ``monitor`` that is not logged is reported at the first validation (the sanity check
+    included).
     The new ``torch.optim.SGD`` keeps the param groups (and any extra keys, e.g. names) and uses per
     group the rate from :func:`adam_equivalent_sgd_lr` (least-squares match of the current Adam step,
     scaled by ``1 - momentum``), or ``sgd_lr`` for every group when given. ``weight_decay=None`` keeps
@@ -177,32 +177,16 @@ class OptimizerSwitch(pl.Callback):
         if stage != TrainerFn.FITTING or self.switch_epoch is None or max_epochs is None or max_epochs < 0:
             return
         if self.switch_epoch >= max_epochs and not self.switched:
-            message = (
-                f"OptimizerSwitch(switch_epoch={self.switch_epoch}) never switches in a run of"
-                f" `max_epochs={max_epochs}` (epochs 0-{max_epochs - 1}). Set `switch_epoch` to at most"
-                f" {max_epochs - 1}, or raise `trainer.max_epochs` above {self.switch_epoch}."
+            trigger = (
+                "no switch happens"
+                if self.monitor is None
+                else f"only a plateau of `{self.monitor}` can switch"
             )
-            if self.monitor is None:
-                raise ValueError(message)
-            rank_zero_warn(f"{message} Only the plateau of `{self.monitor}` can trigger the switch.")
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(trainer.optimizers) != 1:
-            raise MisconfigurationException(
-                f"OptimizerSwitch supports exactly one optimizer, got {len(trainer.optimizers)}."
+            rank_zero_warn(
+                f"OptimizerSwitch(switch_epoch={self.switch_epoch}) is never reached in a run of"
+                f" `max_epochs={max_epochs}` (epochs 0-{max_epochs - 1}), so {trigger}. Set `switch_epoch` to"
+                f" at most {max_epochs - 1}, or raise `trainer.max_epochs` above {self.switch_epoch}."
             )
-        if self.switched and not isinstance(trainer.optimizers[0], SGD):
-            # resuming after the switch: rebuild SGD before Lightning loads the optimizer state
-            self._install_sgd(trainer, self.sgd_lrs, self.lr_ratios)
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.switched:
-            return
-        due = self.switch_epoch is not None and trainer.current_epoch >= self.switch_epoch
-        if due or self.pending:
-            self._switch(trainer)
 
     @property
     def best(self) -> float | None:
