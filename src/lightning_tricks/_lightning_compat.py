@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.tuner.lr_finder import _LRFinder
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -66,3 +67,12 @@ def set_last_lr(scheduler: Any, values: list[float]) -> None:
     """
     if isinstance(scheduler, LRScheduler) or hasattr(scheduler, "_last_lr"):
         scheduler._last_lr = list(values)
+
+
+def early_stopping_checks_on_train_epoch_end(callback: EarlyStopping) -> bool:
+    """Whether Lightning's ``EarlyStopping`` runs its check at train-epoch end rather than after validation.
+
+    ``EarlyStopping.setup`` resolves ``check_on_train_epoch_end=None`` into this private flag; a subclass
+    that prepares the monitored value just before the check must run at exactly the same point.
+    """
+    return bool(callback._check_on_train_epoch_end)

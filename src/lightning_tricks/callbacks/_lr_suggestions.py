@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_tricks.callbacks._explosion import ExplosionRule
 from lightning_tricks.callbacks._smoothing import MetricSmoother
 
 SUGGESTIONS = ("steepest", "min_div_10", "valley")
@@ -29,35 +30,30 @@ def lr_schedule(min_lr: float, max_lr: float, num_steps: int, mode: str) -> list
 
 
 class SmoothedLossTracker:
-    """Bias-corrected exponential moving average of the loss with a divergence check.
+    """Bias-corrected EMA of the loss (:class:`MetricSmoother`) with the shared explosion rule.
 
-    ``smoothed_t = avg_t / (1 - beta ** t)`` with ``avg_t = beta * avg_{t-1} + (1 - beta) * loss_t`` and ``t``
-    counting finite losses only: a NaN/inf loss is dropped instead of poisoning every later average.
+    ``t`` counts finite losses only: a NaN/inf loss is dropped instead of poisoning every later average.
+    The search has diverged once the smoothed loss exceeds ``divergence_factor`` times its first value
+    (:class:`ExplosionRule`, the same rule early stopping and the diagnostics apply).
 
     Example::
 
-        tracker = SmoothedLossTracker(beta=0.9, divergence_factor=4.0)
+        tracker = SmoothedLossTracker(alpha=0.1, divergence_factor=4.0)
         smoothed, diverged = tracker.update(2.3)
     """
 
-    def __init__(self, beta: float, divergence_factor: float | None) -> None:
-        self.beta = beta
+    def __init__(self, alpha: float, divergence_factor: float | None) -> None:
+        self.alpha = alpha
         self.divergence_factor = divergence_factor
-        self._smoother = MetricSmoother("ema", alpha=1.0 - beta)
-        self.best = math.inf
+        self._smoother = MetricSmoother("ema", alpha=alpha)
+        self._explosion = None if divergence_factor is None else ExplosionRule(divergence_factor)
 
     def update(self, loss: float) -> tuple[float | None, bool]:
         """Add one raw loss; return ``(smoothed or None if dropped, diverged)``."""
         if not math.isfinite(loss):
             return None, False
         smoothed = self._smoother.update(loss)
-        diverged = (
-            self.divergence_factor is not None
-            and self._smoother.count > 1
-            and smoothed > self.divergence_factor * self.best
-        )
-        self.best = min(self.best, smoothed)
-        return smoothed, diverged
+        return smoothed, self._explosion is not None and self._explosion.update(smoothed)
 
 
 def _trim(lrs: Sequence[float], losses: Sequence[float], skip_begin: int, skip_end: int) -> tuple[int, int]:

@@ -121,7 +121,7 @@ class LRFinder(LearningRateFinder):
         num_steps: optimiser steps in the sweep, ``>= 10``.
         mode: ``"exponential"`` (log-spaced, the usual choice) or ``"linear"``.
         beta: EMA factor for the loss in ``[0, 1)``; ``0`` disables smoothing.
-        divergence_factor: stop once the smoothed loss exceeds this multiple of the best one (``> 1``),
+        divergence_factor: stop once the smoothed loss exceeds this multiple of its first value (``> 1``),
             ``None`` to never stop early.
         suggestion: rule applied: ``"valley"``, ``"steepest"`` or ``"min_div_10"``.
         min_loss_drop: smallest relative fall of the smoothed loss, in ``[0, 1)``, for the curve to count
@@ -331,7 +331,7 @@ class LRFinder(LearningRateFinder):
         strategy = trainer.strategy
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        tracker = SmoothedLossTracker(self.beta, self.divergence_factor)
+        tracker = SmoothedLossTracker(1.0 - self.beta, self.divergence_factor)
         out = LRFinderResults(suggestion=self.suggestion)
         loader = CombinedLoader(trainer.train_dataloader, "max_size_cycle")
         batches = iter(loader)
