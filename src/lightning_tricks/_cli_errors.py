@@ -121,10 +121,15 @@ def _failing_objects(err: BaseException, outer: BaseException) -> list[Any]:
     while current is not None and current is not err:
         chain.append(current)
         current = current.__cause__
+    from lightning.pytorch import Trainer
+
     objects: list[Any] = []
     for link in chain:
         for frame in reversed(list(_frames(link.__traceback__))):
             owner = frame.f_locals.get("self")
+            # A Trainer is the culprit only while it is being built (its own arguments).
+            if isinstance(owner, Trainer) and frame.f_code.co_name != "__init__":
+                continue
             if owner is not None and all(owner is not seen for seen in objects):
                 objects.append(owner)
     return objects
@@ -157,7 +162,7 @@ def _class_name(class_path: Any) -> str:
     return str(class_path).rsplit(".", 1)[-1]
 
 
-def _component_key(cli: Any, owner: Any) -> tuple[str, dict[str, Any]] | None:
+def _component_key(cli: Any, owner: Any, message: str = "") -> tuple[str, dict[str, Any]] | None:
     """Config key of the class instance ``owner`` (by identity once built, else by class name)."""
     built = _subcommand_config(cli, "config_init")
     if built is not None:
@@ -169,12 +174,28 @@ def _component_key(cli: Any, owner: Any) -> tuple[str, dict[str, Any]] | None:
     raw = _subcommand_config(cli, "config")
     if raw is None:
         return None
+    from lightning.pytorch import Trainer
+
+    if isinstance(owner, Trainer) and raw.get("trainer") is not None:
+        return "trainer", _as_dict(raw.get("trainer"))
     name = type(owner).__name__
+    candidates = []
     for key, value in _walk(raw):
         class_path = value.get("class_path") if hasattr(value, "get") and not isinstance(value, str) else None
         if class_path is not None and _class_name(class_path) == name:
-            return key, _as_dict(value.get("init_args"))
-    return None
+            candidates.append((key, _as_dict(value.get("init_args"))))
+    if not candidates:
+        return None
+    # Several of one class (two ModelCheckpoints): the one whose values the message quotes.
+    return max(candidates, key=lambda candidate: _quoted_values(message, candidate[1]))
+
+
+def _quoted_values(message: str, init_args: dict[str, Any]) -> int:
+    """How strongly the message points at these arguments: the value after "got" counts most."""
+    values = [str(v) for v in init_args.values() if v is not None and not isinstance(v, bool) and str(v)]
+    got = re.findall(r"got\s+[`'\"]?([^\s,;'`\"]+?)[`'\"]?(?:[\s,;.]|$)", message)
+    mentioned = sum(bool(re.search(rf"(?<![\w.]){re.escape(v)}(?![\w.])", message)) for v in values)
+    return 10 * sum(v in got for v in values) + mentioned
 
 
 def _lookup(config: Any, key: str) -> Any:
@@ -298,7 +319,7 @@ def describe_error(err: BaseException) -> list[str]:
     located = None
     if cli is not None:
         for owner in _failing_objects(root, err):
-            located = _component_key(cli, owner)
+            located = _component_key(cli, owner, message)
             if located is not None:
                 owner_class = type(owner)
                 break
@@ -316,7 +337,8 @@ def describe_error(err: BaseException) -> list[str]:
     component, init_args = located
     defaults = _signature_defaults(owner_class)
     token = _argument_token(message, set(init_args) | set(defaults)) or _argument_holding(message, init_args)
-    key = f"{component}.init_args.{token}" if token else component
+    arguments = component if component == "trainer" else f"{component}.init_args"
+    key = f"{arguments}.{token}" if token else component
     lines = [f"error: {key} ({owner_class.__name__}): {kind}{message}"]
     fix = _fix_from_message(message, token, key) or suggestion
     if fix is None and token is not None:
@@ -384,15 +406,22 @@ def _import(path: str) -> Any:
 
 
 def _parser_keys(err: BaseException) -> list[str]:
-    cli = _find_cli(err)
-    parser = getattr(err, "subcommand_parser", None) or getattr(cli, "parser", None)
-    if parser is None:
-        return []
-    try:
-        keys = parser.get_defaults().keys()  # a jsonargparse Namespace: dotted leaf keys
-        return [key for key in keys if not key.startswith("__")]
-    except Exception:  # the parser itself may be what failed; suggestions are optional
-        return []
+    """Option keys of the innermost parser that took part in the failed parse (the subcommand's)."""
+    from jsonargparse import ArgumentParser
+
+    best: list[str] = []
+    link: BaseException | None = err
+    while link is not None:
+        for frame in _frames(link.__traceback__):
+            parser = frame.f_locals.get("self")
+            if isinstance(parser, ArgumentParser):
+                try:
+                    keys = list(parser.get_defaults().keys())  # a Namespace: dotted leaf keys
+                except Exception:  # a parser that cannot report defaults only loses the suggestion
+                    continue
+                best = keys if len(keys) > len(best) else best
+        link = link.__cause__ or link.__context__
+    return [key for key in best if not key.startswith("__")]
 
 
 def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
@@ -421,6 +450,9 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     nested = re.match(r"NestedArg\(key='([^']+)', val='(.*)'\)$", value or "")
     if nested:  # --model.init_args.x.y=v reported against "model"
         key, value = f"{key}.init_args.{nested.group(1)}", nested.group(2)
+    rejected = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message)
+    if rejected:
+        return _rejected_option(key, *rejected.groups())
     root = root_error(err)
     detail = str(root).split(". Got value:")[0].strip() if root is not err else ""
     base_key = re.sub(r"\[\d+\]$", "", key)
@@ -452,6 +484,22 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     return lines
 
 
-def readable_path(path: str | Path) -> str:
-    """``path`` resolved, for messages that must say exactly which file or folder was looked at."""
-    return str(Path(path).expanduser().resolve())
+def _rejected_option(key: str, class_path: str, option: str) -> list[str]:
+    """An argument given to a class that has no such argument (e.g. to the wrong list item)."""
+    try:
+        accepted = sorted(_signature_defaults(_import(class_path)))
+    except (ImportError, AttributeError, ValueError):
+        accepted = []
+    name = _class_name(class_path)
+    lines = [f"error: {key}: {name} has no argument {option!r}; its arguments: {', '.join(accepted)}"]
+    match = closest(option, accepted)
+    if match:
+        lines.append(f"  fix: did you mean {match!r}?")
+    elif key == "trainer.callbacks":
+        lines.append(
+            f"  fix: --{key}.{option}=... applies to the last callback in the list ({name}); add the "
+            f"callback it belongs to first, e.g. --{key}+=ModelCheckpoint --{key}.{option}=..."
+        )
+    else:
+        lines.append(f"  fix: use one of the arguments of {name} listed above")
+    return lines
