@@ -312,3 +312,37 @@ def test_bad_configuration_stops_before_training_with_key_and_fix(
 
 def test_sweep_has_at_least_sixty_cases():
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_debug_flag_or_variable_shows_the_original_error(tmp_path, monkeypatch, train_batches):
+    from lightning_tricks._cli_errors import ConfigError
+
+    args = [*base_args(tmp_path), "--trainer.max_epochs=0"]
+    with pytest.raises(ConfigError, match=r"trainer\.max_epochs=0"):
+        main([*args, "--debug"])
+    monkeypatch.setenv("LIGHTNING_TRICKS_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        main(args)
+    assert train_batches == []
+
+
+def test_ckpt_path_last_resumes_the_previous_run_in_the_same_folder(tmp_path, train_batches):
+    from lightning_tricks.cli import build_cli
+
+    keep_last = [f"{CB}+=ModelCheckpoint", f"{CB}.save_last=true", f"{SCHED}.name=constant"]
+    first = build_cli([*base_args(tmp_path), *keep_last])
+    assert first.trainer.global_step == 2 and len(train_batches) == 2
+    train_batches.clear()
+    second = build_cli([*base_args(tmp_path), *keep_last, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    # Resumed at step 2: only the second epoch's two batches ran, not a restart from step 0.
+    assert len(train_batches) == 2 and second.trainer.global_step == 4
+    assert second.trainer.current_epoch == 2
+
+
+def test_truncated_checkpoint_for_test_names_the_file(tmp_path, capsys):
+    files = write_checkpoints(tmp_path)
+    for kind in ("truncated", "empty"):
+        status, tail = run_main(["test", "--config", CONFIG, f"--ckpt_path={files[kind]}"], capsys)
+        assert status == 1
+        assert tail[0].startswith(f"error: cannot read {files[kind]}: it is ")
+        assert "fix:" in tail[1]
