@@ -21,6 +21,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
+from lightning_tricks._cli_checks import check_run_config
+from lightning_tricks._cli_errors import pop_debug_flag, run_reporting_errors
 from lightning_tricks.callbacks.final_weights import test_weights_after_fit
 
 
@@ -40,6 +42,10 @@ class LightningTricksCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
 
+    def after_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            check_run_config(self)
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
@@ -48,8 +54,14 @@ class LightningTricksCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> LightningTricksCLI:
-    """Parse ``args`` (default: ``sys.argv``), build the classes and, with ``run``, run the subcommand."""
+def build_cli(
+    args: list[str] | None = None, run: bool = True, exit_on_error: bool = True
+) -> LightningTricksCLI:
+    """Parse ``args`` (default: ``sys.argv``), build the classes and, with ``run``, run the subcommand.
+
+    ``exit_on_error=False`` raises command-line errors (``argparse.ArgumentError``) instead of exiting.
+    """
+    parser_kwargs = {"exit_on_error": exit_on_error}
     return LightningTricksCLI(
         LightningModule,
         LightningDataModule,
@@ -57,15 +69,21 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningTrick
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={**parser_kwargs, **{name: dict(parser_kwargs) for name in LightningCLI.subcommands()}},
         args=args,
         run=run,
     )
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-tricks`` console script and ``python -m lightning_tricks``."""
+    """Entry point of the ``lightning-tricks`` console script and ``python -m lightning_tricks``.
+
+    Errors end in a short message naming the config key and a fix; ``--debug`` (or the environment
+    variable ``LIGHTNING_TRICKS_DEBUG=1``) shows the traceback instead.
+    """
+    args, debug = pop_debug_flag(args)
     try:
-        build_cli(args)
+        run_reporting_errors(lambda: build_cli(args, exit_on_error=False), debug=debug)
     finally:
         # Lightning destroys NCCL groups at exit but not gloo ones (CPU DDP), whose threads can
         # then abort the process at interpreter shutdown.
