@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
+from lightning_tricks.records import RunConfigSaver
 
 
 class LightningTricksCLI(LightningCLI):
@@ -51,6 +52,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningTrick
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -27,6 +27,7 @@ from lightning_tricks.callbacks._lr_suggestions import (
     suggest_all,
 )
 from lightning_tricks.callbacks._training_state import preserved_training_state
+from lightning_tricks.records import run_dir
 
 _MIN_STEPS = 10
 # Consecutive non-finite losses after which the weights are assumed to be gone and the search stops.
@@ -103,7 +104,7 @@ class LRFinder(LearningRateFinder):
         skip_begin: leading points ignored by the rules; ``None`` means 10% of the curve.
         skip_end: trailing points ignored by the rules, ``>= 0``.
         plot: save ``lr_finder.png`` (rank 0) and send it to the logger (W&B image, TensorBoard figure).
-        dirpath: folder for the plot; default ``trainer.log_dir``.
+        dirpath: folder for the plot; default the run's own folder (:func:`lightning_tricks.run_dir`).
 
     Example::
 
@@ -323,7 +324,7 @@ class LRFinder(LearningRateFinder):
             optimizer.step()
 
     def _plot_and_log(self, trainer: pl.Trainer, results: LRFinderResults) -> None:
-        dirpath = self.dirpath or trainer.log_dir or trainer.default_root_dir  # log_dir: call on every rank
+        dirpath = self.dirpath or run_dir(trainer)  # run_dir: call on every rank
         if not trainer.is_global_zero or not results.lrs:
             return
         try:
