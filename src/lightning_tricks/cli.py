@@ -16,10 +16,12 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
+from lightning_tricks.composition import replaced_callbacks
 from lightning_tricks.records import RunConfigSaver
 
 
@@ -35,6 +37,11 @@ class LightningTricksCLI(LightningCLI):
         )
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for replaced in replaced_callbacks(config.get("config") or []):
+            rank_zero_warn(replaced.message())
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
