@@ -13,20 +13,29 @@ importing the packages below makes every project class known to the parser by na
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
+from lightning_tricks import cli_help
 from lightning_tricks.composition import replaced_callbacks
+from lightning_tricks.console import console_callbacks, silence_third_party_noise
+from lightning_tricks.fit_summary import FitSummary
 from lightning_tricks.records import RunConfigSaver
 
 
 class LightningTricksCLI(LightningCLI):
     """LightningCLI that links data shapes into the model and can test right after fitting."""
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.add_argument("--version", action="version", version=cli_help.version())
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -43,6 +52,17 @@ class LightningTricksCLI(LightningCLI):
         for replaced in replaced_callbacks(config.get("config") or []):
             rank_zero_warn(replaced.message())
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer plus the command's progress bar, model summary and end-of-fit summary."""
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
+        configured = config.get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list) else [configured]
+        added = console_callbacks(
+            configured, config.get("enable_progress_bar"), config.get("enable_model_summary")
+        )
+        kwargs.setdefault("callbacks", [*configured, *added, FitSummary()])
+        return super().instantiate_trainer(**kwargs)
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
@@ -53,6 +73,7 @@ class LightningTricksCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningTricksCLI:
     """Parse ``args`` (default: ``sys.argv``), build the classes and, with ``run``, run the subcommand."""
+    silence_third_party_noise()
     return LightningTricksCLI(
         LightningModule,
         LightningDataModule,
@@ -61,6 +82,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningTrick
         auto_configure_optimizers=False,
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "description": cli_help.DESCRIPTION,
+            "epilog": cli_help.epilog(),
+            "formatter_class": cli_help.HelpFormatter,
+        },
         args=args,
         run=run,
     )
