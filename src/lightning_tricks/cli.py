@@ -13,21 +13,33 @@ importing the packages below makes every project class known to the parser by na
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
+from lightning_tricks import cli_help
 from lightning_tricks._cli_checks import check_run_config
 from lightning_tricks._cli_errors import pop_debug_flag, run_reporting_errors
 from lightning_tricks.callbacks.final_weights import test_weights_after_fit
+from lightning_tricks.composition import replaced_callbacks
+from lightning_tricks.console import console_callbacks, silence_third_party_noise
+from lightning_tricks.fit_summary import FitSummary
+from lightning_tricks.records import RunConfigSaver
 
 
 class LightningTricksCLI(LightningCLI):
     """LightningCLI that links data shapes into the model and can test right after fitting."""
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.add_argument("--version", action="version", version=cli_help.version())
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -46,6 +58,22 @@ class LightningTricksCLI(LightningCLI):
         if self.subcommand is not None:
             check_run_config(self)
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for replaced in replaced_callbacks(config.get("config") or []):
+            rank_zero_warn(replaced.message())
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer plus the command's progress bar, model summary and end-of-fit summary."""
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
+        configured = config.get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list) else [configured]
+        added = console_callbacks(
+            configured, config.get("enable_progress_bar"), config.get("enable_model_summary")
+        )
+        kwargs.setdefault("callbacks", [*configured, *added, FitSummary()])
+        return super().instantiate_trainer(**kwargs)
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
@@ -61,6 +89,7 @@ def build_cli(
 
     ``exit_on_error=False`` raises command-line errors (``argparse.ArgumentError``) instead of exiting.
     """
+    silence_third_party_noise()
     parser_kwargs = {"exit_on_error": exit_on_error}
     return LightningTricksCLI(
         LightningModule,
@@ -68,8 +97,15 @@ def build_cli(
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={**parser_kwargs, **{name: dict(parser_kwargs) for name in LightningCLI.subcommands()}},
+        parser_kwargs={
+            **parser_kwargs,
+            "description": cli_help.DESCRIPTION,
+            "epilog": cli_help.epilog(),
+            "formatter_class": cli_help.HelpFormatter,
+            **{name: dict(parser_kwargs) for name in LightningCLI.subcommands()},
+        },
         args=args,
         run=run,
     )
