@@ -27,7 +27,7 @@ import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short n
 from lightning_tricks import cli_help
 from lightning_tricks._cli_checks import check_run_config
 from lightning_tricks._cli_errors import pop_debug_flag, run_reporting_errors
-from lightning_tricks.callbacks.final_weights import test_weights_after_fit
+from lightning_tricks.callbacks.final_weights import weights_for_test_after_fit
 from lightning_tricks.composition import replaced_callbacks
 from lightning_tricks.console import console_callbacks, silence_third_party_noise
 from lightning_tricks.fit_summary import FitSummary
@@ -77,7 +77,7 @@ class LightningTricksCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
-        ckpt_path, description = test_weights_after_fit(self.trainer)
+        ckpt_path, description = weights_for_test_after_fit(self.trainer)
         rank_zero_info(f"Testing {description}.")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 

@@ -285,7 +285,7 @@ class SmoothedEarlyStopping(EarlyStopping):
         if self.restore_best_weights:
             from lightning_tricks.callbacks.final_weights import check_final_weights  # imports us
 
-            check_final_weights(trainer)
+            check_final_weights(trainer, self)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -266,7 +266,7 @@ class EMA(WeightAveraging):
             # Imported here: final_weights knows every callback that writes weights, this one included.
             from lightning_tricks.callbacks.final_weights import check_final_weights
 
-            check_final_weights(trainer)
+            check_final_weights(trainer, self)
             self._ema = None
             self._num_updates = 0
         super().setup(trainer, pl_module, stage)
