@@ -39,7 +39,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes.init import InitConfig, initialize
-from lightning_tricks.recipes.models import DropConnectLinear, create_model
+from lightning_tricks.recipes.models import DropConnectLinear, create_model, get_classifier
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
 from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
@@ -138,6 +138,35 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+    # -- backbone / head split (read by Lightning's BackboneFinetuning and BaseFinetuning) ------
+    @property
+    def head(self) -> nn.Module:
+        """The network's final linear classifier (:func:`lightning_tricks.recipes.models.get_classifier`)."""
+        return get_classifier(self.net)
+
+    @property
+    def backbone(self) -> nn.ModuleList:
+        """Every layer of the network except :attr:`head`, as an unregistered ``ModuleList`` view.
+
+        The view holds the layers that own parameters or have no children, which is what Lightning's
+        finetuning callbacks freeze, unfreeze and put in a new param group; it is rebuilt on each access and
+        never registered, so checkpoints keep one copy of every weight under ``net.``. Frozen parameters
+        are left out of the optimizer that :meth:`configure_optimizers` builds.
+
+        Example::
+
+            from lightning.pytorch.callbacks import BackboneFinetuning
+
+            trainer = L.Trainer(callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=5)])
+            trainer.fit(ImageClassifier("resnet20"), datamodule)  # head only for 5 epochs, then all
+        """
+        head = self.head
+        return nn.ModuleList(
+            m
+            for m in self.net.modules()
+            if m is not head and (not list(m.children()) or list(m.parameters(recurse=False)))
+        )
 
     # -- losses -------------------------------------------------------------------------------
     def data_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
