@@ -211,12 +211,12 @@ class InverseTimeDecay:
 class LinearWarmup(lrs.LRScheduler):
     """Linear warm-up for ``warmup`` steps, then the wrapped scheduler, shifted to start at ``t=warmup``.
 
-    ``lr(t) = target * (f + (1 - f) * t / warmup)`` for ``t < warmup``, where ``target`` is the lr the
-    wrapped scheduler set when it was built (its value at its own ``t=0``); afterwards each ``step`` is
-    forwarded to the wrapped scheduler. Metrics passed to ``step`` during warm-up are ignored, so a wrapped
-    ``ReduceLROnPlateau`` only sees epochs trained at the full lr. Hand-written because ``SequentialLR``
-    rejects ``ReduceLROnPlateau`` and resets schedulers that set the lr when built (``CyclicLR``,
-    ``OneCycleLR``).
+    ``lr(t) = target * (f + (1 - f) * t / warmup)`` for ``t < warmup``, where ``target`` (``base_lrs``) is
+    the lr the wrapped scheduler set when it was built (its value at its own ``t=0``); afterwards each
+    ``step`` is forwarded to the wrapped scheduler. Metrics passed to ``step`` during warm-up are ignored,
+    so a wrapped ``ReduceLROnPlateau`` only sees epochs trained at the full lr. Hand-written because
+    ``SequentialLR`` rejects ``ReduceLROnPlateau`` and resets schedulers that set the lr when built
+    (``CyclicLR``, ``OneCycleLR``).
 
     Args:
         optimizer: The optimizer ``scheduler`` drives.
@@ -248,14 +248,14 @@ class LinearWarmup(lrs.LRScheduler):
         self.scheduler = scheduler
         self.warmup = warmup
         self.start_factor = start_factor
-        self.target_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self.last_epoch = 0
         self._step_count = 1
         self._set_lrs(self._warmup_lrs(0))
 
     def _warmup_lrs(self, t: int) -> list[float]:
         factor = self.start_factor + (1.0 - self.start_factor) * min(t, self.warmup) / self.warmup
-        return [lr * factor for lr in self.target_lrs]
+        return [lr * factor for lr in self.base_lrs]
 
     def _set_lrs(self, lrs_: list[float]) -> None:
         for group, lr in zip(self.optimizer.param_groups, lrs_, strict=True):
@@ -278,6 +278,12 @@ class LinearWarmup(lrs.LRScheduler):
         else:
             self.scheduler.step()
         self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    @property
+    def _schedulers(self) -> list[Any]:
+        """The wrapped scheduler, where torch's composite schedulers keep theirs, so code that rescales every
+        lr of a schedule (LR finder, optimizer switch, the linear scaling rule) reaches it too."""
+        return [self.scheduler]
 
     def cycle_ends(self, limit: int) -> list[int] | None:
         """The wrapped scheduler's cycle ends shifted by the warm-up (see :func:`scheduler_cycle_ends`)."""
