@@ -185,9 +185,9 @@ class OptimizerSwitch(pl.Callback):
         if self.monitor is None or self.switched or trainer.sanity_checking:
             return
         if self.monitor not in trainer.callback_metrics:
-            raise RuntimeError(
-                f"OptimizerSwitch monitors `{self.monitor}`, which is not logged. Available:"
-                f" `{'`, `'.join(trainer.callback_metrics)}`"
+            raise ValueError(
+                f"OptimizerSwitch(monitor={self.monitor!r}): the module does not log it. Logged:"
+                f" `{'`, `'.join(trainer.callback_metrics)}`; set `monitor` to one of them."
             )
         current = trainer.strategy.reduce(
             trainer.callback_metrics[self.monitor].detach().float().clone(), reduce_op="mean"
