@@ -346,3 +346,15 @@ def test_truncated_checkpoint_for_test_names_the_file(tmp_path, capsys):
         assert status == 1
         assert tail[0].startswith(f"error: cannot read {files[kind]}: it is ")
         assert "fix:" in tail[1]
+
+
+def test_readme_error_example_is_what_the_command_prints(tmp_path, capsys, train_batches):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### When a configuration is wrong", 1)[1].split("```text\n", 1)[1].split("```")[0]
+    command, *expected = block.split("$ ")[1].strip().splitlines()
+    args = command.split()[1:]
+    assert args[:3] == ["fit", "--config", "configs/digits.yaml"]
+    args[2] = CONFIG
+    status, tail = run_main(args, capsys)
+    assert status == 1 and tail[-len(expected) :] == expected
+    assert train_batches == []
