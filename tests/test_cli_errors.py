@@ -283,6 +283,22 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
         ["--trainer.limit_val_batches=0"],
         ("trainer.callbacks[0].init_args.monitor", "limit_val_batches"),
     ),
+    # -- monitors that validation never logs: refused after the sanity check, before training
+    (
+        "checkpoint-monitor-name",
+        [f"{CB}+=ModelCheckpoint", f"{CB}.monitor=val/accuracy"],
+        ("trainer.callbacks[2].init_args.monitor", "fix: trainer.callbacks[2].init_args.monitor=val/acc"),
+    ),
+    (
+        "early-stopping-monitor-name",
+        [f"{CB}+=SmoothedEarlyStopping", f"{CB}.monitor=val_loss"],
+        ("trainer.callbacks[2].init_args.monitor", "=val/loss"),
+    ),
+    (
+        "plateau-monitor-name",
+        [f"{SCHED}.name=plateau", f"{SCHED}.interval=epoch", f"{SCHED}.monitor=val/los"],
+        ("model.init_args.scheduler.monitor", "=val/loss"),
+    ),
     # -- checkpoints to resume from
     ("ckpt-last-never-saved", ["--ckpt_path=last"], ("ckpt_path", "save_last")),
     ("ckpt-missing", ["--ckpt_path={root}/nowhere.ckpt"], ("ckpt_path", "nowhere.ckpt")),
@@ -346,3 +362,24 @@ def test_truncated_checkpoint_for_test_names_the_file(tmp_path, capsys):
         assert status == 1
         assert tail[0].startswith(f"error: cannot read {files[kind]}: it is ")
         assert "fix:" in tail[1]
+
+
+def test_readme_error_example_is_what_the_command_prints(tmp_path, capsys, train_batches):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### When a configuration is wrong", 1)[1].split("```text\n", 1)[1].split("```")[0]
+    command, *expected = block.split("$ ")[1].strip().splitlines()
+    args = command.split()[1:]
+    assert args[:3] == ["fit", "--config", "configs/digits.yaml"]
+    args[2] = CONFIG
+    status, tail = run_main(args, capsys)
+    assert status == 1 and tail[-len(expected) :] == expected
+    assert train_batches == []
+
+
+def test_non_strict_monitor_that_is_never_logged_warns_before_training(tmp_path, train_batches):
+    from lightning_tricks.cli import build_cli
+
+    args = [f"{CB}+=EarlyStopping", f"{CB}.monitor=val_loss", f"{CB}.strict=false"]
+    with pytest.warns(UserWarning, match=r"trainer\.callbacks\[2\]\.init_args\.monitor='val_loss'.*val/loss"):
+        build_cli([*base_args(tmp_path), *args, "--test_after_fit=false"])
+    assert len(train_batches) == 2  # a warning, not an error: the run goes on

@@ -23,10 +23,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_tricks._cli_errors import ConfigError
+from lightning_tricks._cli_errors import ConfigError, closest
 
 # DataModule arguments that, at 0 (or None), leave the run without a validation split.
 _VALIDATION_SIZE_ARGS = ("val_fraction", "val_size", "num_val")
@@ -39,6 +40,7 @@ def check_run_config(cli: Any) -> None:
     if cli.subcommand == "fit":
         check_budget(cli.trainer)
         check_validation_monitors(cli)
+        cli.trainer.callbacks.append(MonitorCheck(_monitor_keys(cli)))
     check_ckpt_path(cli, config)
 
 
@@ -85,6 +87,68 @@ def _no_validation(cli: Any) -> tuple[str, Any] | None:
         if name in init_args and not init_args[name]:
             return f"data.init_args.{name}", init_args[name]
     return None
+
+
+def _monitor_keys(cli: Any) -> dict[int, str]:
+    """Config key of each configured callback, by object id, for messages about its monitor."""
+    callbacks = cli.config_init[cli.subcommand]["trainer"].get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    return {id(cb): f"trainer.callbacks[{i}].init_args.monitor" for i, cb in enumerate(callbacks)}
+
+
+class MonitorCheck(Callback):
+    """After the sanity-check validation, refuse ``val/...`` monitors that validation never logged.
+
+    Lightning itself notices a wrong monitor name only after the first training epoch, which is then
+    lost; the sanity check has already logged every validation metric. Callbacks with
+    ``strict=False`` get a warning instead of an error.
+
+    Args:
+        keys: Config key of the ``monitor`` of each callback, by ``id()`` of the callback.
+    """
+
+    def __init__(self, keys: dict[int, str]) -> None:
+        self.keys = keys
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logged = sorted(trainer.callback_metrics)
+        validation = [name for name in logged if name.startswith("val")]
+        if not validation:
+            return
+        for key, owner, monitor, strict in self._monitors(trainer, pl_module):
+            if not monitor.startswith("val") or monitor in logged:
+                continue
+            guess = closest(monitor, validation) or validation[0]
+            problem = (
+                f"({owner}) is never logged: the validation logs {', '.join(validation)}, so it would "
+                "fail (or be ignored) only after the first training epoch"
+            )
+            if strict:
+                raise ConfigError(key, monitor, problem, f"{key}={guess}")
+            rank_zero_warn(
+                f"{key}={monitor!r} {problem}; with strict=False it is ignored. Did you mean {guess}?"
+            )
+
+    def _monitors(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[tuple[str, str, str, bool]]:
+        found = [
+            (
+                self.keys.get(id(cb), f"{type(cb).__name__}.monitor"),
+                type(cb).__name__,
+                cb.monitor,
+                bool(getattr(cb, "strict", True)),
+            )
+            for cb in trainer.callbacks
+            if isinstance(getattr(cb, "monitor", None), str)
+        ]
+        scheduler_key = (
+            "model.init_args.scheduler.monitor"
+            if hasattr(pl_module, "scheduler_config")
+            else "lr_scheduler monitor"
+        )
+        for config in trainer.lr_scheduler_configs:
+            if config.reduce_on_plateau and config.monitor:
+                found.append((scheduler_key, "plateau scheduler", config.monitor, bool(config.strict)))
+        return found
 
 
 def check_validation_monitors(cli: Any) -> None:
