@@ -16,10 +16,12 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
+from lightning_tricks.callbacks.final_weights import test_weights_after_fit
 
 
 class LightningTricksCLI(LightningCLI):
@@ -30,7 +32,10 @@ class LightningTricksCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=True,
-            help="After `fit`, run `test` on the best checkpoint (or the last weights without one).",
+            help=(
+                "After `fit`, run `test` on the final model's weights: restored best weights, else the "
+                "best checkpoint, else the last weights (printed before testing)."
+            ),
         )
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
@@ -38,8 +43,8 @@ class LightningTricksCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
-        checkpoint = self.trainer.checkpoint_callback
-        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        ckpt_path, description = test_weights_after_fit(self.trainer)
+        rank_zero_info(f"Testing {description}.")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 

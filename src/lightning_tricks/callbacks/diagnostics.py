@@ -26,14 +26,14 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_tricks.callbacks._training_state import preserved_training_state
-from lightning_tricks.callbacks.sanity import (
+from lightning_tricks.callbacks._sanity import (
     classifier_forward,
     data_loss,
     draw_batches,
     regularization_off,
     split_batch,
 )
+from lightning_tricks.callbacks._training_state import preserved_training_state
 
 SEVERITIES: tuple[str, ...] = ("error", "warning")
 _PROBED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -8,6 +8,7 @@ from lightning_tricks.datamodules.folder import ImageFolderDataModule
 from lightning_tricks.datamodules.in_memory import TensorBatchLoader
 from lightning_tricks.datamodules.on_device import OnDeviceAugment
 from lightning_tricks.datamodules.order import ResumableSampler
+from lightning_tricks.datamodules.resampling import bootstrap_indices
 from lightning_tricks.datamodules.stats import ImageStatistics, channel_mean_std
 from lightning_tricks.datamodules.synthetic import SyntheticDataModule
 
@@ -26,6 +27,7 @@ __all__ = [
     "ResumableSampler",
     "SyntheticDataModule",
     "TensorBatchLoader",
+    "bootstrap_indices",
     "build_transform",
     "channel_mean_std",
 ]
