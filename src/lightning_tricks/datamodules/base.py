@@ -36,8 +36,8 @@ from lightning_tricks.datamodules.augment import BatchAugment, PresetContext, bu
 from lightning_tricks.datamodules.in_memory import TensorBatchLoader, TransformedTensorDataset
 from lightning_tricks.datamodules.on_device import OnDeviceAugment
 from lightning_tricks.datamodules.order import ResumableSampler, capture_rng_states, restore_rng_states
-from lightning_tricks.datamodules.stats import ImageStatistics
 from lightning_tricks.datamodules.resampling import bootstrap_indices
+from lightning_tricks.datamodules.stats import ImageStatistics
 
 
 class PreprocessedImageDataModule(L.LightningDataModule, ABC):
