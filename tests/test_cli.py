@@ -51,7 +51,7 @@ def test_cli_trains_and_tests_digits_well_above_chance(tmp_path):
     best = cli.trainer.checkpoint_callback.best_model_path
     checkpoint = torch.load(best, weights_only=True)
     assert checkpoint["hyper_parameters"]["model"] == "small_cnn"
-    assert "mean" in checkpoint["DigitsDataModule"]
+    assert "mean" in checkpoint["DigitsDataModule"]["statistics"]
 
     # The other subcommands rebuild the model from the checkpoint's hyperparameters alone.
     same_data = ["--data.init_args.image_size=8"]

@@ -35,6 +35,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
@@ -123,6 +124,12 @@ class ImageClassifier(L.LightningModule):
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top_k, average="micro"))
         if tta is not None:
             self.test_acc_tta = MulticlassAccuracy(num_classes, average="micro")
+        # The epoch's running training loss and accuracy live in the module's state_dict, so a run
+        # resumed mid-epoch reports the same epoch values (Lightning does not checkpoint its own
+        # running epoch aggregates).
+        self.train_loss = MeanMetric()
+        for metric in (self.train_loss, self.train_acc):
+            metric.persistent(True)
 
     def _model_kwargs(self, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         kwargs = dict(model_kwargs or {})
@@ -210,6 +217,12 @@ class ImageClassifier(L.LightningModule):
     def _hard_targets(targets: torch.Tensor) -> torch.Tensor:
         return targets.argmax(dim=1) if targets.ndim == 2 else targets
 
+    def on_train_epoch_start(self) -> None:
+        # A new epoch's running metrics start empty, also after resuming from an epoch-end checkpoint
+        # (saved before Lightning resets them); a mid-epoch resume skips this hook and keeps its sums.
+        self.train_loss.reset()
+        self.train_acc.reset()
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
@@ -220,7 +233,8 @@ class ImageClassifier(L.LightningModule):
             loss = loss + reg
             self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
         self.train_acc(logits.detach(), self._hard_targets(targets))
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        self.train_loss(loss.detach(), len(images))  # weighted by batch size, as Lightning's own mean
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
