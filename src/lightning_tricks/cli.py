@@ -13,6 +13,9 @@ importing the packages below makes every project class known to the parser by na
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -43,9 +46,14 @@ class LightningTricksCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> LightningTricksCLI:
+def build_cli(
+    args: list[str] | None = None,
+    run: bool = True,
+    cli_class: type[LightningTricksCLI] = LightningTricksCLI,
+    **cli_kwargs: Any,
+) -> LightningTricksCLI:
     """Parse ``args`` (default: ``sys.argv``), build the classes and, with ``run``, run the subcommand."""
-    return LightningTricksCLI(
+    return cli_class(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -54,11 +62,17 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningTrick
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
+        **cli_kwargs,
     )
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-tricks`` console script and ``python -m lightning_tricks``."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in ("search", "ablate"):
+        from lightning_tricks.experiments.cli import main as experiments_main
+
+        return experiments_main(argv)
     try:
         build_cli(args)
     finally:
