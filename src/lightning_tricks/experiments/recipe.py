@@ -41,8 +41,11 @@ warnings.filterwarnings(
 
 
 def override_args(overrides: Mapping[str, Any]) -> list[str]:
-    """``{"a.b": v}`` -> ``["--a.b=<v as JSON>"]`` (JSON is valid YAML, which jsonargparse reads)."""
-    return [f"--{key}={json.dumps(value)}" for key, value in overrides.items()]
+    """``{"a.b": v}`` -> ``["--a.b=v"]``: strings as they are, other values as JSON (valid YAML)."""
+    return [
+        f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in overrides.items()
+    ]
 
 
 def recipe_args(configs: Sequence[str], overrides: Mapping[str, Any]) -> list[str]:
