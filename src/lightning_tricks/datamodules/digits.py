@@ -68,7 +68,7 @@ class DigitsDataModule(InMemoryImageDataModule):
             bootstrap_seed=bootstrap_seed,
             **kwargs,
         )
-        if train_per_class is not None and not 1 <= train_per_class:
+        if train_per_class is not None and train_per_class < 1:
             raise ValueError(f"train_per_class must be >= 1 or None (all images), got {train_per_class}")
         self.train_per_class = train_per_class
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

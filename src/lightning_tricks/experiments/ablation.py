@@ -17,7 +17,7 @@ The ablation file (YAML; paths relative to the file)::
 A variant is either dotted overrides or a mapping with ``overrides``/``config``/``metric``. With the
 same seed, the base and a variant share data split, subset and initialisation seed, so the
 difference per seed is a paired sample: the runner reports its mean and a Student-t confidence
-interval (``mean ± t_{1-α/2, n-1} · sd / √n``), beside mean ± sd of every variant.
+interval (``mean ± t(1 - (1 - confidence) / 2, n - 1) · sd / √n``), beside mean ± sd of every variant.
 
 Example::
 
@@ -218,7 +218,7 @@ def _write(config: AblationConfig, out: Path, runs: list[dict[str, Any]], summar
 
 def markdown_table(summary: Mapping[str, Any]) -> str:
     """The README's table: mean ± sd per variant and the paired difference with its interval."""
-    pct = int(round(summary["confidence"] * 100))
+    pct = round(summary["confidence"] * 100)
     lines = [
         f"| variant | metric | mean ± sd | Δ vs {summary['base']} (paired) | {pct}% CI of Δ |",
         "|---|---|---|---|---|",
@@ -245,7 +245,7 @@ def _plot(summary: Mapping[str, Any], path: Path) -> None:
     highs = [r["diff_ci_high"] - r["diff_mean"] for r in rows]
     right.errorbar([r["diff_mean"] for r in rows], ys, xerr=[lows, highs], fmt="o", capsize=3, color="C1")
     right.axvline(0.0, color="grey", lw=1)
-    right.set_xlabel(f"paired Δ vs {summary['base']}, {int(round(summary['confidence'] * 100))}% CI")
+    right.set_xlabel(f"paired Δ vs {summary['base']}, {round(summary['confidence'] * 100)}% CI")
     left.invert_yaxis()
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")

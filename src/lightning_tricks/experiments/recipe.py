@@ -218,7 +218,12 @@ def run_recipe(
     error: BaseException | None = None
     cli = None
     try:
-        cli = build_cli(args, cli_class=_TrialCLI, trainer_defaults={"callbacks": [recorder, *callbacks]})
+        cli = build_cli(
+            args,
+            cli_class=_TrialCLI,
+            trainer_defaults={"callbacks": [recorder, *callbacks]},
+            save_config_callback=None,  # trials would overwrite one another's config.yaml
+        )
     except Exception as exc:  # the caller records it (a crashed trial), the search goes on
         error = exc
     finally:
