@@ -108,3 +108,17 @@ def test_narrowing_stays_inside_and_keeps_the_best():
         [{LR: 1e-2}, {LR: 1e-3}], margin=0.1
     )
     assert math.isclose(fine.params[0].low, 10 ** (-3.4)) and math.isclose(fine.params[0].high, 10 ** (-1.6))
+
+
+def test_lr_range_test_turns_into_a_log_range_up_to_the_loss_minimum():
+    from lightning_tricks.callbacks.lr_finder import LRFinderResults
+    from lightning_tricks.experiments.lr_range import lr_search_range
+
+    lrs = list(np.geomspace(1e-5, 10.0, 61))
+    smoothed = [(math.log10(lr) + 1.0) ** 2 for lr in lrs]  # minimum at lr = 0.1
+    results = LRFinderResults(lrs=lrs, losses=smoothed, smoothed=smoothed)
+    low, high = lr_search_range(results)
+    assert high == pytest.approx(0.1) and low == pytest.approx(1e-3)
+    assert lr_search_range(results, span=1e6)[0] == pytest.approx(1e-5)  # never below the sweep
+    with pytest.raises(ValueError, match="at least 2"):
+        lr_search_range(LRFinderResults(lrs=[0.1], losses=[1.0], smoothed=[1.0]))

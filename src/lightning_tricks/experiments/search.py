@@ -270,6 +270,7 @@ class SearchRun:
         for name, value in (("epochs", run.epochs), ("steps", run.steps), ("fixed_cost_s", run.fixed_cost_s)):
             trial.set_user_attr(name, value)
         trial.set_user_attr("wall_s", run.wall_s)
+        trial.set_user_attr("worker", self.worker)
         self.trial_stats.append({"fixed_cost_s": run.fixed_cost_s, "wall_s": run.wall_s})
         print(
             f"[{self.worker}] {stage} trial {trial.number}: fixed cost {run.fixed_cost_s:.2f} s"

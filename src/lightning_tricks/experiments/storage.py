@@ -69,7 +69,8 @@ def create_stage_study(
     try:
         study = optuna.create_study(storage=storage, study_name=name, load_if_exists=False, **study_kwargs)
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(storage=storage, study_name=name, **study_kwargs)
+        pruner = study_kwargs.get("pruner")
+        study = optuna.load_study(storage=storage, study_name=name, pruner=pruner)
         _wait_for_queue(study)
         return study
     space, trials = plan()
