@@ -13,6 +13,7 @@ importing the packages below makes every project class known to the parser by na
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -83,7 +84,11 @@ class LightningTricksCLI(LightningCLI):
 
 
 def build_cli(
-    args: list[str] | None = None, run: bool = True, exit_on_error: bool = True
+    args: list[str] | None = None,
+    run: bool = True,
+    exit_on_error: bool = True,
+    cli_class: type[LightningTricksCLI] = LightningTricksCLI,
+    **cli_kwargs: Any,
 ) -> LightningTricksCLI:
     """Parse ``args`` (default: ``sys.argv``), build the classes and, with ``run``, run the subcommand.
 
@@ -91,7 +96,7 @@ def build_cli(
     """
     silence_third_party_noise()
     parser_kwargs = {"exit_on_error": exit_on_error}
-    return LightningTricksCLI(
+    return cli_class(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -108,6 +113,7 @@ def build_cli(
         },
         args=args,
         run=run,
+        **cli_kwargs,
     )
 
 
@@ -117,6 +123,11 @@ def main(args: list[str] | None = None) -> None:
     Errors end in a short message naming the config key and a fix; ``--debug`` (or the environment
     variable ``LIGHTNING_TRICKS_DEBUG=1``) shows the traceback instead.
     """
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in ("search", "ablate"):
+        from lightning_tricks.experiments.cli import main as experiments_main
+
+        return experiments_main(argv)
     args, debug = pop_debug_flag(args)
     try:
         run_reporting_errors(lambda: build_cli(args, exit_on_error=False), debug=debug)
