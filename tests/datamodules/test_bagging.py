@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_tricks.datamodules import DigitsDataModule, SyntheticDataModule
-from lightning_tricks.ensemble import bootstrap_indices
+from lightning_tricks.datamodules.resampling import bootstrap_indices
 
 
 def training_labels(dm) -> torch.Tensor:

@@ -6,6 +6,7 @@ from lightning_tricks.datamodules.digits import DigitsDataModule
 from lightning_tricks.datamodules.folder import ImageFolderDataModule
 from lightning_tricks.datamodules.in_memory import InMemoryImageDataModule, PreprocessedImageDataModule
 from lightning_tricks.datamodules.on_device import OnDeviceAugment
+from lightning_tricks.datamodules.resampling import bootstrap_indices
 from lightning_tricks.datamodules.stats import ImageStatistics, channel_mean_std
 from lightning_tricks.datamodules.synthetic import SyntheticDataModule
 
@@ -22,6 +23,7 @@ __all__ = [
     "PCALighting",
     "PreprocessedImageDataModule",
     "SyntheticDataModule",
+    "bootstrap_indices",
     "build_transform",
     "channel_mean_std",
 ]

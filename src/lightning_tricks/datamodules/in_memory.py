@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from lightning_tricks.datamodules import stats as stats_lib
 from lightning_tricks.datamodules.augment import BatchAugment, PresetContext, build_transform, preset_names
 from lightning_tricks.datamodules.on_device import OnDeviceAugment
+from lightning_tricks.datamodules.resampling import bootstrap_indices
 from lightning_tricks.datamodules.stats import ImageStatistics
-from lightning_tricks.ensemble import bootstrap_indices
 
 
 class PreprocessedImageDataModule(L.LightningDataModule):
