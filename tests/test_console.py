@@ -124,9 +124,7 @@ def test_console_callbacks_follow_the_trainer_config(monkeypatch):
 def test_fit_summary_reports_best_and_final_metrics_checkpoints_and_weights(tmp_path, capsys):
     train, val = digits_loaders(batch_size=200)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_last=True)
-    summary = FitSummary(
-        final_weights=lambda trainer, module: f"raw weights after step {trainer.global_step}"
-    )
+    summary = FitSummary(final_weights=lambda trainer: f"raw weights after step {trainer.global_step}")
     kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True}
     trainer = L.Trainer(**kwargs, max_epochs=2, callbacks=[checkpoint, summary])
     trainer.fit(PlainClassifier(), train, val)

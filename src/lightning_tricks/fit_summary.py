@@ -19,31 +19,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_tricks.callbacks.final_weights import describe_final_weights
 from lightning_tricks.records import run_dir
 
-__all__ = ["FitSummary", "describe_final_weights"]
+__all__ = ["FitSummary"]
 
-FinalWeights = Callable[[pl.Trainer, pl.LightningModule], str]
-# Callbacks that may leave other weights in the module than the last optimizer step's.
-_WEIGHT_CHANGERS = ("EMA", "StochasticWeightAveraging", "SmoothedEarlyStopping", "SnapshotEnsemble")
-
-
-def describe_final_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-    """Which weights ``pl_module`` holds after ``fit``.
-
-    Uses ``lightning_tricks.callbacks.describe_final_weights`` when the package provides it (the
-    rule for EMA, SWA, snapshots, restored best weights and checkpoints combined); otherwise names
-    the callbacks that may have replaced the last step's weights.
-    """
-    import lightning_tricks.callbacks as callbacks
-
-    rule: FinalWeights | None = getattr(callbacks, "describe_final_weights", None)
-    if rule is not None:
-        return rule(trainer, pl_module)
-    changers = [type(c).__name__ for c in trainer.callbacks if type(c).__name__ in _WEIGHT_CHANGERS]
-    if not changers:
-        return "the last training step's weights"
-    return f"may differ from the last step's weights: set by {', '.join(changers)}"
+FinalWeights = Callable[[pl.Trainer], str]
 
 
 class FitSummary(pl.Callback):
@@ -54,8 +35,8 @@ class FitSummary(pl.Callback):
     its ``config.yaml`` and plots (``*.png``). ``rows`` keeps them as ``(item, value)`` pairs.
 
     Args:
-        final_weights: ``f(trainer, pl_module) -> str`` describing the final weights; default
-            :func:`describe_final_weights`.
+        final_weights: ``f(trainer) -> str`` describing the final weights; default
+            :func:`lightning_tricks.callbacks.final_weights.describe_final_weights`.
     """
 
     def __init__(self, final_weights: FinalWeights | None = None) -> None:
@@ -69,7 +50,7 @@ class FitSummary(pl.Callback):
         self.rows = [
             *_checkpoint_rows(trainer),
             *_metric_rows(trainer),
-            ("final weights", self.final_weights(trainer, pl_module)),
+            ("final weights", self.final_weights(trainer)),
             ("run folder", str(folder)),
             *[(label, str(path)) for label, path in _files(folder)],
         ]

@@ -26,8 +26,13 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning_utilities.core.imports import RequirementCache
 
 __all__ = ["RunConfigSaver", "run_dir"]
+
+# Keep None values (e.g. `scheduler: null`) so the saved config re-runs the same experiment;
+# jsonargparse 4.49 renamed the keyword from `skip_none` to `skip_unset`.
+_KEEP_NONE = {"skip_unset": False} if RequirementCache("jsonargparse>=4.49") else {"skip_none": False}
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -77,8 +82,8 @@ class RunConfigSaver(SaveConfigCallback):
         assert self.config_path is not None
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
         self.parser.save(
-            self.config, str(self.config_path), skip_none=False, overwrite=True, multifile=self.multifile
+            self.config, str(self.config_path), overwrite=True, multifile=self.multifile, **_KEEP_NONE
         )
-        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        resolved = yaml.safe_load(self.parser.dump(self.config, **_KEEP_NONE))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": resolved})
