@@ -218,6 +218,9 @@ class ImageClassifier(L.LightningModule):
         return targets.argmax(dim=1) if targets.ndim == 2 else targets
 
     def on_train_epoch_start(self) -> None:
+        """Keep the linear scaling rule on the current global batch (see :meth:`follow_global_batch`)
+        and start the epoch's running training metrics empty."""
+        self.follow_global_batch()
         # A new epoch's running metrics start empty, also after resuming from an epoch-end checkpoint
         # (saved before Lightning resets them); a mid-epoch resume skips this hook and keeps its sums.
         self.train_loss.reset()
@@ -304,10 +307,6 @@ class ImageClassifier(L.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def on_train_epoch_start(self) -> None:
-        """Keep the linear scaling rule on the current global batch (see :meth:`follow_global_batch`)."""
-        self.follow_global_batch()
 
     def follow_global_batch(self) -> None:
         """Rescale the learning rates when the global batch differs from the one they were scaled for.
