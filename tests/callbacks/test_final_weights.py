@@ -182,12 +182,31 @@ def test_order_dependent_combinations_are_refused_before_training(tmp_path, make
     assert_weights(model, before)
 
 
+class WarmRestarts(PlainClassifier):
+    """Cosine warm restarts every 10 optimizer steps (one epoch here)."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def test_snapshot_ensemble_leaves_the_final_model_to_the_rule(tmp_path):
     ema = EMA(decay=0.9)
-    snapshots = SnapshotEnsemble(cycles=2, save_files=False)
-    trainer, model, recorder = run(tmp_path, [ema, snapshots])
+    snapshots = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snapshots"))
+    torch.manual_seed(0)
+    model, recorder = WarmRestarts(lr=0.2), EpochRecorder()
+    train, val = digits_loaders(n_train=600)
+    trainer = L.Trainer(
+        **quiet_trainer_kwargs(tmp_path),
+        max_epochs=4,
+        limit_val_batches=2,
+        callbacks=[recorder, ema, snapshots],
+    )
+    trainer.fit(model, train, val)
     assert_weights(model, recorder.ema[-1])
-    # the last snapshot is the raw weights of the last step, not the final model
+    # the last snapshot is the raw weights of the last step (a cycle end), not the final model
+    assert snapshots.snapshot_steps == [30, 40]
     assert_weights_equal(snapshots.snapshots[-1], recorder.last)
     description = describe_final_weights(trainer)
     assert description.startswith("the EMA weights (decay=0.9")

@@ -387,12 +387,8 @@ class EMA(WeightAveraging):
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Runs the validation dataloaders again with the EMA weights, logging ``name + suffix``."""
-        if (
-            not self.validate
-            or self._ema is None
-            or trainer.sanity_checking
-            or trainer.state.fn != TrainerFn.FITTING
-        ):
+        # Also in the sanity check (nothing to swap yet), so monitors of `val/acc_ema` find it from the start.
+        if not self.validate or self._ema is None or trainer.state.fn != TrainerFn.FITTING:
             return
         # Before the first update the EMA model *is* the raw model (as in checkpoints): no swap, and
         # the `_ema` metrics equal the raw ones, so monitors of `val/acc_ema` find their key.
