@@ -82,23 +82,25 @@ def test_prediction_average_and_swapped_weights_on_two_dataloaders(tmp_path):
     assert evaluate.logged["val/acc_ensemble/dataloader_idx_1"]["sync_dist"] is True
 
 
-class TupleForward(PlainClassifier):
+class ScoresForward(PlainClassifier):
+    """A dict output under a key the adapter cannot know, and no `logits_of` hook."""
+
     def forward(self, x):
-        return self.net(x), None
+        return {"scores": self.net(x)}
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/acc", (self(batch[0])[0].argmax(1) == batch[1]).float().mean())
+        self.log("val/acc", (self(batch[0])["scores"].argmax(1) == batch[1]).float().mean())
 
 
 def test_prediction_average_refuses_a_forward_without_logits(tmp_path):
     x, y = digits_tensors(64)
-    model = TupleForward()
+    model = ScoresForward()
 
     class Run(L.Callback):
         def on_validation_epoch_end(self, trainer, pl_module):
             evaluate_prediction_average(trainer, pl_module, "val", {"_m": pl_module.state_dict()})
 
     trainer = L.Trainer(**quiet_trainer_kwargs(tmp_path), callbacks=[Run()])
-    with pytest.raises(Exception, match=r"forward that returns logits .*got tuple from TupleForward.forward"):
+    with pytest.raises(ValueError, match=r"Cannot find class logits in a forward output of \[.scores.\]"):
         trainer.validate(model, DataLoader(TensorDataset(x, y), batch_size=32), verbose=False)
     assert "forward" not in model.__dict__ and "log" not in model.__dict__

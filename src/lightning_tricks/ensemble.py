@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_tricks.adapters import inputs_of, logits_of, split_batch
 from lightning_tricks.evaluation import ensemble_logits, mean_probabilities
 
 StateDict = dict[str, torch.Tensor]
@@ -57,11 +58,13 @@ def _load_snapshot(snapshot: StateDict | str | os.PathLike) -> StateDict:
 
 
 class EnsembleClassifier(L.LightningModule):
-    """Average the softmax outputs of several classifiers (each ``forward`` returns logits).
+    """Average the softmax outputs of several classifiers (each ``forward`` returns logits, a tuple
+    starting with them or a dict with ``logits``; see :mod:`lightning_tricks.adapters`).
 
     ``forward`` returns the averaged probabilities ``(N, C)``. Usable in ``trainer.predict`` (returns the
     averaged probabilities) and ``trainer.test`` (logs ``test/acc_ensemble`` and ``test/loss_ensemble``,
-    the NLL of the averaged probabilities) with batches ``(inputs, targets, ...)``.
+    the NLL of the averaged probabilities) with batches ``(inputs, targets, ...)`` or dicts
+    (:func:`lightning_tricks.adapters.split_batch`).
 
     Members must agree in number of classes and input size; this is checked at construction with a
     forward pass on ``example_input`` when given (or a member's ``example_input_array``), otherwise from
@@ -168,22 +171,25 @@ class EnsembleClassifier(L.LightningModule):
 
     def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax outputs of every member, stacked ``(M, N, C)``."""
-        return torch.stack([member(x).float().softmax(-1) for member in self.members])
+        return torch.stack([self._logits(member, x).float().softmax(-1) for member in self.members])
+
+    @staticmethod
+    def _logits(member: nn.Module, x: Any) -> torch.Tensor:
+        return logits_of(member(x), member)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Averaged predicted label distribution ``(N, C)``."""
-        return mean_probabilities([member(x) for member in self.members])
+        return mean_probabilities([self._logits(member, x) for member in self.members])
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x)
+        return self(inputs_of(batch, self.members[0]))
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Logs ``test/acc_ensemble`` and ``test/loss_ensemble``, as a module's step would under
         :func:`lightning_tricks.evaluation.evaluate_prediction_average`: the cross-entropy of
         :func:`~lightning_tricks.evaluation.ensemble_logits` (the NLL of the averaged probabilities)."""
-        x, y = batch[0], batch[1]
-        logits = ensemble_logits([member(x) for member in self.members])
+        x, y = split_batch(batch, self.members[0])
+        logits = ensemble_logits([self._logits(member, x) for member in self.members])
         hard = y if y.ndim == 1 else y.argmax(-1)
         self.log("test/acc_ensemble", (logits.argmax(-1) == hard).float().mean(), sync_dist=True)
         self.log(

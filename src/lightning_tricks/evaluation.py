@@ -47,6 +47,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torchmetrics import Metric, MetricCollection
 
+from lightning_tricks.adapters import logits_of, with_logits
+
 Stage = Literal["val", "test"]
 
 
@@ -240,7 +242,8 @@ def evaluate_weights(
 
 
 class _MemberForward:
-    """Stands in for ``pl_module.forward``: the members' outputs (one member: its logits; several:
+    """Stands in for ``pl_module.forward``: the members' outputs (one member: its output; several: the
+    first member's output with its logits, found by :mod:`lightning_tricks.adapters`, replaced by
     :func:`ensemble_logits`), each computed by the module's own ``forward`` on that member's weights.
 
     Outputs are remembered per input tensor within a batch, so the ensemble and the single-member
@@ -255,7 +258,7 @@ class _MemberForward:
         self.cache: dict[tuple[str, tuple[int, ...]], Tensor] = {}
         self._inside = False
 
-    def _member_output(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    def _member_output(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         key = (name, tuple(id(a) for a in args))
         if key not in self.cache:
             self._inside = True
@@ -263,19 +266,18 @@ class _MemberForward:
                 output = functional_call(self.pl_module, self.states[name], args, kwargs)
             finally:
                 self._inside = False
-            if not isinstance(output, Tensor):
-                raise MisconfigurationException(
-                    f"Averaging predictions needs a forward that returns logits (a Tensor), got "
-                    f"{type(output).__name__} from {type(self.pl_module).__name__}.forward"
-                )
+            logits_of(output, self.pl_module)  # refuses an output without logits, with the fix
             self.cache[key] = output
         return self.cache[key]
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._inside:  # functional_call calls the module, i.e. this object: run the real forward
             return self.forward(*args, **kwargs)
         outputs = [self._member_output(name, args, kwargs) for name in self.members]
-        return outputs[0] if len(outputs) == 1 else ensemble_logits(outputs)
+        if len(outputs) == 1:
+            return outputs[0]
+        logits = ensemble_logits([logits_of(o, self.pl_module) for o in outputs])
+        return with_logits(outputs[0], logits, self.pl_module)
 
     @contextmanager
     def installed(self, members: Sequence[str]) -> Iterator[None]:
@@ -302,8 +304,9 @@ def evaluate_prediction_average(
     NLL of the averaged probabilities) and once per member with that member's logits (``name +
     member suffix``: ``val/acc_snapshot_3``). Each member's ``forward`` runs once per batch, through
     ``torch.func.functional_call``: the live weights are never written. The members' tensors are on
-    the module's device during the pass. ``forward`` must return logits. Returns the ``self.log``
-    arguments of each name logged.
+    the module's device during the pass. ``forward`` may return logits, a tuple starting with them or
+    a dict with ``logits`` (or whatever the module's ``logits_of``/``with_logits`` say, see
+    :mod:`lightning_tricks.adapters`). Returns the ``self.log`` arguments of each name logged.
 
     Example::
 
