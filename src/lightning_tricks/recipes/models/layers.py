@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import DropBlock2d, StochasticDepth
 
 CONV_NORMS: tuple[str, ...] = ("batch", "group", "layer", "none")
 """Normalisation choices for convolutional feature maps."""
@@ -116,6 +117,36 @@ class DropConnectLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}"
+
+
+def drop_path_rates(drop_path: float, num_blocks: int) -> list[float]:
+    """Stochastic depth's linear decay rule (Huang et al. 2016): block ``l`` of ``L`` (1-based, input to
+    output) drops its residual branch with probability ``drop_path * l / L``, the last one with ``drop_path``.
+
+    Example::
+
+        drop_path_rates(0.5, 4)  # [0.125, 0.25, 0.375, 0.5]
+    """
+    check_probability("drop_path", drop_path)
+    return [drop_path * (i + 1) / num_blocks for i in range(num_blocks)]
+
+
+def make_drop_path(p: float) -> nn.Module:
+    """DropPath for one residual branch: torchvision's ``StochasticDepth(p, "row")`` (each sample's branch
+    is zeroed with probability ``p`` and kept ones scaled by ``1 / (1 - p)`` in training; identity at
+    eval), or ``nn.Identity`` for ``p = 0``."""
+    return StochasticDepth(p, "row") if p > 0 else nn.Identity()
+
+
+def make_drop_block(p: float, block_size: int) -> nn.Module:
+    """torchvision's ``DropBlock2d(p, block_size)`` (Ghiasi et al. 2018), or ``nn.Identity`` for ``p = 0``.
+
+    Raises ``ValueError`` naming ``drop_block``/``drop_block_size`` when out of range.
+    """
+    check_probability("drop_block", p)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"drop_block_size must be an integer >= 1; got {block_size!r}")
+    return DropBlock2d(p, block_size) if p > 0 else nn.Identity()
 
 
 def make_classifier(in_features: int, num_classes: int, drop_connect: float = 0.0) -> nn.Linear:
