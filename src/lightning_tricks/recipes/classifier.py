@@ -40,7 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes.init import InitConfig, initialize
-from lightning_tricks.recipes.models import DropConnectLinear, create_model, get_classifier
+from lightning_tricks.recipes.models import DropConnectConv2d, DropConnectLinear, create_model, get_classifier
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
 from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
@@ -48,7 +48,15 @@ from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
 # Param-group key holding the global batch size the group's lr is scaled for (linear scaling rule).
 LR_BATCH_KEY = "lr_global_batch_size"
 # Modules whose drop probability ``p`` is regularisation that ``regularization_scaled(0)`` turns off.
-_DROP_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, DropConnectLinear)
+_DROP_TYPES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    DropConnectLinear,
+    DropConnectConv2d,
+)
 
 
 def _as_config(value: Any, config_type: type) -> Any:
