@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_tricks.callbacks.sanity import (
+from lightning_tricks.callbacks._sanity import (
     classifier_forward,
     data_loss,
     draw_batches,

@@ -277,6 +277,14 @@ class SmoothedEarlyStopping(EarlyStopping):
         self._check_explosion(trainer, loss)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.restore_best_weights:
+            from lightning_tricks.callbacks.final_weights import check_final_weights  # imports us
+
+            check_final_weights(trainer, self)
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.restore_best_weights or self.best_weights is None:
             return
@@ -381,8 +389,11 @@ class SmoothedEarlyStopping(EarlyStopping):
         if self._improved:
             self.best_epoch = trainer.current_epoch
             if self.restore_best_weights:
-                # CPU copy: the best weights must not cost accelerator memory
-                weights = trainer.lightning_module.state_dict()
+                # The weights the monitor measured (an EMA's for an EMA metric), as a CPU copy: the
+                # best weights must not cost accelerator memory.
+                from lightning_tricks.callbacks.final_weights import weights_measured_by  # imports us
+
+                weights = weights_measured_by(trainer, self.monitor)
                 self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
 
     def _training_loss(self, trainer: pl.Trainer, returned: Tensor | None) -> Tensor | None:

@@ -7,11 +7,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import SGD, Optimizer
 from typing_extensions import override
 
+from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.callbacks._monitor import known_missing, missing_metric_message, resolve_mode
 from lightning_tricks.callbacks._plateau import PlateauDetector
 
@@ -188,6 +188,24 @@ class OptimizerSwitch(pl.Callback):
                 f" at most {max_epochs - 1}, or raise `trainer.max_epochs` above {self.switch_epoch}."
             )
 
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"OptimizerSwitch supports exactly one optimizer, got {len(trainer.optimizers)}."
+            )
+        if self.switched and not isinstance(trainer.optimizers[0], SGD):
+            # resuming after the switch: rebuild SGD before Lightning loads the optimizer state
+            self._install_sgd(trainer, self.sgd_lrs, self.lr_ratios)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.switched:
+            return
+        due = self.switch_epoch is not None and trainer.current_epoch >= self.switch_epoch
+        if due or self.pending:
+            self._switch(trainer)
+
     @property
     def best(self) -> float | None:
         """Best value of ``monitor`` so far (``None`` without a monitor)."""
@@ -225,13 +243,13 @@ class OptimizerSwitch(pl.Callback):
             lr = self.sgd_lr
             if lr is None:
                 if "betas" not in group:
-                    raise MisconfigurationException(
+                    raise ValueError(
                         f"OptimizerSwitch derives the SGD rate from Adam state, but the optimizer is"
                         f" {type(adam).__name__}; pass `sgd_lr`."
                     )
                 lr = adam_equivalent_sgd_lr(adam, group, self.momentum)
                 if lr is None:
-                    raise MisconfigurationException(
+                    raise ValueError(
                         "OptimizerSwitch found no Adam state to derive the SGD rate from; switch later or"
                         " pass `sgd_lr`."
                     )
@@ -254,21 +272,15 @@ class OptimizerSwitch(pl.Callback):
     def _install_sgd(self, trainer: pl.Trainer, lrs: list[float], ratios: list[float]) -> None:
         old = trainer.optimizers[0]
         groups = []
-        for group, lr, ratio in zip(old.param_groups, lrs, ratios, strict=True):
+        for group, lr in zip(old.param_groups, lrs, strict=True):
             new = {k: v for k, v in group.items() if k not in old.defaults}
-            if "initial_lr" in new:
-                new["initial_lr"] = group["initial_lr"] * ratio
             wd = group.get("weight_decay", 0.0) if self.weight_decay is None else self.weight_decay
             new.update(lr=lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=wd)
             groups.append(new)
         sgd = SGD(groups, lr=lrs[0], momentum=self.momentum, nesterov=self.nesterov)
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if scheduler.optimizer is not old:
-                continue
+        schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.scheduler.optimizer is old]
+        for scheduler in schedulers:
             scheduler.optimizer = sgd
-            if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [b * r for b, r in zip(scheduler.base_lrs, ratios, strict=True)]
-            if hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr = [g["lr"] for g in sgd.param_groups]
+        # `lr` is set above; the schedule's own values (initial/peak/base/last rates) follow by the same ratio
+        scale_learning_rates(sgd, schedulers, ratios, group_keys=("initial_lr", "max_lr", "min_lr"))
         trainer.strategy.optimizers = [sgd]
