@@ -6,7 +6,8 @@ one run (:meth:`EnsembleClassifier.from_snapshots`, e.g. the ``snapshot_{i}.pt``
 :class:`lightning_tricks.callbacks.snapshot.SnapshotEnsemble`). This averages *predictions*; averaging
 *weights* (EMA, SWA) is a different method that only works along one trajectory.
 
-Bagging trains each member on a bootstrap resample of the training set: :func:`bootstrap_indices`.
+Bagging trains each member on a bootstrap resample of the training set:
+:func:`lightning_tricks.datamodules.resampling.bootstrap_indices`.
 """
 
 from __future__ import annotations
@@ -21,23 +22,6 @@ import torch
 from torch import nn
 
 StateDict = dict[str, torch.Tensor]
-
-
-def bootstrap_indices(n: int, seed: int) -> torch.Tensor:
-    """Indices of a bootstrap resample: ``n`` draws with replacement from ``range(n)``, seeded.
-
-    About ``1 - 1/e`` (63.2%) of the samples appear at least once. The result depends only on ``n`` and
-    ``seed``, not on the global RNG.
-
-    Example::
-
-        >>> idx = bootstrap_indices(1000, seed=0)
-        >>> subset = torch.utils.data.Subset(train_set, idx.tolist())  # doctest: +SKIP
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"`n` must be an integer >= 1, got {n!r}")
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randint(n, (n,), generator=generator)
 
 
 def _count_outputs(member: nn.Module, example: torch.Tensor | None) -> int | None:

@@ -28,7 +28,7 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from lightning_tricks.datamodules import stats as stats_lib
-from lightning_tricks.datamodules.in_memory import InMemoryImageDataModule
+from lightning_tricks.datamodules.base import InMemoryImageDataModule
 
 
 class CIFAR10DataModule(InMemoryImageDataModule):
@@ -51,7 +51,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
             or ``None`` to always recompute.
         **kwargs: ``augment_kwargs``, ``pad_mode``, ``batch_augment``, ``mixup_alpha``,
             ``cutmix_alpha``, ``normalize``, ``mean_image``, ``whitening``, ``whitening_eps``
-            (see :class:`~lightning_tricks.datamodules.in_memory.InMemoryImageDataModule`).
+            (see :class:`~lightning_tricks.datamodules.base.InMemoryImageDataModule`).
 
     Raises:
         FileNotFoundError: At ``setup`` when the data is missing and ``download=False``.

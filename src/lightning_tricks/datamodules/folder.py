@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 
 from lightning_tricks.datamodules import stats as stats_lib
 from lightning_tricks.datamodules.augment import SIZING_PRESETS, PresetContext, build_transform
-from lightning_tricks.datamodules.in_memory import PreprocessedImageDataModule
+from lightning_tricks.datamodules.base import PreprocessedImageDataModule
 
 ON_CORRUPT = ("skip", "raise")
 _SHOWN = 10
