@@ -54,14 +54,18 @@ class NonFiniteLossGuard:
         """``True`` when the step may proceed; a non-finite loss raises (stop) or gives ``False`` (skip)."""
         value = float(loss.detach())
         finite = math.isfinite(value)
-        trainer = module.trainer
-        if trainer.world_size > 1:
+        try:
+            trainer = module.trainer
+        except RuntimeError:  # a step called by hand, outside a Trainer
+            trainer = None
+        if trainer is not None and trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
-        step = trainer.global_step
+        step = trainer.global_step if trainer is not None else 0
         if finite:
             self.last_finite = (step, value)
             return True
-        message = self._message(value, step, trainer.current_epoch, batch_idx, images)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        message = self._message(value, step, epoch, batch_idx, images)
         if self.action == "stop":
             raise NonFiniteLossError(message)
         self.skipped_steps.append(step)
