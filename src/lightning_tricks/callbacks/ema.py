@@ -29,6 +29,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
+from lightning_tricks._io import atomic_save
 from lightning_tricks.callbacks._averaging import WARMUPS, TensorListEMA, ema_decay
 
 CHECKPOINT_WEIGHTS = ("auto", "ema", "raw")
@@ -457,14 +458,14 @@ class EMA(WeightAveraging):
 
     @rank_zero_only
     def save_ema_weights(self, path: str | Path) -> None:
-        """Saves :meth:`ema_state_dict` with ``torch.save`` (rank 0 only).
+        """Saves :meth:`ema_state_dict` with ``torch.save``, atomically (rank 0 only).
 
         Example::
 
             ema.save_ema_weights("ema.pt")
             model.load_state_dict(torch.load("ema.pt", weights_only=True))
         """
-        torch.save(self.ema_state_dict(), path)
+        atomic_save(self.ema_state_dict(), path)
 
     # ------------------------------------------------------------ checkpoints
 

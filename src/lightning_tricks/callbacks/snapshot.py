@@ -44,6 +44,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch.func import functional_call
 from typing_extensions import override
 
+from lightning_tricks._io import atomic_save
 from lightning_tricks.recipes.schedules import scheduler_cycle_ends
 
 
@@ -54,17 +55,6 @@ class _SnapshotFile:
     index: int
     step: int
     path: str
-
-
-def _save_atomically(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then ``os.replace``: never a half-written file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class SnapshotEnsemble(Callback):
@@ -320,9 +310,7 @@ class SnapshotEnsemble(Callback):
         if trainer.is_global_zero:
             os.makedirs(self.dirpath, exist_ok=True)
             state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-            _save_atomically(
-                {"state_dict": state, "global_step": trainer.global_step, "index": self._taken}, path
-            )
+            atomic_save({"state_dict": state, "global_step": trainer.global_step, "index": self._taken}, path)
         trainer.strategy.barrier("SnapshotEnsemble.snapshot")  # every rank may read it from now on
         self._snapshots.append(_SnapshotFile(self._taken, trainer.global_step, path))
         self._cache = None
