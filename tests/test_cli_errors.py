@@ -383,3 +383,37 @@ def test_non_strict_monitor_that_is_never_logged_warns_before_training(tmp_path,
     with pytest.warns(UserWarning, match=r"trainer\.callbacks\[2\]\.init_args\.monitor='val_loss'.*val/loss"):
         build_cli([*base_args(tmp_path), *args, "--test_after_fit=false"])
     assert len(train_batches) == 2  # a warning, not an error: the run goes on
+
+
+def test_data_that_cannot_train_names_the_folder(tmp_path, capsys, train_batches, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from data_files import make_tree
+
+    make_tree(tmp_path / "images", per_class=2)
+    (tmp_path / "images" / "train" / "no_images").mkdir()
+    (tmp_path / "images" / "val" / "no_images").mkdir()
+    folder = [
+        "--data=ImageFolderDataModule",
+        f"{DATA}.data_dir={tmp_path / 'images'}",
+        f"{DATA}.crop_size=32",
+        f"{DATA}.resize_size=40",
+        f"{DATA}.num_workers=0",
+        f"{DATA}.stats_cache=null",
+    ]
+    status, tail = run_main([*base_args(tmp_path), *folder], capsys)
+    assert status == 1 and train_batches == []
+    assert tail[0].startswith("error: data.init_args.data_dir (ImageFolderDataModule): class folder(s)")
+    assert str((tmp_path / "images" / "train" / "no_images").resolve()) in tail[0]
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    cifar = ["--data=CIFAR10DataModule", f"{DATA}.data_dir={tmp_path / 'cifar'}"]
+    status, tail = run_main([*base_args(tmp_path), *cifar], capsys)
+    assert status == 1 and train_batches == []
+    assert tail[0].startswith("error: data.init_args.data_dir (CIFAR10DataModule): CIFAR10: ")
+    assert f"{(tmp_path / 'cifar' / 'cifar-10-batches-py').resolve()} does not exist" in tail[0]
+    assert "fix: point data.init_args.data_dir at the files described above" in tail[1]

@@ -341,6 +341,8 @@ def describe_error(err: BaseException) -> list[str]:
     key = f"{arguments}.{token}" if token else component
     lines = [f"error: {key} ({owner_class.__name__}): {kind}{message}"]
     fix = _fix_from_message(message, token, key) or suggestion
+    if fix is None and token is not None and isinstance(root, FileNotFoundError):
+        fix = f"point {key} at the files described above"
     if fix is None and token is not None:
         default = defaults.get(token.split(".")[0], None) if "." not in token else None
         current = init_args.get(token)

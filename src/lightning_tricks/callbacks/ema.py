@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from typing_extensions import override
 
+from lightning_tricks._io import atomic_save
 from lightning_tricks.callbacks._averaging import WARMUPS, TensorListEMA, ema_decay
 from lightning_tricks.evaluation import evaluate_weights
 
@@ -429,14 +430,14 @@ class EMA(WeightAveraging):
 
     @rank_zero_only
     def save_ema_weights(self, path: str | Path) -> None:
-        """Saves :meth:`ema_state_dict` with ``torch.save`` (rank 0 only).
+        """Saves :meth:`ema_state_dict` with ``torch.save``, atomically (rank 0 only).
 
         Example::
 
             ema.save_ema_weights("ema.pt")
             model.load_state_dict(torch.load("ema.pt", weights_only=True))
         """
-        torch.save(self.ema_state_dict(), path)
+        atomic_save(self.ema_state_dict(), path)
 
     # ------------------------------------------------------------ checkpoints
 
