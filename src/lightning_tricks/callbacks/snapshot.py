@@ -146,7 +146,8 @@ class SnapshotEnsemble(Callback):
         self._lr_fell = False
         self._unit: Literal["step", "epoch"] = "step"
         self._last_handled = -1
-        self._cache: tuple[tuple[int, str, int], dict[str, float]] | None = None
+        # (snapshot count and val batches, self.log arguments and epoch values of the ensemble metrics)
+        self._cache: tuple[tuple[Any, ...], dict[str, dict[str, Any]], dict[str, float]] | None = None
 
     @property
     @override
