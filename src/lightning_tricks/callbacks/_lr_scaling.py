@@ -39,11 +39,13 @@ def scale_learning_rates(
         factors: one factor per param group.
         group_keys: param-group keys to rescale.
 
-    Example::
+    Example:
 
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
-        scale_learning_rates(opt, [sched], [0.5])  # lr 0.05, base_lrs [0.05], get_last_lr() [0.05]
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+        >>> scale_learning_rates(opt, [sched], [0.5])
+        >>> opt.param_groups[0]["lr"], opt.param_groups[0]["initial_lr"], sched.base_lrs, sched.get_last_lr()
+        (0.05, 0.05, [0.05], [0.05])
     """
     factors = list(factors)
     if len(factors) != len(optimizer.param_groups):

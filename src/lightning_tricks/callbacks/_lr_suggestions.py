@@ -20,9 +20,12 @@ MODES = ("exponential", "linear")
 def lr_schedule(min_lr: float, max_lr: float, num_steps: int, mode: str) -> list[float]:
     """Learning rates of the range test: ``num_steps`` values from ``min_lr`` to ``max_lr`` inclusive.
 
-    Example::
+    Example:
 
-        lr_schedule(1e-4, 1.0, 5, "exponential")  # [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+        >>> [round(lr, 12) for lr in lr_schedule(1e-4, 1.0, 5, "exponential")]
+        [0.0001, 0.001, 0.01, 0.1, 1.0]
+        >>> lr_schedule(0.0, 1.0, 3, "linear")
+        [0.0, 0.5, 1.0]
     """
     if mode == "exponential":
         return torch.logspace(math.log10(min_lr), math.log10(max_lr), num_steps, dtype=torch.float64).tolist()
@@ -36,10 +39,13 @@ class SmoothedLossTracker:
     The search has diverged once the smoothed loss exceeds ``divergence_factor`` times its first value
     (:class:`ExplosionRule`, the same rule early stopping and the diagnostics apply).
 
-    Example::
+    Example:
 
-        tracker = SmoothedLossTracker(alpha=0.1, divergence_factor=4.0)
-        smoothed, diverged = tracker.update(2.3)
+        >>> tracker = SmoothedLossTracker(alpha=0.5, divergence_factor=4.0)
+        >>> tracker.update(2.0), tracker.update(1.0)  # bias-corrected: (0.5*2 + 1) / 1.5 ... = 4/3
+        ((2.0, False), (1.3333333333333333, False))
+        >>> tracker.update(float("nan")), tracker.update(50.0)  # NaN dropped; 4x the first -> diverged
+        ((None, False), (29.142857142857142, True))
     """
 
     def __init__(self, alpha: float, divergence_factor: float | None) -> None:
@@ -68,9 +74,10 @@ def suggest_steepest(
 ) -> int:
     """Index of the steepest descent of ``losses`` with respect to ``log(lr)`` (central differences).
 
-    Example::
+    Example:
 
-        idx = suggest_steepest(lrs, smoothed_losses)
+        >>> suggest_steepest([1e-4, 1e-3, 1e-2, 1e-1, 1.0], [2.3, 2.2, 1.2, 0.9, 3.0])
+        2
     """
     start, stop = _trim(lrs, losses, skip_begin, skip_end)
     loss = torch.tensor(losses[start:stop], dtype=torch.float64)
@@ -84,9 +91,11 @@ def suggest_min_div_10(
 ) -> int:
     """Index of the minimum loss; the suggested learning rate is ``lrs[idx] / 10``.
 
-    Example::
+    Example:
 
-        lr = lrs[suggest_min_div_10(lrs, smoothed_losses)] / 10
+        >>> lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+        >>> lrs[suggest_min_div_10(lrs, [2.3, 2.2, 1.2, 0.9, 3.0])] / 10
+        0.01
     """
     start, stop = _trim(lrs, losses, skip_begin, skip_end)
     return start + int(torch.argmin(torch.tensor(losses[start:stop], dtype=torch.float64)))
@@ -100,9 +109,10 @@ def suggest_valley(
     Hand-written (no torch equivalent): an O(n^2) longest-decreasing-subsequence over at most a few
     thousand points, following fastai's ``valley`` exactly (start = end - length, pick start + length / 2).
 
-    Example::
+    Example:
 
-        idx = suggest_valley(lrs, smoothed_losses)
+        >>> suggest_valley(list(range(1, 9)), [3.0, 2.8, 2.5, 2.1, 1.6, 1.2, 1.1, 4.0])  # run 0..6
+        2
     """
     start, stop = _trim(lrs, losses, skip_begin, skip_end)
     values = list(losses[start:stop])
@@ -125,9 +135,10 @@ def suggest_indices(
 ) -> dict[str, int]:
     """Curve index each rule picks (``min_div_10``: the minimum, whose lr is then divided by 10).
 
-    Example::
+    Example:
 
-        suggest_indices(lrs, smoothed_losses)  # {"steepest": 40, "min_div_10": 80, "valley": 41}
+        >>> suggest_indices([1e-4, 1e-3, 1e-2, 1e-1, 1.0], [2.3, 2.2, 1.2, 0.9, 3.0])
+        {'steepest': 2, 'min_div_10': 3, 'valley': 0}
     """
     if len(losses) == 0:
         return {}
@@ -144,9 +155,10 @@ def suggest_all(
 ) -> dict[str, float]:
     """All three suggestions as learning rates, keyed by rule name.
 
-    Example::
+    Example:
 
-        suggest_all(lrs, smoothed_losses)  # {"steepest": ..., "min_div_10": ..., "valley": ...}
+        >>> suggest_all([1e-4, 1e-3, 1e-2, 1e-1, 1.0], [2.3, 2.2, 1.2, 0.9, 3.0])
+        {'steepest': 0.01, 'min_div_10': 0.01, 'valley': 0.0001}
     """
     indices = suggest_indices(lrs, losses, skip_begin, skip_end)
     return {name: float(lrs[idx]) / (10.0 if name == "min_div_10" else 1.0) for name, idx in indices.items()}
@@ -168,10 +180,10 @@ def refusal_reason(
     value (flat: the range is too low to train), and a suggestion on the first or last point the rules
     looked at (the best value probably lies outside the range).
 
-    Example::
+    Example:
 
-        refusal_reason([1e4, 1e5], [30.0, 900.0], 0, 0, 0, min_points=10, min_loss_drop=0.05)
-        # 'only 2 finite loss points ...'
+        >>> refusal_reason([1e4, 1e5], [30.0, 900.0], 0, 0, 0, min_points=10, min_loss_drop=0.05)
+        'only 2 finite loss points (at least 10 needed); ... min_lr=1e+04 is probably already too high: ...'
     """
     n = len(losses)
     if n < min_points:

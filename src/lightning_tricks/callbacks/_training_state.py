@@ -162,11 +162,13 @@ def rng_states() -> dict[str, Any]:
 
     Own helper: Lightning's ``isolate_rng`` is the public way but does not restore on error.
 
-    Example::
+    Example:
 
-        states = rng_states()
-        torch.rand(1)
-        set_rng_states(states)  # the next torch.rand(1) repeats the same draw
+        >>> states = rng_states()
+        >>> first = torch.rand(1)
+        >>> set_rng_states(states)
+        >>> bool(torch.rand(1) == first)  # the same draw again
+        True
     """
     return {
         "python": random.getstate(),

@@ -27,7 +27,7 @@ the restore, depending on the callback list).
 :class:`~lightning_tricks.callbacks.EMA`). Lightning's SWA checkpoints hold the raw weights in
 ``state_dict`` and the average in the callback state.
 
-**Test after fit** (``lightning-tricks fit``) evaluates, see :func:`test_weights_after_fit`: the
+**Test after fit** (``lightning-tricks fit``) evaluates, see :func:`weights_for_test_after_fit`: the
 restored weights when rule 1 applied (the user asked for the model to *be* those weights), else the
 best checkpoint of the ``ModelCheckpoint`` when there is one, else the final model.
 
@@ -88,11 +88,15 @@ def pending_restore(trainer: pl.Trainer) -> SmoothedEarlyStopping | None:
     return next((cb for cb in _restorers(trainer) if cb.best_weights is not None), None)
 
 
-def check_final_weights(trainer: pl.Trainer) -> None:
+def check_final_weights(trainer: pl.Trainer, caller: pl.Callback) -> None:
     """Refuse, before training, combinations whose final weights would depend on callback order.
 
     Warns (rank 0) when restored best weights will replace an average that would otherwise be final.
+    Every callback taking part calls this; only the first of them in ``trainer.callbacks`` checks.
     """
+    participants = [*_emas(trainer), *_restorers(trainer)]
+    if caller is not min(participants, key=trainer.callbacks.index, default=caller):
+        return
     copying = [f"EMA(suffix={e.suffix!r})" for e in _emas(trainer) if e.copy_average_at_end]
     copying += [type(s).__name__ for s in _swas(trainer)]
     if len(copying) > 1:
@@ -178,15 +182,15 @@ def describe_final_weights(trainer: pl.Trainer) -> str:
         # Lightning writes the average in on_train_end once the last SWA epoch has run.
         if averaged > 0 and trainer.current_epoch - 1 >= swa.swa_end:
             text = (
-                f"the SWA average of {averaged} models (epochs {swa.swa_start}-{swa.swa_end}), written by "
-                "StochasticWeightAveraging"
+                f"the SWA average of {averaged} models (taken at the start of epochs {swa.swa_start}-"
+                f"{swa.swa_end}), written by StochasticWeightAveraging"
             )
             return text + _snapshot_note(trainer)
     text = f"the raw weights of the last optimizer step (step {trainer.global_step})"
     return text + _snapshot_note(trainer)
 
 
-def test_weights_after_fit(trainer: pl.Trainer) -> tuple[str | None, str]:
+def weights_for_test_after_fit(trainer: pl.Trainer) -> tuple[str | None, str]:
     """Which weights ``test`` after ``fit`` evaluates: ``(ckpt_path for trainer.test, description)``.
 
     The restored best weights when a restore happened (rule 1), else the best checkpoint of
@@ -194,7 +198,7 @@ def test_weights_after_fit(trainer: pl.Trainer) -> tuple[str | None, str]:
 
     Example::
 
-        ckpt_path, description = test_weights_after_fit(trainer)
+        ckpt_path, description = weights_for_test_after_fit(trainer)
         print(f"test uses {description}")
         trainer.test(model, datamodule=dm, ckpt_path=ckpt_path)
     """

@@ -31,6 +31,7 @@ from lightning_tricks.callbacks._lr_suggestions import (
     suggest_indices,
 )
 from lightning_tricks.callbacks._training_state import preserved_training_state
+from lightning_tricks.records import run_dir
 
 _MIN_STEPS = 10
 # A finite curve shorter than this cannot be judged: the loss diverged at once.
@@ -132,7 +133,7 @@ class LRFinder(LearningRateFinder):
         skip_begin: leading points ignored by the rules; ``None`` means 10% of the curve.
         skip_end: trailing points ignored by the rules, ``>= 0``.
         plot: save ``lr_finder.png`` (rank 0) and send it to the logger (W&B image, TensorBoard figure).
-        dirpath: folder for the plot; default ``trainer.log_dir``.
+        dirpath: folder for the plot; default the run's own folder (:func:`lightning_tricks.run_dir`).
 
     Example::
 
@@ -395,7 +396,7 @@ class LRFinder(LearningRateFinder):
             optimizer.step()
 
     def _plot_and_log(self, trainer: pl.Trainer, results: LRFinderResults) -> None:
-        dirpath = self.dirpath or trainer.log_dir or trainer.default_root_dir  # log_dir: call on every rank
+        dirpath = self.dirpath or run_dir(trainer)  # run_dir: call on every rank
         if not trainer.is_global_zero or not results.lrs:
             return
         from matplotlib.figure import Figure  # a core dependency, imported here to keep imports fast

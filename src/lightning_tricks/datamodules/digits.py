@@ -11,13 +11,15 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.nn import functional as F
 
-from lightning_tricks.datamodules.in_memory import InMemoryImageDataModule
+from lightning_tricks.datamodules.base import InMemoryImageDataModule
 
 
 class DigitsDataModule(InMemoryImageDataModule):
@@ -35,6 +37,12 @@ class DigitsDataModule(InMemoryImageDataModule):
         bootstrap_seed: Bagging: train on a seeded bootstrap resample of the training split.
         augment: On-device training augmentation: ``"flip"``, ``"translate"`` or ``"crop_flip"``
             (padding ``max(1, image_size // 8)``); ``None`` (default) for none.
+        augment_on_device: Augment whole batches on the training device (default); ``False`` runs
+            ``augment`` per sample on the CPU with ``transforms.v2`` (the slow reference path).
+        data_on_device: Keep the splits resident on the training device (no host-to-device copies).
+        train_per_class: Few-labels regime: keep only this many training images per class (a seeded
+            subset of the training split); validation and test splits are unchanged. ``None`` keeps all.
+        **kwargs: Further options of :class:`InMemoryImageDataModule` (``batch_augment``, ...).
     """
 
     num_classes = 10
@@ -51,6 +59,10 @@ class DigitsDataModule(InMemoryImageDataModule):
         normalize: bool = True,
         augment: str | list[str] | None = None,
         bootstrap_seed: int | None = None,
+        augment_on_device: bool = True,
+        data_on_device: bool = False,
+        train_per_class: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -59,7 +71,13 @@ class DigitsDataModule(InMemoryImageDataModule):
             seed=seed,
             augment=augment,
             bootstrap_seed=bootstrap_seed,
+            augment_on_device=augment_on_device,
+            data_on_device=data_on_device,
+            **kwargs,
         )
+        if train_per_class is not None and train_per_class < 1:
+            raise ValueError(f"train_per_class must be >= 1 or None (all images), got {train_per_class}")
+        self.train_per_class = train_per_class
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
@@ -94,7 +112,24 @@ class DigitsDataModule(InMemoryImageDataModule):
                 stratify=labels[rest],
                 random_state=self.seed,
             )
+        if self.train_per_class is not None:
+            rest = _per_class_subset(rest, labels[rest].numpy(), self.train_per_class, self.seed)
         splits["train"] = rest
         return {
             name: (images[torch.as_tensor(idx)], labels[torch.as_tensor(idx)]) for name, idx in splits.items()
         }
+
+
+def _per_class_subset(indices: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """A seeded choice of ``per_class`` indices of every class (fails when a class has fewer)."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = indices[labels == label]
+        if len(members) < per_class:
+            raise ValueError(
+                f"train_per_class={per_class} but class {label} has only {len(members)} training images;"
+                f" use at most {len(members)}"
+            )
+        chosen.append(rng.choice(members, size=per_class, replace=False))
+    return np.sort(np.concatenate(chosen))

@@ -35,11 +35,13 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes.init import InitConfig, initialize
 from lightning_tricks.recipes.models import DropConnectConv2d, DropConnectLinear, create_model, get_classifier
+from lightning_tricks.recipes.nonfinite import NonFiniteLossGuard
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
 from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
@@ -83,6 +85,9 @@ class ImageClassifier(L.LightningModule):
         init: Weight initialisation scheme applied to the freshly built model.
         tta: Test-time augmentation for test/predict (``"hflip"``, ``"ten_crop"``, ``"multi_scale"``);
             logged as ``test/acc_tta`` beside the plain ``test/acc``.
+        on_nonfinite_loss: On a NaN/inf training loss, ``"stop"`` the run with a message naming the
+            step, the loss, the last finite loss and the likely cause (default), or ``"skip"`` that
+            step with a warning; either way the weights never see it.
     """
 
     def __init__(
@@ -96,8 +101,10 @@ class ImageClassifier(L.LightningModule):
         regularization: RegularizationConfig | None = None,
         init: InitConfig | None = None,
         tta: str | None = None,
+        on_nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
+        self.nonfinite_guard = NonFiniteLossGuard(on_nonfinite_loss)
         self.optimizer_config: OptimizerConfig = _as_config(optimizer, OptimizerConfig)
         self.scheduler_config: SchedulerConfig = _as_config(scheduler, SchedulerConfig)
         self.regularization_config: RegularizationConfig = _as_config(regularization, RegularizationConfig)
@@ -131,6 +138,12 @@ class ImageClassifier(L.LightningModule):
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top_k, average="micro"))
         if tta is not None:
             self.test_acc_tta = MulticlassAccuracy(num_classes, average="micro")
+        # The epoch's running training loss and accuracy live in the module's state_dict, so a run
+        # resumed mid-epoch reports the same epoch values (Lightning does not checkpoint its own
+        # running epoch aggregates).
+        self.train_loss = MeanMetric()
+        for metric in (self.train_loss, self.train_acc):
+            metric.persistent(True)
 
     def _model_kwargs(self, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         kwargs = dict(model_kwargs or {})
@@ -218,17 +231,30 @@ class ImageClassifier(L.LightningModule):
     def _hard_targets(targets: torch.Tensor) -> torch.Tensor:
         return targets.argmax(dim=1) if targets.ndim == 2 else targets
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def on_train_epoch_start(self) -> None:
+        """Keep the linear scaling rule on the current global batch (see :meth:`follow_global_batch`)
+        and start the epoch's running training metrics empty."""
+        self.follow_global_batch()
+        # A new epoch's running metrics start empty, also after resuming from an epoch-end checkpoint
+        # (saved before Lightning resets them); a mid-epoch resume skips this hook and keeps its sums.
+        self.train_loss.reset()
+        self.train_acc.reset()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, targets = batch
         logits = self(images)
         loss = self.data_loss(logits, targets)
         cfg = self.regularization_config
-        if (cfg.l1 or cfg.l2) and self._regularization_scale:
-            reg = self.penalty()
+        reg = self.penalty() if (cfg.l1 or cfg.l2) and self._regularization_scale else None
+        if reg is not None:
             loss = loss + reg
+        if not self.nonfinite_guard.check(self, loss, images, batch_idx):
+            return None  # "skip": Lightning skips backward and the optimizer step
+        if reg is not None:
             self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
         self.train_acc(logits.detach(), self._hard_targets(targets))
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        self.train_loss(loss.detach(), len(images))  # weighted by batch size, as Lightning's own mean
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
@@ -298,10 +324,6 @@ class ImageClassifier(L.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def on_train_epoch_start(self) -> None:
-        """Keep the linear scaling rule on the current global batch (see :meth:`follow_global_batch`)."""
-        self.follow_global_batch()
 
     def follow_global_batch(self) -> None:
         """Rescale the learning rates when the global batch differs from the one they were scaled for.

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_tricks.recipes._validation import check_optimizer_kwargs
 
 OPTIMIZER_NAMES: tuple[str, ...] = (
     "sgd",
@@ -126,6 +129,7 @@ class OptimizerConfig:
                 f"optimizer.base_batch_size must be >= 1 or None, got {self.base_batch_size}; "
                 "set it to the batch size the lr was tuned for, or None to disable the scaling rule"
             )
+        check_optimizer_kwargs(self.name, self.kwargs, optimizer_arguments(self.name))
 
     def _resolve_defaults(self) -> None:
         """Fill ``lr``/``momentum``/``eps`` left at ``None`` from :data:`OPTIMIZER_DEFAULTS`; reject the ones
@@ -349,3 +353,23 @@ class DeltaBarDelta(torch.optim.Optimizer):
                 state["prev_grad"].copy_(grad)
                 state["step"] += 1
         return loss
+
+
+# -- validation of optimizer.kwargs -------------------------------------------------------------------
+def optimizer_arguments(name: str) -> list[str]:
+    """Keyword arguments the optimizer class of ``name`` accepts (besides ``params``).
+
+    Example::
+
+        "nesterov" in optimizer_arguments("sgd")  # True
+    """
+    classes: dict[str, type[torch.optim.Optimizer]] = {
+        "sgd": torch.optim.SGD,
+        "adagrad": torch.optim.Adagrad,
+        "adadelta": torch.optim.Adadelta,
+        "rmsprop": torch.optim.RMSprop,
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "delta_bar_delta": DeltaBarDelta,
+    }
+    return [p for p in inspect.signature(classes[name]).parameters if p != "params"]

@@ -42,6 +42,8 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
 
+from lightning_tricks.recipes._validation import check_schedule_fits_run, check_scheduler_kwargs
+
 SCHEDULER_NAMES: tuple[str, ...] = (
     "constant",
     "step",
@@ -164,6 +166,7 @@ class SchedulerConfig:
         if not rate >= 0:
             raise ValueError(f"scheduler.kwargs.decay_rate must be >= 0, got {rate}")
         _check_restart_kwargs(name, self.kwargs)
+        check_scheduler_kwargs(name, self.kwargs)
 
     @property
     def resolved_name(self) -> str:
@@ -554,8 +557,10 @@ def build_scheduler(
     """
     if total_steps < 1 or steps_per_epoch < 1:
         raise ValueError(
-            "build_scheduler needs total_steps >= 1 and steps_per_epoch >= 1, "
-            f"got total_steps={total_steps}, steps_per_epoch={steps_per_epoch}"
+            "the run has no optimizer steps to schedule "
+            f"(total_steps={total_steps}, steps_per_epoch={steps_per_epoch}): the training split gives "
+            "no batches within trainer.limit_train_batches/max_steps; e.g. lower data.init_args.batch_size "
+            "or raise trainer.limit_train_batches"
         )
     name = config.resolved_name
     if name == "constant" and config.warmup == 0:
@@ -566,6 +571,8 @@ def build_scheduler(
         raise ValueError(
             f"scheduler.warmup={config.warmup} must be shorter than the run ({run_length} {config.interval}s)"
         )
+    if name != "constant":
+        check_schedule_fits_run(name, config.kwargs, run_length - config.warmup, config.interval)
     if name == "constant":
         scheduler: Any = lrs.LinearLR(
             optimizer, start_factor=config.warmup_start_factor, end_factor=1.0, total_iters=config.warmup

@@ -1,0 +1,87 @@
+"""``lightning-tricks search`` and ``lightning-tricks ablate``: experiment runners over a recipe.
+
+Example::
+
+    lightning-tricks search --config configs/search/digits_mlp.yaml --search configs/search/digits_lr_wd.yaml
+    lightning-tricks ablate --ablation configs/ablations/digits_few_labels.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _search_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="Coarse-to-fine random search of a recipe's hyperparameters (Optuna).")
+    p.add_argument("--config", action="append", required=True, help="Recipe YAML (repeatable, as for `fit`).")
+    p.add_argument(
+        "--search", required=True, help="Search file: metric, stages and the space by dotted keys."
+    )
+    p.add_argument("--study-name", default=None, help="Study name (default: the search file's stem).")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna RDB URL shared by all workers (default: sqlite:///<out>/study.db). The same command"
+        " with the same --storage on other machines joins the study, e.g. postgresql://user:pw@host/db.",
+    )
+    p.add_argument("--out", default=None, help="Report folder (default: runs/search/<study-name>).")
+    p.add_argument("--n-jobs", type=int, default=1, help="Worker processes on this machine.")
+    p.add_argument("--report-only", action="store_true", help="Only write the report of an existing study.")
+
+
+def _ablate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="Base recipe vs named variants over several seeds, paired statistics.")
+    p.add_argument("--ablation", required=True, help="Ablation file: recipe, metric, seeds, variants.")
+    p.add_argument("--out", default=None, help="Output folder (default: runs/ablations/<file stem>).")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="Override the file's seeds.")
+    p.add_argument(
+        "--variants", nargs="+", default=None, help="Run only these variants (the base always runs)."
+    )
+
+
+def main(argv: Sequence[str]) -> None:
+    """Dispatch ``search``/``ablate`` (``argv`` without the program name)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    parser = argparse.ArgumentParser(prog="lightning-tricks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _search_parser(sub)
+    _ablate_parser(sub)
+    args = parser.parse_args(list(argv))
+    if args.command == "search":
+        _search(args)
+    else:
+        _ablate(args)
+
+
+def _search(args: argparse.Namespace) -> None:
+    from lightning_tricks.experiments.report import write_report
+    from lightning_tricks.experiments.search import SearchConfig, SearchRun, run_search
+
+    if args.n_jobs < 1:
+        raise SystemExit(f"--n-jobs must be >= 1, got {args.n_jobs}")
+    search = SearchConfig.from_yaml(args.search)
+    name = args.study_name or Path(args.search).stem
+    out = Path(args.out or f"runs/search/{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    run = SearchRun(list(args.config), search, storage, name, out)
+    wall_s = None
+    if not args.report_only:
+        search.validate_against(run.configs)
+        wall_s = run_search(run, n_jobs=args.n_jobs)
+    write_report(run, wall_s)
+
+
+def _ablate(args: argparse.Namespace) -> None:
+    from lightning_tricks.experiments.ablation import AblationConfig, run_ablation
+
+    config = AblationConfig.from_yaml(args.ablation)
+    if args.seeds:
+        config.seeds = list(args.seeds)
+    if args.variants:
+        config = config.select(args.variants)
+    out = Path(args.out or f"runs/ablations/{Path(args.ablation).stem}")
+    run_ablation(config, out)
