@@ -36,10 +36,19 @@ class EpochRecorder(Callback):
         self.last = copy.deepcopy(pl_module.state_dict())
 
 
-def run(tmp_path, callbacks, max_epochs=4, **kwargs):
+class RestartingClassifier(PlainClassifier):
+    """PlainClassifier on warm restarts: two 20-step cosine cycles over the 40 steps of ``run``."""
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=20)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def run(tmp_path, callbacks, max_epochs=4, model_class=PlainClassifier, **kwargs):
     """A few 10-step epochs of PlainClassifier on digits; returns trainer, model and the recorder."""
     torch.manual_seed(0)
-    model = PlainClassifier(lr=0.2)
+    model = model_class(lr=0.2)
     recorder = EpochRecorder()
     train, val = digits_loaders(n_train=600)
     trainer = L.Trainer(
@@ -184,8 +193,8 @@ def test_order_dependent_combinations_are_refused_before_training(tmp_path, make
 
 def test_snapshot_ensemble_leaves_the_final_model_to_the_rule(tmp_path):
     ema = EMA(decay=0.9)
-    snapshots = SnapshotEnsemble(cycles=2, save_files=False)
-    trainer, model, recorder = run(tmp_path, [ema, snapshots])
+    snapshots = SnapshotEnsemble(cycles=2)
+    trainer, model, recorder = run(tmp_path, [ema, snapshots], model_class=RestartingClassifier)
     assert_weights(model, recorder.ema[-1])
     # the last snapshot is the raw weights of the last step, not the final model
     assert_weights_equal(snapshots.snapshots[-1], recorder.last)
