@@ -19,6 +19,7 @@ from lightning_tricks.recipes.models.layers import (
     check_choice,
     check_probability,
     conv3x3,
+    make_activation,
     make_norm,
     pooled_classifier_head,
 )
@@ -26,7 +27,7 @@ from lightning_tricks.recipes.models.registry import register_variant
 
 
 class SmallCNN(nn.Module):
-    """Blocks of conv3x3 -> norm -> ReLU -> 2x2 max-pool, then global average pool and a linear head.
+    """Blocks of conv3x3 -> norm -> activation -> 2x2 max-pool, then global average pool and a linear head.
 
     Pooling uses ``ceil_mode`` so a 1x1 map stays 1x1: three blocks work on 8x8 digits as well as
     on 32x32 or 224x224 images.
@@ -38,6 +39,7 @@ class SmallCNN(nn.Module):
         norm: ``"batch"``, ``"group"``, ``"layer"`` or ``"none"``.
         dropout: dropout probability before the classifier.
         drop_connect: DropConnect probability on the classifier weights.
+        activation: nonlinearity: ``relu``, ``leaky_relu``, ``elu``, ``gelu``, ``tanh`` or ``sigmoid``.
     """
 
     def __init__(
@@ -48,9 +50,11 @@ class SmallCNN(nn.Module):
         norm: str = "batch",
         dropout: float = 0.0,
         drop_connect: float = 0.0,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         check_choice("norm", norm, CONV_NORMS)
+        make_activation(activation)  # validates before anything is built
         check_probability("dropout", dropout)
         widths = tuple(widths)
         if not widths or any(w < 1 for w in widths):
@@ -61,7 +65,7 @@ class SmallCNN(nn.Module):
             blocks += [
                 conv3x3(channels, width, bias=norm == "none"),
                 make_norm(norm, width),
-                nn.ReLU(inplace=True),
+                make_activation(activation),
                 nn.MaxPool2d(2, ceil_mode=True),
             ]
             channels = width

@@ -23,6 +23,29 @@ CONV_NORMS: tuple[str, ...] = ("batch", "group", "layer", "none")
 """Normalisation choices for convolutional feature maps."""
 
 
+ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "elu", "gelu", "tanh", "sigmoid")
+"""Nonlinearities selectable in the MLP and the small CNN."""
+
+
+def make_activation(name: str) -> nn.Module:
+    """The nonlinearity called ``name`` (:data:`ACTIVATIONS`; torch's default parameters, in-place ReLU).
+
+    Example::
+
+        make_activation("leaky_relu")  # LeakyReLU(negative_slope=0.01)
+    """
+    check_choice("activation", name, ACTIVATIONS)
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    return {
+        "leaky_relu": nn.LeakyReLU,
+        "elu": nn.ELU,
+        "gelu": nn.GELU,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+    }[name]()
+
+
 def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``; otherwise raise ``ValueError`` naming ``name``."""
     choices = tuple(choices)

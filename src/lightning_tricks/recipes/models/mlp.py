@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_tricks.recipes.models.layers import check_choice, check_probability, make_classifier
+from lightning_tricks.recipes.models.layers import (
+    check_choice,
+    check_probability,
+    make_activation,
+    make_classifier,
+)
 from lightning_tricks.recipes.models.registry import register_model, register_variant
 
 MLP_NORMS: tuple[str, ...] = ("none", "batch", "layer")
@@ -25,7 +30,7 @@ def _flat_features(in_channels: int, input_size: int) -> int:
 
 
 class MLP(nn.Module):
-    """Flatten -> Linear(hidden) -> [norm] -> ReLU -> Dropout -> classifier.
+    """Flatten -> Linear(hidden) -> [norm] -> activation -> Dropout -> classifier.
 
     With ``hidden=0`` there is no hidden layer: the model is softmax regression
     (a single linear map on the flattened image).
@@ -38,6 +43,7 @@ class MLP(nn.Module):
         norm: ``"none"``, ``"batch"`` (BatchNorm1d) or ``"layer"`` (LayerNorm) after the hidden linear.
         dropout: dropout probability before the classifier.
         drop_connect: DropConnect probability on the classifier weights.
+        activation: hidden nonlinearity: ``relu``, ``leaky_relu``, ``elu``, ``gelu``, ``tanh`` or ``sigmoid``.
     """
 
     def __init__(
@@ -49,9 +55,11 @@ class MLP(nn.Module):
         norm: str = "none",
         dropout: float = 0.0,
         drop_connect: float = 0.0,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         check_choice("norm", norm, MLP_NORMS)
+        act = make_activation(activation)
         check_probability("dropout", dropout)
         if hidden < 0:
             raise ValueError(f"hidden must be >= 0, got {hidden}")
@@ -61,7 +69,7 @@ class MLP(nn.Module):
         if hidden > 0:
             norm_layer = {"none": nn.Identity, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}[norm]
             self.hidden = nn.Sequential(
-                nn.Linear(features, hidden, bias=norm != "batch"), norm_layer(hidden), nn.ReLU(inplace=True)
+                nn.Linear(features, hidden, bias=norm != "batch"), norm_layer(hidden), act
             )
             features = hidden
         elif norm != "none":
