@@ -74,15 +74,20 @@ def _stage(name: str) -> str:
 def known_missing(name: str, metrics: Mapping[str, Any]) -> bool:
     """``name`` is not logged although metrics of its stage (the same prefix before ``/``, ``_`` or ``.``)
     are: after the first validation a validation metric that is absent is a wrong name, while a training
-    metric may simply not have been logged yet.
+    metric may simply not have been logged yet. A variant of a logged name (``val/acc_ema`` next to
+    ``val/acc``) is not judged: callbacks such as EMA start logging it only after their first update.
 
     Example::
 
         >>> known_missing("val/los", {"val/loss": 1.0}), known_missing("train/loss", {"val/loss": 1.0})
         (True, False)
+        >>> known_missing("val/loss_ema", {"val/loss": 1.0})
+        False
     """
+    if name in metrics or any(name.startswith(f"{m}_") for m in metrics):
+        return False
     stage = _stage(name)
-    return name not in metrics and any(_stage(m) == stage for m in metrics)
+    return any(_stage(m) == stage for m in metrics)
 
 
 def missing_metric_message(
@@ -104,3 +109,38 @@ def returned_loss(outputs: Any) -> Tensor | None:
     if isinstance(loss, Tensor) and loss.numel() == 1:
         return loss.detach().reshape(())
     return None
+
+
+class FirstValidationNames:
+    """The metric names of the first validation, handed out once, as early as a wrong name can be judged.
+
+    Names logged by the sanity check are handed out at ``on_train_start`` (after the sanity check's own
+    hooks, so a caller such as the console's config check can report first, with config keys); without a
+    sanity check, at the end of the first validation. Either way no training epoch is lost.
+
+    Example::
+
+        names = self._first_names.at_validation_end(trainer)  # in on_validation_end
+        names = self._first_names.at_train_start()  # in on_train_start
+        if names is not None and known_missing(self.monitor, names): ...
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+        self._sanity: dict[str, None] | None = None
+
+    def at_validation_end(self, trainer: Any) -> dict[str, None] | None:
+        if self.done or trainer.fast_dev_run:
+            return None
+        names = dict.fromkeys(trainer.callback_metrics)
+        if trainer.sanity_checking:
+            self._sanity = names  # Lightning clears the metrics after the sanity check: keep the names
+            return None
+        self.done = True
+        return names
+
+    def at_train_start(self) -> dict[str, None] | None:
+        if self.done or self._sanity is None:
+            return None
+        self.done = True
+        return self._sanity

@@ -25,6 +25,7 @@ from typing_extensions import override
 from lightning_tricks._lightning_compat import early_stopping_checks_on_train_epoch_end
 from lightning_tricks.callbacks._explosion import ExplosionRule, check_divergence_factor
 from lightning_tricks.callbacks._monitor import (
+    FirstValidationNames,
     known_missing,
     missing_metric_message,
     resolve_mode,
@@ -41,9 +42,8 @@ class SmoothedEarlyStopping(EarlyStopping):
     Every argument of :class:`~lightning.pytorch.callbacks.EarlyStopping` keeps its meaning; the
     comparison with ``best_score``, ``min_delta``, ``patience``, ``stopping_threshold`` and
     ``divergence_threshold`` uses the *smoothed* value, while ``check_finite`` looks at the raw value
-    (a NaN stops at once). Lightning's rule itself runs on the published smoothed metric, so the
-    attribute ``monitor`` (and the messages) name ``f"{raw_monitor}_smoothed"``; ``raw_monitor`` is the
-    ``monitor`` argument. Additions:
+    (a NaN stops at once). Lightning's rule itself runs on the published smoothed metric
+    ``f"{monitor}_smoothed"``, so its messages name that metric. Additions:
 
     * **mode="auto"** (the default, as in Keras): accuracy-like names (``acc``, ``auc``, ``f1``, ...) are
       maximised, loss/error-like names (``loss``, ``error``, ``mse``, ...) minimised; any other name
@@ -127,7 +127,7 @@ class SmoothedEarlyStopping(EarlyStopping):
         >>> from lightning.pytorch import Trainer
         >>> es = SmoothedEarlyStopping("val/loss", smoothing="ema", alpha=0.3, patience=5,
         ...                            restore_best_weights=True, start_from_epoch=3)
-        >>> es.mode, es.monitor
+        >>> es.mode, es.smoothed_name
         ('min', 'val/loss_smoothed')
         >>> trainer = Trainer(callbacks=[es], max_epochs=100)  # doctest: +SKIP
     """
@@ -172,7 +172,7 @@ class SmoothedEarlyStopping(EarlyStopping):
                 f" got {train_check_every_n_steps!r}."
             )
         super().__init__(
-            monitor=f"{monitor}_smoothed",
+            monitor=monitor,
             min_delta=min_delta,
             patience=patience,
             verbose=verbose,
@@ -184,7 +184,6 @@ class SmoothedEarlyStopping(EarlyStopping):
             check_on_train_epoch_end=check_on_train_epoch_end,
             log_rank_zero_only=log_rank_zero_only,
         )
-        self.raw_monitor = monitor
         self.smoothing = smoothing
         self.alpha = alpha
         self.window = window
@@ -201,13 +200,13 @@ class SmoothedEarlyStopping(EarlyStopping):
         self._improved = False
         self._loss_sum: Tensor | float = 0.0  # losses returned by training_step in this epoch
         self._loss_count = 0
-        self._names_checked = False
+        self._first_names = FirstValidationNames()
         self._warned: set[str] = set()
 
     @property
     def smoothed_name(self) -> str:
         """Name under which the smoothed value is logged (and which Lightning's rule reads)."""
-        return self.monitor
+        return f"{self.monitor}_smoothed"
 
     @property
     def initial_train_loss(self) -> float | None:
@@ -247,8 +246,12 @@ class SmoothedEarlyStopping(EarlyStopping):
 
     # ------------------------------------------------------------------ hooks
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_names(trainer, self._first_names.at_train_start())
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_names_at_first_validation(trainer)
+        self._check_names(trainer, self._first_names.at_validation_end(trainer))
         if self._fitting(trainer) and not early_stopping_checks_on_train_epoch_end(self):
             self._check_monitor(trainer, super().on_validation_end)
 
@@ -316,15 +319,13 @@ class SmoothedEarlyStopping(EarlyStopping):
                 category=RuntimeWarning,
             )
 
-    def _check_names_at_first_validation(self, trainer: pl.Trainer) -> None:
-        # A validation metric that is absent after the first validation (the sanity check included) is a
-        # wrong name: say so now instead of after the first training epoch.
-        if self._names_checked or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING:
+    def _check_names(self, trainer: pl.Trainer, names: dict[str, Any] | None) -> None:
+        # A validation metric absent after the first validation (the sanity check counts) is a wrong name:
+        # say so before training instead of after the first training epoch.
+        if names is None or trainer.state.fn != TrainerFn.FITTING:
             return
-        self._names_checked = True
-        logs = trainer.callback_metrics
-        if trainer.strategy.reduce_boolean_decision(known_missing(self.raw_monitor, logs), all=False):
-            self._report_missing(trainer, self.raw_monitor, "monitor", logs, " after the first validation")
+        if trainer.strategy.reduce_boolean_decision(known_missing(self.monitor, names), all=False):
+            self._report_missing(trainer, self.monitor, "monitor", names, " after the first validation")
 
     def _require(self, trainer: pl.Trainer, name: str, argument: str, logs: dict[str, Tensor]) -> bool:
         # Decided together before any other collective: a rank that returned here alone would leave the
@@ -355,13 +356,13 @@ class SmoothedEarlyStopping(EarlyStopping):
     def _check_monitor(self, trainer: pl.Trainer, lightning_check: Callable[..., None]) -> None:
         """Smooth the monitored value, publish it, and let Lightning's rule decide on it."""
         logs = trainer.callback_metrics
-        if not self._require(trainer, self.raw_monitor, "monitor", logs):
+        if not self._require(trainer, self.monitor, "monitor", logs):
             return
-        raw = self._global_mean(trainer, logs[self.raw_monitor])
+        raw = self._global_mean(trainer, logs[self.monitor])
         if self.check_finite and not math.isfinite(raw):
             self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC
             reason = (
-                f"Monitored metric {self.raw_monitor} = {raw} is not finite."
+                f"Monitored metric {self.monitor} = {raw} is not finite."
                 f" Previous best value was {float(self.best_score):.3f}. Signaling Trainer to stop."
             )
             self._stop(trainer, True, reason)
@@ -373,7 +374,12 @@ class SmoothedEarlyStopping(EarlyStopping):
 
         best_before, stop_before = self.best_score, trainer.should_stop
         before = (self.stopped_epoch, self.stopping_reason, self.stopping_reason_message)
-        lightning_check(trainer, trainer.lightning_module)  # Lightning's rule on `{monitor}_smoothed`
+        monitor = self.monitor
+        self.monitor = self.smoothed_name  # Lightning's rule reads `monitor`: point it at the smoothed metric
+        try:
+            lightning_check(trainer, trainer.lightning_module)
+        finally:
+            self.monitor = monitor
         decided_here = self.stopping_reason != before[1]
         if trainer.should_stop and not stop_before:
             if self._min_epochs_pending(trainer):

@@ -12,7 +12,12 @@ from torch.optim import SGD, Optimizer
 from typing_extensions import override
 
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
-from lightning_tricks.callbacks._monitor import known_missing, missing_metric_message, resolve_mode
+from lightning_tricks.callbacks._monitor import (
+    FirstValidationNames,
+    known_missing,
+    missing_metric_message,
+    resolve_mode,
+)
 from lightning_tricks.callbacks._plateau import PlateauDetector
 
 
@@ -141,7 +146,7 @@ class OptimizerSwitch(pl.Callback):
         self.lr_ratios: list[float] = []
         self.pending = False
         self.plateau = None if monitor is None else PlateauDetector(mode, patience, min_delta)
-        self._names_checked = False
+        self._first_names = FirstValidationNames()
 
     @property
     @override
@@ -217,17 +222,22 @@ class OptimizerSwitch(pl.Callback):
         return 0 if self.plateau is None else self.plateau.wait_count
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_names(trainer, self._first_names.at_train_start())
+
+    def _check_names(self, trainer: pl.Trainer, names: dict[str, None] | None) -> None:
+        # a validation metric absent after the first validation (sanity check included) is a wrong name
+        if names is None or self.plateau is None:
+            return
+        if trainer.strategy.reduce_boolean_decision(known_missing(self.monitor, names), all=False):
+            raise RuntimeError(missing_metric_message("OptimizerSwitch", "monitor", self.monitor, names))
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plateau is None or self.switched or trainer.state.fn != TrainerFn.FITTING:
             return
+        self._check_names(trainer, self._first_names.at_validation_end(trainer))
         metrics = trainer.callback_metrics
-        if not self._names_checked:
-            # a validation metric absent after the first validation (sanity check included) is a wrong name
-            self._names_checked = True
-            if trainer.strategy.reduce_boolean_decision(known_missing(self.monitor, metrics), all=False):
-                raise RuntimeError(
-                    missing_metric_message("OptimizerSwitch", "monitor", self.monitor, metrics)
-                )
         if trainer.sanity_checking:
             return
         if self.monitor not in metrics:
