@@ -353,6 +353,16 @@ def test_ckpt_path_last_resumes_the_previous_run_in_the_same_folder(tmp_path, tr
     # Resumed at step 2: only the second epoch's two batches ran, not a restart from step 0.
     assert len(train_batches) == 2 and second.trainer.global_step == 4
     assert second.trainer.current_epoch == 2
+    # `test --ckpt_path last` uses the newest last checkpoint under the same folder.
+    last = max(tmp_path.rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    tested = build_cli(["test", *base_args(tmp_path)[1:], "--ckpt_path=last"])
+    assert tested.trainer.ckpt_path == str(last.resolve())
+
+
+def test_ckpt_path_last_without_checkpoint_is_refused_for_test(tmp_path, capsys):
+    status, tail = run_main(["test", *base_args(tmp_path)[1:], "--ckpt_path=last"], capsys)
+    assert status == 1
+    assert tail[0].startswith("error: ckpt_path='last' finds no last checkpoint") and "untrained" in tail[0]
 
 
 def test_truncated_checkpoint_for_test_names_the_file(tmp_path, capsys):
