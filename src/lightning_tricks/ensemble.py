@@ -20,6 +20,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from lightning_tricks.evaluation import ensemble_logits, mean_probabilities
 
 StateDict = dict[str, torch.Tensor]
 
@@ -169,21 +172,22 @@ class EnsembleClassifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Averaged predicted label distribution ``(N, C)``."""
-        return self.member_probabilities(x).mean(0)
+        return mean_probabilities([member(x) for member in self.members])
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Logs ``test/acc_ensemble`` and ``test/loss_ensemble``, as a module's step would under
+        :func:`lightning_tricks.evaluation.evaluate_prediction_average`: the cross-entropy of
+        :func:`~lightning_tricks.evaluation.ensemble_logits` (the NLL of the averaged probabilities)."""
         x, y = batch[0], batch[1]
-        probs = self(x)
-        log_p = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-        if y.ndim == 1:
-            nll = -log_p.gather(1, y[:, None]).mean()
-            hard = y
-        else:
-            nll = -(y * log_p).sum(-1).mean()
-            hard = y.argmax(-1)
-        self.log("test/acc_ensemble", (probs.argmax(-1) == hard).float().mean(), sync_dist=True)
-        self.log("test/loss_ensemble", nll, sync_dist=True)
+        logits = ensemble_logits([member(x) for member in self.members])
+        hard = y if y.ndim == 1 else y.argmax(-1)
+        self.log("test/acc_ensemble", (logits.argmax(-1) == hard).float().mean(), sync_dist=True)
+        self.log(
+            "test/loss_ensemble",
+            F.cross_entropy(logits, y.to(logits.dtype) if y.ndim > 1 else y),
+            sync_dist=True,
+        )

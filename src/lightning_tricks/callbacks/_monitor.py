@@ -90,7 +90,7 @@ def missing_metric_message(
 ) -> str:
     """The message for a monitored metric that is not logged: what was asked, what exists, and the fix."""
     logged = "`, `".join(metrics) if metrics else ""
-    close = difflib.get_close_matches(name, list(metrics), n=1)
+    close = difflib.get_close_matches(name, [m for m in metrics if m != name], n=1)
     hint = f" Did you mean `{close[0]}`?" if close else ""
     return (
         f"{owner}: conditioned on metric `{name}` which is not available{where}. Logged metrics:"

@@ -253,18 +253,15 @@ class SmoothedEarlyStopping(EarlyStopping):
             self._check_monitor(trainer, super().on_validation_end)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._loss_sum, self._loss_count = 0.0, 0
-
-    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._fitting(trainer):
-            return
-        if early_stopping_checks_on_train_epoch_end(self):
-            self._check_monitor(trainer, super().on_train_epoch_end)
-        if self.train_check_every_n_steps is None:
-            epoch_mean = self._loss_sum / self._loss_count if self._loss_count else None
-            self._check_explosion(trainer, epoch_mean)
+        if self._fitting(trainer):
+            if early_stopping_checks_on_train_epoch_end(self):
+                self._check_monitor(trainer, super().on_train_epoch_end)
+            if self.train_check_every_n_steps is None:
+                epoch_mean = self._loss_sum / self._loss_count if self._loss_count else None
+                self._check_explosion(trainer, epoch_mean)
+        # reset here, not at epoch start: a run resumed mid-epoch keeps the sum it checkpointed
+        self._loss_sum, self._loss_count = 0.0, 0
 
     @override
     def on_train_batch_end(

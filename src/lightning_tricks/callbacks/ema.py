@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import math
 import re
 from collections.abc import Iterator
@@ -20,16 +18,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import nn
-from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
+from lightning_tricks._io import atomic_save
 from lightning_tricks.callbacks._averaging import WARMUPS, TensorListEMA, ema_decay
+from lightning_tricks.evaluation import evaluate_weights
 
 CHECKPOINT_WEIGHTS = ("auto", "ema", "raw")
 # A checkpoint's `state_dict` is labelled with the weights it holds: "raw" or an EMA's `weights_name`.
@@ -402,8 +398,8 @@ class EMA(WeightAveraging):
         # Before the first update the EMA model *is* the raw model (as in checkpoints): no swap, and
         # the `_ema` metrics equal the raw ones, so monitors of `val/acc_ema` find their key.
         swap = self.swapped() if self._num_updates > 0 else nullcontext()
-        with isolate_rng(include_cuda=True), torch.no_grad(), swap:
-            self._validate_average(trainer, pl_module)
+        with swap:
+            evaluate_weights(trainer, pl_module, "val", self.suffix)
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
@@ -418,25 +414,6 @@ class EMA(WeightAveraging):
             raise RuntimeError("The EMA has no average yet: it is created by the first update during `fit`.")
         with self._ema.average_in_live():
             yield
-
-    def _validate_average(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loaders = trainer.val_dataloaders
-        if isinstance(loaders, dict):
-            loaders = list(loaders.values())
-        elif not isinstance(loaders, (list, tuple)):
-            loaders = [loaders]
-        limits = list(trainer.num_val_batches)
-        multi = len(loaders) > 1
-        with _metric_clones(pl_module) as metric_names:
-            for idx, loader in enumerate(loaders):
-                limit = limits[idx] if idx < len(limits) else float("inf")
-                batches = loader if limit == float("inf") else itertools.islice(loader, int(limit))
-                for batch_idx, batch in enumerate(batches):
-                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
-                    args = (batch, batch_idx, idx) if multi else (batch, batch_idx)
-                    suffix = self.suffix + (f"/dataloader_idx_{idx}" if multi else "")
-                    with _renamed_logging(pl_module, suffix, batch, metric_names):
-                        trainer.strategy.validation_step(*args)
 
     # ----------------------------------------------------------------- export
 
@@ -457,14 +434,14 @@ class EMA(WeightAveraging):
 
     @rank_zero_only
     def save_ema_weights(self, path: str | Path) -> None:
-        """Saves :meth:`ema_state_dict` with ``torch.save`` (rank 0 only).
+        """Saves :meth:`ema_state_dict` with ``torch.save``, atomically (rank 0 only).
 
         Example::
 
             ema.save_ema_weights("ema.pt")
             model.load_state_dict(torch.load("ema.pt", weights_only=True))
         """
-        torch.save(self.ema_state_dict(), path)
+        atomic_save(self.ema_state_dict(), path)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -577,68 +554,3 @@ def _parse_device(device: str | torch.device | int | None) -> str | torch.device
     if parsed.type == "meta":
         raise ValueError(f"`device` must be {allowed}, got {device!r} (meta tensors hold no values).")
     return device
-
-
-def _batch_size(batch: Any) -> int:
-    try:
-        return extract_batch_size(batch)
-    except MisconfigurationException:
-        return 1
-
-
-@contextmanager
-def _metric_clones(pl_module: nn.Module) -> Iterator[dict[int, str]]:
-    """Replaces every top-level torchmetrics Metric/MetricCollection by a fresh clone, then restores it.
-
-    Yields ``{id(metric): attribute name}`` of the clones, as ``self.log`` needs for Metric values.
-    """
-    replaced: list[tuple[nn.Module, str, nn.Module]] = []
-
-    def walk(module: nn.Module) -> None:
-        for name, child in list(module._modules.items()):
-            if isinstance(child, (Metric, MetricCollection)):
-                clone = child.clone()
-                clone.reset()
-                module._modules[name] = clone
-                replaced.append((module, name, child))
-            elif child is not None:
-                walk(child)
-
-    try:
-        walk(pl_module)
-        yield {id(m): n for n, m in pl_module.named_modules() if isinstance(m, Metric)}
-    finally:
-        for module, name, original in reversed(replaced):
-            module._modules[name] = original
-
-
-@contextmanager
-def _renamed_logging(pl_module: pl.LightningModule, suffix: str, batch: Any, metric_names: dict[int, str]):
-    """Routes ``pl_module.log`` calls to ``name + suffix``, logged once per epoch, weighted by batch size."""
-    original = pl_module.log
-    signature = inspect.signature(original)
-    had_attr = "log" in pl_module.__dict__
-
-    def log(*args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        params = bound.arguments
-        params["name"] = f"{params['name']}{suffix}"
-        params["on_step"], params["on_epoch"] = False, True
-        params["add_dataloader_idx"] = False
-        value = params["value"]
-        if params.get("batch_size") is None:
-            params["batch_size"] = _batch_size(batch)
-        if isinstance(value, Metric) and params.get("metric_attribute") is None:
-            params["metric_attribute"] = metric_names.get(id(value))
-        original(**params)
-
-    saved = pl_module.__dict__.get("log")
-    pl_module.log = log  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        if had_attr:
-            pl_module.log = saved  # type: ignore[method-assign]
-        else:
-            del pl_module.log

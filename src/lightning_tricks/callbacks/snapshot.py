@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,11 +39,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
-from torch.func import functional_call
 from typing_extensions import override
 
 from lightning_tricks._io import atomic_save
+from lightning_tricks.evaluation import evaluate_prediction_average
 from lightning_tricks.recipes.schedules import scheduler_cycle_ends
 
 
@@ -76,13 +74,15 @@ class SnapshotEnsemble(Callback):
     :meth:`lightning_tricks.ensemble.EnsembleClassifier.from_snapshots`), atomically; the checkpoint holds
     only their paths and steps, never model copies. A resumed run reads the files it references.
 
-    During validation and test, once snapshots exist, the last ``ensemble_size`` of them are evaluated on
-    the first eval dataloader by ``torch.func.functional_call`` on the live module (its weights are never
-    touched) and logged beside the module's own metrics: ``{stage}/acc_ensemble``,
-    ``{stage}/loss_ensemble`` (NLL of the averaged probabilities) and ``{stage}/acc_snapshot_{i}``.
+    During validation and test, once snapshots exist, the last ``ensemble_size`` of them are evaluated
+    by :func:`lightning_tricks.evaluation.evaluate_prediction_average`: the module's own
+    ``validation_step``/``test_step`` runs on every eval dataloader with ``forward`` returning the log of
+    the snapshots' averaged softmax, then with each snapshot's logits, through
+    ``torch.func.functional_call`` (the live weights are never touched). Every metric the step logs gets
+    a twin: ``val/acc`` gives ``{stage}/acc_ensemble`` and ``{stage}/acc_snapshot_{i}``; ``val/loss``
+    (a plain cross-entropy) gives ``{stage}/loss_ensemble``, the NLL of the averaged probabilities.
     Batches go through ``trainer.strategy.batch_to_device`` so DataModule transfer hooks (normalisation)
-    apply. The module's ``forward`` must return logits and batches must be ``(inputs, targets, ...)``;
-    targets are class indices or soft labels ``(N, C)``. Between snapshots the fit-time validation result
+    apply; the module's ``forward`` must return logits. Between snapshots the fit-time validation result
     is cached, since the ensemble and the validation data do not change.
 
     Args:
@@ -329,70 +329,36 @@ class SnapshotEnsemble(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self._snapshots:
             return
-        key = (len(self._snapshots), "val", int(trainer.num_val_batches[0]))
-        if trainer.state.fn == "fit" and self._cache is not None and self._cache[0] == key:
-            metrics = self._cache[1]
-        else:
-            metrics = self._evaluate(trainer, pl_module, "val")
-            self._cache = (key, metrics)
-        self._log(pl_module, metrics)
+        key = (len(self._snapshots), tuple(trainer.num_val_batches))
+        fitting = trainer.state.fn == "fit"
+        if fitting and self._cache is not None and self._cache[0] == key and self._cache[2]:
+            _, arguments, values = self._cache
+            for name, value in values.items():
+                pl_module.log(name, value, **arguments[name])
+            return
+        arguments = evaluate_prediction_average(trainer, pl_module, "val", self._members())
+        # The epoch values are read back in on_validation_end and logged again until the next snapshot.
+        self._cache = (key, arguments, {}) if fitting else None
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._cache is None or self._cache[2] or trainer.sanity_checking:
+            return
+        key, arguments, _ = self._cache
+        metrics = trainer.callback_metrics
+        values = {name: float(metrics[name]) for name in arguments if name in metrics}
+        self._cache = (key, arguments, values)
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._snapshots:
-            self._log(pl_module, self._evaluate(trainer, pl_module, "test"))
+            evaluate_prediction_average(trainer, pl_module, "test", self._members())
 
-    @staticmethod
-    def _log(pl_module: LightningModule, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            # Already summed over ranks; sync_dist keeps Lightning's epoch-level reduction consistent.
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
-
-    def _members(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
-        """``(index, state_dict)`` of the last ``ensemble_size`` snapshots, read from their files now."""
+    def _members(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The last ``ensemble_size`` snapshots, read from their files now, by metric suffix:
+        ``{"_snapshot_3": state_dict, ...}``."""
         k = len(self._snapshots) if self.ensemble_size is None else self.ensemble_size
-        return [(s.index, self._load(s)) for s in self._snapshots[-k:]]
-
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, float]:
-        if stage == "val":
-            loaders, num_batches = trainer.val_dataloaders, trainer.num_val_batches
-        else:
-            loaders, num_batches = trainer.test_dataloaders, trainer.num_test_batches
-        if isinstance(loaders, Sequence):
-            if len(loaders) > 1:
-                rank_zero_warn("SnapshotEnsemble evaluates the first of several eval dataloaders only.")
-            loaders = loaders[0]
-        limit = num_batches[0] if isinstance(num_batches, Sequence) else num_batches
-        per_member = ensemble_probabilities(trainer, pl_module, self._members(), loaders, limit)
-        return self._metrics(trainer, stage, per_member)
-
-    @staticmethod
-    def _metrics(trainer: Trainer, stage: str, result: _EvalResult) -> dict[str, float]:
-        device = result.prob_sum.device
-        hard = result.targets if result.targets.ndim == 1 else result.targets.argmax(-1)
-        mean_probs = result.prob_sum / len(result.member_ids)
-        log_p = mean_probs.clamp_min(torch.finfo(mean_probs.dtype).tiny).log()
-        if result.targets.ndim == 1:
-            nll = -log_p.gather(1, result.targets[:, None]).sum()
-        else:
-            nll = -(result.targets * log_p).sum()
-        counts = torch.stack(
-            [
-                torch.tensor(float(hard.numel()), device=device),
-                nll.float(),
-                (mean_probs.argmax(-1) == hard).sum().float(),
-                *[c.float() for c in result.member_correct],
-            ]
-        )
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        n = counts[0].clamp_min(1)
-        metrics = {
-            f"{stage}/acc_ensemble": float(counts[2] / n),
-            f"{stage}/loss_ensemble": float(counts[1] / n),
-        }
-        for j, member_id in enumerate(result.member_ids):
-            metrics[f"{stage}/acc_snapshot_{member_id}"] = float(counts[3 + j] / n)
-        return metrics
+        return {f"_snapshot_{s.index}": self._load(s) for s in self._snapshots[-k:]}
 
     # ------------------------------------------------------------ checkpoint
     @override
@@ -420,66 +386,3 @@ class SnapshotEnsemble(Callback):
         self._taken = int(state_dict["taken"])
         self._lr_fell = bool(state_dict["lr_fell"])
         self._cache = None
-
-
-class _EvalResult:
-    """Per-sample summed probabilities, targets and per-member correct counts on this rank."""
-
-    def __init__(self, prob_sum: torch.Tensor, targets: torch.Tensor, member_ids, member_correct) -> None:
-        self.prob_sum = prob_sum
-        self.targets = targets
-        self.member_ids = list(member_ids)
-        self.member_correct = list(member_correct)
-
-
-def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise MisconfigurationException(
-        f"SnapshotEnsemble expects eval batches (inputs, targets, ...), got {type(batch).__name__}"
-    )
-
-
-def ensemble_probabilities(
-    trainer: Trainer,
-    pl_module: LightningModule,
-    members: list[tuple[int, dict[str, torch.Tensor]]],
-    loader: Any,
-    limit: int | float,
-) -> _EvalResult:
-    """Run ``loader`` through ``pl_module`` once per member state, leaving the live module untouched.
-
-    One member's tensors are on the device at a time (the memory of one model); the live parameters are
-    swapped only inside ``torch.func.functional_call``, which restores them even on error.
-    """
-    names = {n for n, _ in pl_module.named_parameters()} | {n for n, _ in pl_module.named_buffers()}
-    device = pl_module.device
-    was_training = pl_module.training
-    prob_sums: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
-    correct: list[torch.Tensor] = []
-    pl_module.eval()
-    try:
-        with isolate_rng(), torch.no_grad():
-            for m, (_, snapshot) in enumerate(members):
-                state = {k: v.to(device) for k, v in snapshot.items() if k in names}
-                hits = torch.zeros((), device=device)
-                for b, batch in enumerate(loader):
-                    if b >= limit:
-                        break
-                    x, y = _split_batch(trainer.strategy.batch_to_device(batch))
-                    probs = functional_call(pl_module, state, (x,)).float().softmax(-1)
-                    hard = y if y.ndim == 1 else y.argmax(-1)
-                    hits += (probs.argmax(-1) == hard).sum()
-                    if m == 0:
-                        prob_sums.append(probs)
-                        targets.append(y)
-                    else:
-                        prob_sums[b] += probs
-                correct.append(hits)
-                del state
-    finally:
-        pl_module.train(was_training)
-    if not prob_sums:
-        raise MisconfigurationException("SnapshotEnsemble found no batches in the eval dataloader")
-    return _EvalResult(torch.cat(prob_sums), torch.cat(targets), [i for i, _ in members], correct)

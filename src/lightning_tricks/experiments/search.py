@@ -44,7 +44,7 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from lightning_tricks.callbacks.early_stopping import SmoothedEarlyStopping
-from lightning_tricks.experiments.recipe import check_override, run_recipe
+from lightning_tricks.experiments.recipe import check_override, parse_recipe, run_recipe
 from lightning_tricks.experiments.space import SearchSpace
 from lightning_tricks.experiments.storage import (
     claim_trial,
@@ -171,6 +171,14 @@ class SearchRun:
     out_dir: Path
     worker: str = "main"
     trial_stats: list[dict[str, float]] = field(default_factory=list)
+    _uses_wandb: bool | None = None
+
+    def uses_wandb(self) -> bool:
+        """Whether the recipe logs to W&B through one ``WandbLogger``."""
+        if self._uses_wandb is None:
+            logger = (parse_recipe(self.configs).get("trainer") or {}).get("logger")
+            self._uses_wandb = isinstance(logger, Mapping) and "WandbLogger" in str(logger.get("class_path"))
+        return self._uses_wandb
 
     def study_kwargs(self) -> dict[str, Any]:
         pruner = (
@@ -239,6 +247,9 @@ class SearchRun:
     ) -> None:
         params = space.suggest(trial)
         overrides = {**params, "trainer.max_epochs": cfg.max_epochs}
+        if self.uses_wandb():  # one W&B run per trial, all in the study's group
+            overrides["trainer.logger.init_args.name"] = f"{stage}-{trial.number}"
+            overrides["trainer.logger.init_args.group"] = self.study_name
         direction = "max" if self.search.direction == "maximize" else "min"
         callbacks: list[Callback] = []
         divergence = None

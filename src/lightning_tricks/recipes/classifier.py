@@ -40,7 +40,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes.init import InitConfig, initialize
-from lightning_tricks.recipes.models import DropConnectLinear, create_model, get_classifier
+from lightning_tricks.recipes.models import DropConnectConv2d, DropConnectLinear, create_model, get_classifier
+from lightning_tricks.recipes.nonfinite import NonFiniteLossGuard
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
 from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
@@ -48,7 +49,15 @@ from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
 # Param-group key holding the global batch size the group's lr is scaled for (linear scaling rule).
 LR_BATCH_KEY = "lr_global_batch_size"
 # Modules whose drop probability ``p`` is regularisation that ``regularization_scaled(0)`` turns off.
-_DROP_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, DropConnectLinear)
+_DROP_TYPES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    DropConnectLinear,
+    DropConnectConv2d,
+)
 
 
 def _as_config(value: Any, config_type: type) -> Any:
@@ -76,6 +85,9 @@ class ImageClassifier(L.LightningModule):
         init: Weight initialisation scheme applied to the freshly built model.
         tta: Test-time augmentation for test/predict (``"hflip"``, ``"ten_crop"``, ``"multi_scale"``);
             logged as ``test/acc_tta`` beside the plain ``test/acc``.
+        on_nonfinite_loss: On a NaN/inf training loss, ``"stop"`` the run with a message naming the
+            step, the loss, the last finite loss and the likely cause (default), or ``"skip"`` that
+            step with a warning; either way the weights never see it.
     """
 
     def __init__(
@@ -89,8 +101,10 @@ class ImageClassifier(L.LightningModule):
         regularization: RegularizationConfig | None = None,
         init: InitConfig | None = None,
         tta: str | None = None,
+        on_nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
+        self.nonfinite_guard = NonFiniteLossGuard(on_nonfinite_loss)
         self.optimizer_config: OptimizerConfig = _as_config(optimizer, OptimizerConfig)
         self.scheduler_config: SchedulerConfig = _as_config(scheduler, SchedulerConfig)
         self.regularization_config: RegularizationConfig = _as_config(regularization, RegularizationConfig)
@@ -226,14 +240,17 @@ class ImageClassifier(L.LightningModule):
         self.train_loss.reset()
         self.train_acc.reset()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, targets = batch
         logits = self(images)
         loss = self.data_loss(logits, targets)
         cfg = self.regularization_config
-        if (cfg.l1 or cfg.l2) and self._regularization_scale:
-            reg = self.penalty()
+        reg = self.penalty() if (cfg.l1 or cfg.l2) and self._regularization_scale else None
+        if reg is not None:
             loss = loss + reg
+        if not self.nonfinite_guard.check(self, loss, images, batch_idx):
+            return None  # "skip": Lightning skips backward and the optimizer step
+        if reg is not None:
             self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
         self.train_acc(logits.detach(), self._hard_targets(targets))
         self.train_loss(loss.detach(), len(images))  # weighted by batch size, as Lightning's own mean
