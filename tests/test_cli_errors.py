@@ -63,6 +63,15 @@ def run_main(args: list[str], capsys) -> tuple[int | str | None, list[str]]:
     return exit_info.value.code, lines[-TAIL:]
 
 
+def write_optimizer_configs(root: Path) -> None:
+    """Config fragments that switch the digits recipe's SGD to optimizers without momentum."""
+    for name, optimizer in {
+        "adam_bad_betas": "{name: adam, lr: 0.001, momentum: null, nesterov: false, betas: [0.9, 1.5]}",
+        "adadelta": "{name: adadelta, lr: 1.0, momentum: null, nesterov: false}",
+    }.items():
+        (root / f"{name}.yaml").write_text(f"model:\n  init_args:\n    optimizer: {optimizer}\n")
+
+
 def write_checkpoints(root: Path) -> dict[str, Path]:
     """A truncated and an empty checkpoint file (the complete one is cut in half)."""
     full = root / "full.ckpt"
@@ -98,9 +107,14 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("momentum-above-1", [f"{OPT}.momentum=1.5"], ("model.init_args.optimizer.momentum",)),
     ("weight-decay-negative", [f"{OPT}.weight_decay=-0.1"], ("model.init_args.optimizer.weight_decay",)),
     ("optimizer-name", [f"{OPT}.name=adamm"], ("model.init_args.optimizer.name", "'adam'")),
-    ("betas", [f"{OPT}.name=adam", f"{OPT}.nesterov=false", f"{OPT}.betas=[0.9,1.5]"], ("optimizer.betas",)),
+    (
+        "betas",
+        ["--config={root}/adam_bad_betas.yaml"],
+        ("model.init_args.optimizer.betas",),
+    ),
+    ("momentum-for-adam", [f"{OPT}.name=adam", f"{OPT}.nesterov=false"], ("optimizer.momentum",)),
     ("eps-zero", [f"{OPT}.eps=0"], ("model.init_args.optimizer.eps",)),
-    ("nesterov-adam", [f"{OPT}.name=adam"], ("optimizer.nesterov",)),
+    ("nesterov-rmsprop", [f"{OPT}.name=rmsprop"], ("optimizer.nesterov",)),
     ("base-batch-size", [f"{OPT}.base_batch_size=0"], ("model.init_args.optimizer.base_batch_size",)),
     (
         "opt-kwarg-range",
@@ -227,9 +241,9 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
         ("trainer.callbacks[2].init_args.patience",),
     ),
     (
-        "snapshot-cycles",
-        [f"{CB}+=SnapshotEnsemble", f"{CB}.cycles=1000"],
-        ("trainer.callbacks[2].init_args.cycles",),
+        "momentum-schedule-without-momentum",  # raised when the optimizer is set up, before training
+        [f"{CB}+=MomentumSchedule", "--config={root}/adadelta.yaml"],
+        ("trainer.callbacks[2]", "MomentumSchedule"),
     ),
     (
         "lr-finder-range",
@@ -292,7 +306,7 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     (
         "early-stopping-monitor-name",
         [f"{CB}+=SmoothedEarlyStopping", f"{CB}.monitor=val_loss"],
-        ("trainer.callbacks[2].init_args.monitor", "=val/loss"),
+        ("trainer.callbacks[2].init_args.monitor", "'val/loss'"),
     ),
     (
         "plateau-monitor-name",
@@ -314,6 +328,7 @@ def test_bad_configuration_stops_before_training_with_key_and_fix(
     root = tmp_path / "run"
     root.mkdir()
     write_checkpoints(root)
+    write_optimizer_configs(root)
     args = [arg.replace("{root}", str(root)) for arg in extra]
     status, tail = run_main([*base_args(root), *args], capsys)
     text = "\n".join(tail)
@@ -353,6 +368,16 @@ def test_ckpt_path_last_resumes_the_previous_run_in_the_same_folder(tmp_path, tr
     # Resumed at step 2: only the second epoch's two batches ran, not a restart from step 0.
     assert len(train_batches) == 2 and second.trainer.global_step == 4
     assert second.trainer.current_epoch == 2
+    # `test --ckpt_path last` uses the newest last checkpoint under the same folder.
+    last = max(tmp_path.rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    tested = build_cli(["test", *base_args(tmp_path)[1:], "--ckpt_path=last"])
+    assert tested.trainer.ckpt_path == str(last.resolve())
+
+
+def test_ckpt_path_last_without_checkpoint_is_refused_for_test(tmp_path, capsys):
+    status, tail = run_main(["test", *base_args(tmp_path)[1:], "--ckpt_path=last"], capsys)
+    assert status == 1
+    assert tail[0].startswith("error: ckpt_path='last' finds no last checkpoint") and "untrained" in tail[0]
 
 
 def test_truncated_checkpoint_for_test_names_the_file(tmp_path, capsys):

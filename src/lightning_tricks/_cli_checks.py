@@ -195,12 +195,20 @@ def check_ckpt_path(cli: Any, config: Any) -> None:
     ckpt_path = config.get("ckpt_path")
     if ckpt_path is None:
         return
-    if ckpt_path == "last" and cli.subcommand == "fit":
+    if ckpt_path == "last":
         found = _last_checkpoints(cli.trainer)
         if found:
             config["ckpt_path"] = str(found[-1])
-            rank_zero_info(f"ckpt_path=last: resuming from {found[-1]}")
+            rank_zero_info(f"ckpt_path=last: using {found[-1]}")
             return
+        if cli.subcommand != "fit":
+            raise ConfigError(
+                "ckpt_path",
+                "last",
+                f"finds no last checkpoint under {cli.trainer.default_root_dir}, so `{cli.subcommand}` "
+                "would run on untrained weights",
+                "pass --ckpt_path=FILE.ckpt (a checkpoint written by fit)",
+            )
         savers = [
             (i, cb)
             for i, cb in enumerate(config["trainer"].get("callbacks") or [])

@@ -260,6 +260,9 @@ def closest(name: str, valid: list[str]) -> str | None:
 
 def _suggestion(message: str) -> str | None:
     """'did you mean ...?' for an unknown name, when the message lists the valid ones."""
+    offered = re.search(r"[Dd]id you mean [`']?([\w./-]+)[`']?\?", message)
+    if offered:
+        return f"did you mean {offered.group(1)!r}?"
     split = re.split(r"valid(?: names| presets| choices)?(?: are|:| is)|one of", message, maxsplit=1)
     if len(split) != 2:
         return None
@@ -449,9 +452,9 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     key = key_match.group(1)
     values = re.findall(r"Given value: (.*)", message)
     value = values[-1] if values else None
-    nested = re.match(r"NestedArg\(key='([^']+)', val='(.*)'\)$", value or "")
+    nested = re.match(r"NestedArg\(key='([^']+)', val=(?:'(.*)'|(.*))\)$", value or "")
     if nested:  # --model.init_args.x.y=v reported against "model"
-        key, value = f"{key}.init_args.{nested.group(1)}", nested.group(2)
+        key, value = f"{key}.init_args.{nested.group(1)}", nested.group(2) or nested.group(3)
     rejected = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message)
     if rejected:
         return _rejected_option(key, *rejected.groups())
