@@ -15,6 +15,10 @@ Run::
 
 Writes ``benchmarks/results/augment_throughput.json``; ratio ``on_device_vs_per_sample_cpu`` is
 the CPU on-device throughput divided by the per-sample CPU throughput (target >= 10).
+
+This times the augmentation kernel on a ready-made batch only. What training actually receives
+(loader, host-to-device copy, augmentation and normalisation together) is measured end to end by
+``benchmarks/data_throughput.py``.
 """
 
 from __future__ import annotations

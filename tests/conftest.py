@@ -13,6 +13,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import DDP_TIMEOUT
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("ddp") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DDP_TIMEOUT))
+
 
 @pytest.fixture(autouse=True)
 def _small_threads_and_cwd(tmp_path, monkeypatch):

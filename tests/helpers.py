@@ -116,6 +116,12 @@ class CleanExitDDPSpawn(DDPStrategy):
         atexit.register(_destroy_dist_connection)
 
 
+# Two spawned processes each import torch and Lightning before the first collective: on a loaded
+# 2-core machine that alone can take minutes, so DDP tests (and DDP subprocesses) get a limit sized
+# for a slow machine; the pytest default would flag them as hung.
+DDP_TIMEOUT = 900
+
+
 def ddp_spawn_trainer_kwargs(tmp_path) -> dict:
     """:func:`quiet_trainer_kwargs` for two CPU processes (gloo) that exit cleanly."""
     return {**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": CleanExitDDPSpawn()}

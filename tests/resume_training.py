@@ -23,7 +23,7 @@ from lightning_tricks.datamodules import DigitsDataModule
 from lightning_tricks.recipes import ImageClassifier, OptimizerConfig, SchedulerConfig
 from lightning_tricks.recipes.regularization import RegularizationConfig
 
-MAX_EPOCHS = 3
+MAX_EPOCHS = 2
 CHECKPOINT_EVERY = 7  # optimizer steps; 20 batches per epoch, so most checkpoints are mid-epoch
 VARIANTS = ("steps", "steps_snapshot", "epochs_snapshot")
 

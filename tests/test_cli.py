@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DDP_TIMEOUT
 
 from lightning_tricks.cli import build_cli
 
@@ -144,7 +145,9 @@ def test_console_command_runs_two_cpu_processes_with_offline_wandb(tmp_path):
         "--data.init_args.image_size=8",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (last,) = tmp_path.glob("runs/**/last.ckpt")
     checkpoint = torch.load(last, weights_only=True)
