@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_tricks._io import atomic_write_bytes
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -66,6 +68,5 @@ def write_result(
         "ratios": dict(ratios),
         "targets": dict(targets),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_bytes((json.dumps(payload, indent=2) + "\n").encode(), path)
     return path

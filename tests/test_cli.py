@@ -51,7 +51,7 @@ def test_cli_trains_and_tests_digits_well_above_chance(tmp_path):
     best = cli.trainer.checkpoint_callback.best_model_path
     checkpoint = torch.load(best, weights_only=True)
     assert checkpoint["hyper_parameters"]["model"] == "small_cnn"
-    assert "mean" in checkpoint["DigitsDataModule"]
+    assert "mean" in checkpoint["DigitsDataModule"]["statistics"]
 
     # The other subcommands rebuild the model from the checkpoint's hyperparameters alone.
     same_data = ["--data.init_args.image_size=8"]
@@ -115,6 +115,11 @@ def test_expected_initial_loss_is_ln_classes():
     logits = torch.zeros(4, cli.model.num_classes)
     loss = cli.model.data_loss(logits, torch.tensor([0, 1, 2, 3]))
     assert loss.item() == pytest.approx(math.log(10), rel=1e-6)
+    # ...and the loss reads each sample's own label: against -log softmax at the target, by hand
+    logits = torch.randn(10, 10, generator=torch.Generator().manual_seed(0)) * 3
+    targets = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+    expected = (logits.exp().sum(1).log() - logits[torch.arange(10), targets]).mean()
+    assert cli.model.data_loss(logits, targets).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.ddp

@@ -93,6 +93,8 @@ def test_imagenet_config_trains_and_tests_with_ten_crop(tmp_path):
     )
     assert cli.model.num_classes == 2
     assert {"val/acc", "test/acc", "test/acc_tta"} <= seen_metrics(cli)
+    # the linear scaling rule is on: lr 0.1 x global batch 2 / 256
+    assert cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.1 * 2 / 256)
 
 
 def test_babysit_config_runs_every_check_and_learns(tmp_path):

@@ -7,7 +7,8 @@ from helpers import PlainClassifier, digits_loaders, digits_tensors, quiet_train
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks.ensemble import EnsembleClassifier, bootstrap_indices
+from lightning_tricks.datamodules.resampling import bootstrap_indices
+from lightning_tricks.ensemble import EnsembleClassifier
 
 
 def _members(n=3, num_classes=10):

@@ -17,49 +17,100 @@ import sys
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
+from lightning_tricks import cli_help
+from lightning_tricks._cli_checks import check_run_config
+from lightning_tricks._cli_errors import pop_debug_flag, run_reporting_errors
+from lightning_tricks.callbacks.final_weights import weights_for_test_after_fit
+from lightning_tricks.composition import replaced_callbacks
+from lightning_tricks.console import console_callbacks, silence_third_party_noise
+from lightning_tricks.fit_summary import FitSummary
+from lightning_tricks.records import RunConfigSaver
 
 
 class LightningTricksCLI(LightningCLI):
     """LightningCLI that links data shapes into the model and can test right after fitting."""
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.add_argument("--version", action="version", version=cli_help.version())
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=True,
-            help="After `fit`, run `test` on the best checkpoint (or the last weights without one).",
+            help=(
+                "After `fit`, run `test` on the final model's weights: restored best weights, else the "
+                "best checkpoint, else the last weights (printed before testing)."
+            ),
         )
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
 
+    def after_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            check_run_config(self)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for replaced in replaced_callbacks(config.get("config") or []):
+            rank_zero_warn(replaced.message())
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer plus the command's progress bar, model summary and end-of-fit summary."""
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
+        configured = config.get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list) else [configured]
+        added = console_callbacks(
+            configured, config.get("enable_progress_bar"), config.get("enable_model_summary")
+        )
+        kwargs.setdefault("callbacks", [*configured, *added, FitSummary()])
+        return super().instantiate_trainer(**kwargs)
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
-        checkpoint = self.trainer.checkpoint_callback
-        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        ckpt_path, description = weights_for_test_after_fit(self.trainer)
+        rank_zero_info(f"Testing {description}.")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
 def build_cli(
     args: list[str] | None = None,
     run: bool = True,
+    exit_on_error: bool = True,
     cli_class: type[LightningTricksCLI] = LightningTricksCLI,
     **cli_kwargs: Any,
 ) -> LightningTricksCLI:
-    """Parse ``args`` (default: ``sys.argv``), build the classes and, with ``run``, run the subcommand."""
+    """Parse ``args`` (default: ``sys.argv``), build the classes and, with ``run``, run the subcommand.
+
+    ``exit_on_error=False`` raises command-line errors (``argparse.ArgumentError``) instead of exiting.
+    """
+    silence_third_party_noise()
+    parser_kwargs = {"exit_on_error": exit_on_error}
     return cli_class(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            **parser_kwargs,
+            "description": cli_help.DESCRIPTION,
+            "epilog": cli_help.epilog(),
+            "formatter_class": cli_help.HelpFormatter,
+            **{name: dict(parser_kwargs) for name in LightningCLI.subcommands()},
+        },
         args=args,
         run=run,
         **cli_kwargs,
@@ -67,14 +118,19 @@ def build_cli(
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-tricks`` console script and ``python -m lightning_tricks``."""
+    """Entry point of the ``lightning-tricks`` console script and ``python -m lightning_tricks``.
+
+    Errors end in a short message naming the config key and a fix; ``--debug`` (or the environment
+    variable ``LIGHTNING_TRICKS_DEBUG=1``) shows the traceback instead.
+    """
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in ("search", "ablate"):
         from lightning_tricks.experiments.cli import main as experiments_main
 
         return experiments_main(argv)
+    args, debug = pop_debug_flag(args)
     try:
-        build_cli(args)
+        run_reporting_errors(lambda: build_cli(args, exit_on_error=False), debug=debug)
     finally:
         # Lightning destroys NCCL groups at exit but not gloo ones (CPU DDP), whose threads can
         # then abort the process at interpreter shutdown.

@@ -6,7 +6,8 @@ one run (:meth:`EnsembleClassifier.from_snapshots`, e.g. the ``snapshot_{i}.pt``
 :class:`lightning_tricks.callbacks.snapshot.SnapshotEnsemble`). This averages *predictions*; averaging
 *weights* (EMA, SWA) is a different method that only works along one trajectory.
 
-Bagging trains each member on a bootstrap resample of the training set: :func:`bootstrap_indices`.
+Bagging trains each member on a bootstrap resample of the training set:
+:func:`lightning_tricks.datamodules.resampling.bootstrap_indices`.
 """
 
 from __future__ import annotations
@@ -19,25 +20,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from lightning_tricks.evaluation import ensemble_logits, mean_probabilities
 
 StateDict = dict[str, torch.Tensor]
-
-
-def bootstrap_indices(n: int, seed: int) -> torch.Tensor:
-    """Indices of a bootstrap resample: ``n`` draws with replacement from ``range(n)``, seeded.
-
-    About ``1 - 1/e`` (63.2%) of the samples appear at least once. The result depends only on ``n`` and
-    ``seed``, not on the global RNG.
-
-    Example::
-
-        >>> idx = bootstrap_indices(1000, seed=0)
-        >>> subset = torch.utils.data.Subset(train_set, idx.tolist())  # doctest: +SKIP
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"`n` must be an integer >= 1, got {n!r}")
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randint(n, (n,), generator=generator)
 
 
 def _count_outputs(member: nn.Module, example: torch.Tensor | None) -> int | None:
@@ -185,21 +172,22 @@ class EnsembleClassifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Averaged predicted label distribution ``(N, C)``."""
-        return self.member_probabilities(x).mean(0)
+        return mean_probabilities([member(x) for member in self.members])
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Logs ``test/acc_ensemble`` and ``test/loss_ensemble``, as a module's step would under
+        :func:`lightning_tricks.evaluation.evaluate_prediction_average`: the cross-entropy of
+        :func:`~lightning_tricks.evaluation.ensemble_logits` (the NLL of the averaged probabilities)."""
         x, y = batch[0], batch[1]
-        probs = self(x)
-        log_p = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-        if y.ndim == 1:
-            nll = -log_p.gather(1, y[:, None]).mean()
-            hard = y
-        else:
-            nll = -(y * log_p).sum(-1).mean()
-            hard = y.argmax(-1)
-        self.log("test/acc_ensemble", (probs.argmax(-1) == hard).float().mean(), sync_dist=True)
-        self.log("test/loss_ensemble", nll, sync_dist=True)
+        logits = ensemble_logits([member(x) for member in self.members])
+        hard = y if y.ndim == 1 else y.argmax(-1)
+        self.log("test/acc_ensemble", (logits.argmax(-1) == hard).float().mean(), sync_dist=True)
+        self.log(
+            "test/loss_ensemble",
+            F.cross_entropy(logits, y.to(logits.dtype) if y.ndim > 1 else y),
+            sync_dist=True,
+        )

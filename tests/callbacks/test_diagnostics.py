@@ -21,8 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
-from lightning_tricks.callbacks.diagnostics import (
-    TrainingDiagnostics,
+from lightning_tricks.callbacks.detectors import (
     detect_explosion,
     detect_flat,
     detect_init_loss,
@@ -31,6 +30,7 @@ from lightning_tricks.callbacks.diagnostics import (
     detect_underfitting,
     detect_variance_drift,
 )
+from lightning_tricks.callbacks.diagnostics import TrainingDiagnostics
 
 HEALTHY = [2.3 * 0.95**i for i in range(60)]
 
@@ -52,7 +52,7 @@ def test_detect_explosion_uses_three_times_the_first_loss():
     assert detect_explosion([2.0, 1.5, 6.0]) is None  # exactly 3x is not "more than"
     finding = detect_explosion([2.0, 1.5, 6.1, 1.0])
     assert finding.check == "explosion" and "6.1" in finding.message and "too high" in finding.cause
-    assert detect_explosion([2.0, 5.0], factor=2.0) is not None
+    assert detect_explosion([2.0, 5.0], divergence_factor=2.0) is not None
 
 
 def test_detect_flat():
@@ -102,7 +102,7 @@ def test_detect_variance_drift():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"explosion_factor": 1.0}, "explosion_factor"),
+        ({"divergence_factor": 1.0}, "divergence_factor"),
         ({"min_decrease": 0.0}, "min_decrease"),
         ({"overfit_patience": 0}, "overfit_patience"),
         ({"underfit_fraction": 1.5}, "underfit_fraction"),
@@ -275,7 +275,8 @@ def test_summary_goes_to_a_wandb_table(tmp_path):
     try:
         fit(tmp_path, PlainClassifier(lr=20.0), [diagnostics], max_epochs=1, logger=logger)
         summary = logger.experiment.summary["diagnostics/findings"]
-        assert summary["_type"] == "table-file" and summary["nrows"] == len(diagnostics.findings) > 0
+        rows = len(diagnostics.findings) + len(diagnostics.unchecked)
+        assert summary["_type"] == "table-file" and summary["nrows"] == rows > len(diagnostics.unchecked)
     finally:
         logger.experiment.finish()
 
@@ -300,6 +301,73 @@ def test_summary_goes_to_tensorboard_text(tmp_path):
     lines = event.tensor_proto.string_val[0].decode().splitlines()
     assert lines[:2] == ["| severity | check | message | cause | fix |", "|---|---|---|---|---|"]
     assert lines[2:] == [
-        f"| {f.severity} | {f.check} | {f.message} | {f.cause} | {f.fix} |" for f in diagnostics.findings
+        f"| {f.severity} | {f.check} | {f.message} | {f.cause} | {f.fix} |"
+        for f in diagnostics.findings + diagnostics.unchecked
     ]
     assert any(line.startswith("| error | explosion | the training loss rose to") for line in lines)
+
+
+# ------------------------------------------------------------------------------------ own metric names
+
+
+class OwnNames(PlainClassifier):
+    """A user's module that logs ``train_loss``, ``val_loss`` and ``val_acc`` (or ``val_name`` instead)."""
+
+    def __init__(self, val_name: str = "val_loss"):
+        super().__init__(lr=0.1)
+        self.val_name = val_name
+        self.returned: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        self.returned.append(float(loss.detach()))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log(self.val_name, nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+
+def test_own_metric_names_are_found_without_arguments(tmp_path):
+    L.seed_everything(0)
+    model, diagnostics = OwnNames(), TrainingDiagnostics()
+    fit(tmp_path, model, [diagnostics], max_epochs=3, n_train=256)
+    assert diagnostics.train_losses == pytest.approx(model.returned, rel=1e-6)  # the returned loss
+    assert len(diagnostics.val_losses) == 3  # `val_loss` found among the logged names
+    assert [f.check for f in diagnostics.unchecked] == []
+
+
+def test_a_check_without_data_says_so_instead_of_passing(tmp_path, capsys):
+    L.seed_everything(0)
+    diagnostics, logger = TrainingDiagnostics(), TableLogger()
+    with pytest.warns(UserWarning, match="val_metric") as record:
+        fit(
+            tmp_path,
+            OwnNames(val_name="holdout_objective"),
+            [diagnostics],
+            max_epochs=2,
+            n_train=256,
+            logger=logger,
+        )
+    assert len([w for w in record if "val_metric" in str(w.message)]) == 1  # once, not per evaluation
+    assert diagnostics.val_losses == []
+    (unchecked,) = diagnostics.unchecked
+    assert (unchecked.check, unchecked.severity) == ("validation curve", "not checked")
+    assert "holdout_objective" in unchecked.message and "`val_metric`" in unchecked.fix
+    ((_, _, rows),) = logger.tables
+    assert rows == [
+        ["ok", "all", "no problems found by the checks that ran", "", ""],
+        ["not checked", "validation curve", unchecked.message, "", unchecked.fix],
+    ]
+    assert "not checked" in capsys.readouterr().out
+
+    named = TrainingDiagnostics(val_metric="holdout_objective")  # the fix the message names
+    fit(tmp_path, OwnNames(val_name="holdout_objective"), [named], max_epochs=2, n_train=256)
+    assert len(named.val_losses) == 2
+    assert [(f.check, f.message) for f in named.unchecked] == [
+        ("overfitting", "no data to judge: only 2 evaluations, 3 needed")
+    ]

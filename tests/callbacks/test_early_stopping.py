@@ -124,6 +124,20 @@ def test_window_smoother_matches_statistics(kind):
         assert smoother.update(v) == pytest.approx(ref(values[max(0, t - 2) : t + 1]))
 
 
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("ema", 0.0, 5), "alpha"),
+        (("ema", 1.5, 5), "alpha"),
+        (("mean", 0.3, 0), "window"),
+        (("gauss", 0.3, 5), "smoothing"),
+    ],
+)
+def test_metric_smoother_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        MetricSmoother(*args)
+
+
 def test_smoothing_prevents_noisy_stop_but_plateau_stops(tmp_path):
     plain = EarlyStopping("val/loss", patience=2)
     fit([plain], NOISY, tmp_path, max_epochs=len(NOISY))
@@ -211,7 +225,9 @@ def test_explosion_rule_on_diverging_run(tmp_path):
 
     # the same rule on a scripted train loss stops exactly where the reference says
     train_values = [2.0, 1.9, 2.5, 4.0, 7.0, 9.0, 12.0, 15.0]
-    es = SmoothedEarlyStopping("val/loss", patience=100, smoothing="mean", window=2)
+    es = SmoothedEarlyStopping(
+        "val/loss", patience=100, smoothing="mean", window=2, train_monitor="train/loss"
+    )
     fit([es], [1.0] * 8, tmp_path, max_epochs=8, train_values=train_values)
     smoothed = [statistics.mean(train_values[max(0, t - 1) : t + 1]) for t in range(8)]
     expected = next(e for e, s in enumerate(smoothed) if s > 3.0 * smoothed[0])
@@ -220,7 +236,7 @@ def test_explosion_rule_on_diverging_run(tmp_path):
 
 
 def test_missing_metric_lists_available(tmp_path):
-    es = SmoothedEarlyStopping("val/los")
+    es = SmoothedEarlyStopping("val/los", mode="min")  # a typo: the mode cannot be inferred
     with pytest.raises(RuntimeError, match=r"`val/los`.*`val/loss`"):
         fit([es], NOISY, tmp_path, max_epochs=2)
     es = SmoothedEarlyStopping("val/loss", train_monitor="train/los")
@@ -379,6 +395,7 @@ def test_ddp_explosion_on_one_rank_stops_both_with_divergence_reason(tmp_path):
         alpha=0.5,
         divergence_factor=3.0,
         train_check_every_n_steps=1,
+        train_monitor="train/loss",
     )
     trainer = L.Trainer(
         max_epochs=10,
@@ -445,23 +462,28 @@ class ErrorRecordingEarlyStopping(SmoothedEarlyStopping):
         super().__init__(**kwargs)
         self.directory = str(directory)
 
-    def _recorded(self, trainer, check):
+    def _recorded(self, trainer, check, *args):
         try:
-            check(trainer)
+            check(trainer, *args)
         except Exception as e:
             Path(self.directory, f"rank{trainer.global_rank}.error").write_text(f"{type(e).__name__}: {e}")
             raise
 
-    def _run_early_stopping_check(self, trainer):
-        self._recorded(trainer, super()._run_early_stopping_check)
+    def _check_monitor(self, trainer, lightning_check):
+        self._recorded(trainer, super()._check_monitor, lightning_check)
 
-    def _run_explosion_check(self, trainer):
-        self._recorded(trainer, super()._run_explosion_check)
+    def _check_explosion(self, trainer, returned):
+        self._recorded(trainer, super()._check_explosion, returned)
 
 
 def fit_with_metric_on_rank0_only(tmp_path, only_on_rank0, strict):
     es = ErrorRecordingEarlyStopping(
-        tmp_path, monitor="val/loss", strict=strict, patience=100, divergence_factor=3.0
+        tmp_path,
+        monitor="val/loss",
+        strict=strict,
+        patience=100,
+        divergence_factor=3.0,
+        train_monitor="train/loss",
     )
     trainer = L.Trainer(
         max_epochs=3, callbacks=[es, RankOutcome(tmp_path)], **ddp_spawn_trainer_kwargs(tmp_path)
@@ -470,7 +492,7 @@ def fit_with_metric_on_rank0_only(tmp_path, only_on_rank0, strict):
 
 
 @pytest.mark.ddp
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)  # catches a collective that hangs; a loaded 2-core machine needs ~60 s
 @pytest.mark.parametrize("only_on_rank0", ["val/loss", "train/loss"])
 def test_ddp_metric_on_one_rank_only_non_strict_skips_on_every_rank(tmp_path, only_on_rank0):
     fit_with_metric_on_rank0_only(tmp_path, only_on_rank0, strict=False)
@@ -491,7 +513,7 @@ def test_ddp_metric_on_one_rank_only_non_strict_skips_on_every_rank(tmp_path, on
 
 
 @pytest.mark.ddp
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)  # catches a collective that hangs; a loaded 2-core machine needs ~60 s
 @pytest.mark.parametrize("only_on_rank0", ["val/loss", "train/loss"])
 def test_ddp_metric_on_one_rank_only_strict_fails_on_every_rank(tmp_path, only_on_rank0):
     with pytest.raises(Exception, match=f"metric `{only_on_rank0}` which is not available"):
@@ -524,7 +546,7 @@ class StopsOnRankOne(SmoothedEarlyStopping):
 
 
 @pytest.mark.ddp
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)  # catches a collective that hangs; a loaded 2-core machine needs ~60 s
 def test_ddp_every_rank_records_the_reason_of_the_rank_that_stopped(tmp_path):
     values = [1.0 - 0.05 * e for e in range(10)]  # keeps improving: only the rank-1 rule stops
     es = StopsOnRankOne(2, monitor="val/loss", patience=100, divergence_factor=None)
@@ -537,3 +559,125 @@ def test_ddp_every_rank_records_the_reason_of_the_rank_that_stopped(tmp_path):
     assert (reports[0]["stopped"], reports[0]["epoch"]) == (2, 3)
     assert reports[0]["reason"] == EarlyStoppingReason.STOPPING_THRESHOLD.value
     assert reports[0]["message"] == "The rank-1 rule fired."
+
+
+# ---------------------------------------------------------------- a user's own module and metric names
+
+
+class OwnNames(L.LightningModule):
+    """A user's module, not the recipe: logs ``train_loss``, ``val_loss`` and a scripted ``val_acc``."""
+
+    def __init__(self, val_acc, manual: bool = False):
+        super().__init__()
+        self.val_acc = list(val_acc)
+        self.automatic_optimization = not manual
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean() + 1.0
+        self.log("train_loss", loss.detach(), on_epoch=True)
+        if self.automatic_optimization:
+            return loss
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return None
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.tensor(1.0))
+        self.log("val_acc", torch.tensor(self.val_acc[self.current_epoch]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class ReturnedLosses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append((trainer.current_epoch, float(outputs["loss"])))
+
+
+def fit_own(callbacks, val_acc, tmp_path, manual=False, **kw):
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_epochs=len(val_acc), callbacks=callbacks, **{**quiet_trainer_kwargs(tmp_path), **kw}
+    )
+    trainer.fit(OwnNames(val_acc, manual), tiny_loader(), tiny_loader())
+    return trainer
+
+
+def test_own_metric_names_infer_max_and_watch_the_returned_loss(tmp_path):
+    val_acc = [0.5, 0.7, 0.9, 0.8, 0.85, 0.8, 0.75, 0.7]
+    es = SmoothedEarlyStopping(monitor="val_acc", smoothing=None, patience=2, restore_best_weights=True)
+    losses = ReturnedLosses()
+    fit_own([losses, es], val_acc, tmp_path)
+    assert es.mode == "max"  # inferred: with "min" the run would stop at epoch 2 on the rising accuracy
+    best_epoch = max(range(len(val_acc)), key=val_acc.__getitem__)
+    assert es.best_epoch == best_epoch == 2
+    assert es.stopped_epoch == 4 and es.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED
+    # the explosion rule's baseline is the mean loss training_step returned in the first epoch
+    first_epoch = [loss for epoch, loss in losses.losses if epoch == 0]
+    assert es.initial_train_loss == pytest.approx(statistics.mean(first_epoch), rel=1e-6)
+
+
+def test_no_returned_loss_turns_the_explosion_rule_off_with_one_warning(tmp_path):
+    es = SmoothedEarlyStopping(monitor="val_loss", patience=100)
+    with pytest.warns(UserWarning, match="explosion rule is off") as record:
+        trainer = fit_own([es], [0.5] * 3, tmp_path, manual=True)
+    assert trainer.current_epoch == 3  # trained to the end, no crash mid-run
+    messages = [str(w.message) for w in record if "explosion rule is off" in str(w.message)]
+    assert len(messages) == 1 and "`train_monitor`" in messages[0]
+    assert es.initial_train_loss is None
+
+
+def test_wrong_validation_monitor_is_reported_at_the_sanity_check(tmp_path):
+    es = SmoothedEarlyStopping(monitor="val_accuracy")
+    trainer = L.Trainer(max_epochs=2, callbacks=[es], **quiet_trainer_kwargs(tmp_path))
+    with pytest.raises(
+        RuntimeError, match=r"`val_accuracy`.*after the first validation.*`val_acc`.*`monitor`"
+    ):
+        trainer.fit(OwnNames([0.5, 0.6]), tiny_loader(), tiny_loader())
+    assert trainer.global_step == 0  # no training step was spent before the report
+
+
+def test_non_strict_missing_monitor_warns_once_at_the_first_validation(tmp_path):
+    es = SmoothedEarlyStopping(monitor="val_accuracy", strict=False, verbose=False)
+    with pytest.warns(RuntimeWarning, match="`val_accuracy`") as record:
+        fit_own([es], [0.5, 0.6, 0.7], tmp_path, num_sanity_val_steps=0)
+    messages = [str(w.message) for w in record if "`val_accuracy`" in str(w.message)]
+    assert len(messages) == 1 and "after the first validation" in messages[0]
+    assert es.smoothed_value is None and es.stopped_epoch == 0  # the check was skipped, training went on
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [
+        ("val/acc", "max"),
+        ("val_acc", "max"),
+        ("val/acc_ema", "max"),
+        ("valid/accuracy", "max"),
+        ("val_f1", "max"),
+        ("val/auroc", "max"),
+        ("val/loss", "min"),
+        ("val_loss", "min"),
+        ("train/loss_epoch", "min"),
+        ("val/error", "min"),
+        ("top1_err", "min"),
+        ("val_mse", "min"),
+        ("val/score", None),
+        ("lr", None),
+        ("val/acc_loss", None),
+        ("valacc", None),
+        ("val/los", None),
+    ],
+)
+def test_mode_auto_from_metric_names(name, mode):
+    if mode is None:
+        with pytest.raises(ValueError, match=rf"monitor='{name}'.*mode='min'.*mode='max'"):
+            SmoothedEarlyStopping(name)
+        assert SmoothedEarlyStopping(name, mode="max").mode == "max"  # an explicit mode always works
+    else:
+        assert SmoothedEarlyStopping(name).mode == mode

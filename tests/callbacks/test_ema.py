@@ -321,9 +321,10 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     for name, value in ckpt["state_dict"].items():
         assert torch.equal(value, primary_state[name]), name
     assert set(ckpt["current_model_state"]) == set(ckpt["state_dict"])
+    assert ckpt["state_dict_weights"] == "ema"
     secondary = ckpt["callbacks"][first_emas[1].state_key]
     assert secondary["num_updates"] == first_emas[1].num_updates == 16
-    saved = secondary["average_model_state"]["module.net.1.weight"]
+    saved = ckpt["state_dict_ema95"]["net.1.weight"]
     assert torch.equal(saved, first_emas[1].ema_state_dict()["net.1.weight"])
 
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
@@ -545,7 +546,7 @@ def test_ddp_sync_batchnorm_ema_buffers_identical_on_both_ranks(tmp_path):
         limit_val_batches=1,
         sync_batchnorm=True,
         plugins=[CPUSyncBatchNorm()],
-        callbacks=[EMA(decay=0.8, copy_average_at_end=False), SyncBNRankDump(str(tmp_path))],
+        callbacks=[EMA(decay=0.8, warmup=None, copy_average_at_end=False), SyncBNRankDump(str(tmp_path))],
     )
     trainer.fit(BatchNormClassifier(), train, val)
 
@@ -578,3 +579,176 @@ def test_ddp_sync_batchnorm_ema_buffers_identical_on_both_ranks(tmp_path):
         }
     for name, value in reference.items():
         torch.testing.assert_close(r0["ema"][name], value, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ safe defaults and checkpoint rule
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def last_epoch_metrics(metrics_csv: Path) -> dict[str, float]:
+    """The last non-empty value of every column of a CSVLogger ``metrics.csv``."""
+    import csv
+
+    values: dict[str, float] = {}
+    with open(metrics_csv) as f:
+        for row in csv.DictReader(f):
+            values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return values
+
+
+def test_readme_quickstart_with_default_ema_keeps_the_raw_accuracy(tmp_path, caplog):
+    """`lightning-tricks fit --config configs/digits.yaml --trainer.callbacks+=EMA`, on a shortened budget.
+
+    Tolerance: the EMA with default arguments must reach the raw weights' accuracy within 1 point.
+    Without warm-up (the former default) decay 0.999 over ~40 updates leaves the average at the
+    initial weights (chance accuracy), so this fails.
+    """
+    from lightning_tricks.cli import build_cli
+
+    with caplog.at_level("INFO"), pytest.warns(UserWarning, match=r"EMA\(decay=0.999\) averages over"):
+        cli = build_cli(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "digits.yaml"),
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                f"--trainer.default_root_dir={tmp_path}",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+                "--trainer.max_epochs=2",
+                "--model.init_args.model=small_cnn",
+                "--data.init_args.image_size=8",
+                "--trainer.callbacks+=EMA",
+            ]
+        )
+    ema = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EMA))
+    assert ema.warmup == "num_updates"
+    metrics = last_epoch_metrics(Path(cli.trainer.logger.log_dir) / "metrics.csv")
+    assert metrics["val/acc"] > 0.8
+    assert metrics["val/acc_ema"] >= metrics["val/acc"] - 0.01, metrics
+
+    # The config's ModelCheckpoint monitors val/acc: its file holds the raw weights, the EMA beside them,
+    # and `test` after `fit` says it evaluates the raw weights of that checkpoint.
+    best = cli.trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["state_dict_weights"] == "raw"
+    assert checkpoint["state_dict"].keys() == checkpoint["state_dict_ema"].keys()
+    assert f"Testing the raw weights of the best checkpoint {best} (chosen on val/acc" in caplog.text
+    test_acc = cli.trainer.callback_metrics["test/acc"].item()
+    cli.model.load_state_dict(checkpoint["state_dict"])
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    assert cli.trainer.callback_metrics["test/acc"].item() == test_acc
+
+
+def horizon_warnings(tmp_path, ema: EMA) -> list[str]:
+    """Warnings raised by a 20-step fit (1280 samples / 64) that mention the EMA horizon."""
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, PlainClassifier(), [ema], max_epochs=1, n_train=1280, limit_val_batches=1)
+    return [str(w.message) for w in caught if "EMA(" in str(w.message)]
+
+
+def test_horizon_warning_names_decay_planned_updates_and_fix(tmp_path):
+    # 1/(1-0.999) = 1000 updates > 10% of 20: warned, with the largest decay that fits (horizon 2).
+    (message,) = horizon_warnings(tmp_path / "a", EMA(decay=0.999, warmup=None))
+    assert "EMA(decay=0.999) averages over about 1/(1-decay) = 1000 updates" in message
+    assert "more than 10% of the 20 updates this run plans" in message
+    assert f"still makes up {0.999**19:.0%} of the final average" in message
+    assert "Fix: warmup='num_updates', or a smaller decay such as EMA(decay=0.5)" in message
+
+    # With warm-up the message says which decay is reached instead.
+    (message,) = horizon_warnings(tmp_path / "b", EMA(decay=0.99, start_step=10, update_every_n_steps=2))
+    assert "more than 10% of the 5 updates this run plans" in message
+    assert f"at or below {(1 + 4) / (10 + 4):.4g} up to the last update" in message
+    assert "no decay fits" not in message and "a smaller decay" not in message  # 10% of 5 < 2 updates
+
+    # Horizon 2 = 10% of 20 updates: no warning.
+    assert horizon_warnings(tmp_path / "c", EMA(decay=0.5)) == []
+
+
+def checkpoints_of(tmp_path, monitors: list[str], **ema_kwargs):
+    """One 10-step epoch with EMA and a ModelCheckpoint per monitor; returns model, EMA and checkpoints."""
+    torch.manual_seed(0)
+    model = PlainClassifier()
+    ema = EMA(decay=0.9, copy_average_at_end=False, **ema_kwargs)
+    ckpts = [
+        ModelCheckpoint(dirpath=tmp_path / f"ckpt{i}", monitor=m, mode="max", save_top_k=1)
+        for i, m in enumerate(monitors)
+    ]
+    trainer = fit(
+        tmp_path, model, [ema, *ckpts], max_epochs=1, enable_checkpointing=True, limit_val_batches=2
+    )
+    return trainer, model, ema, [torch.load(c.best_model_path, weights_only=True) for c in ckpts]
+
+
+@pytest.mark.parametrize(
+    ("monitor", "kwargs", "holds"),
+    [
+        ("val/acc", {}, "raw"),
+        ("val/acc_ema", {}, "ema"),
+        ("val/acc", {"checkpoint_weights": "ema"}, "ema"),
+        ("val/acc_ema", {"checkpoint_weights": "raw"}, "raw"),
+    ],
+)
+def test_checkpoint_holds_the_weights_its_monitor_measured(tmp_path, monitor, kwargs, holds):
+    trainer, model, ema, (checkpoint,) = checkpoints_of(tmp_path, [monitor], **kwargs)
+    raw, averaged = model.state_dict(), ema.ema_state_dict()  # one epoch: as at the checkpoint
+    assert not torch.equal(raw["net.1.weight"], averaged["net.1.weight"])
+    assert checkpoint["state_dict_weights"] == holds
+    in_state_dict, beside = (raw, averaged) if holds == "raw" else (averaged, raw)
+    other = checkpoint["state_dict_ema"] if holds == "raw" else checkpoint["current_model_state"]
+    for name in raw:
+        assert torch.equal(checkpoint["state_dict"][name], in_state_dict[name]), name
+        assert torch.equal(other[name], beside[name]), name
+
+    # `test` on the checkpoint evaluates the weights in its state_dict.
+    _, val = digits_loaders(n_train=600)
+    trainer.test(model, dataloaders=val, ckpt_path="best", verbose=False)
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(in_state_dict)
+    expected, _ = evaluate(reference, val)
+    assert trainer.callback_metrics["test/acc"].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_resume_from_a_raw_weights_checkpoint_restores_both(tmp_path):
+    trainer, model, ema, (checkpoint,) = checkpoints_of(tmp_path, ["val/acc"])
+    assert checkpoint["state_dict_weights"] == "raw"
+    torch.manual_seed(5)
+    resumed_model, resumed_ema = PlainClassifier(), EMA(decay=0.9, copy_average_at_end=False)
+    fit(
+        tmp_path / "resumed",
+        resumed_model,
+        [resumed_ema],
+        max_epochs=1,
+        ckpt_path=trainer.checkpoint_callback.best_model_path,
+        limit_val_batches=1,
+    )
+    assert resumed_ema.num_updates == ema.num_updates == 10
+    for name, value in ema.ema_state_dict().items():
+        assert torch.equal(resumed_ema.ema_state_dict()[name], value), name
+    for name, value in model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("monitors", "kwargs", "match"),
+    [
+        (["val/acc", "val/acc_ema"], {}, r"'val/acc': raw, 'val/acc_ema': ema.*checkpoint_weights"),
+        (["val/acc_ema"], {"save_weights_only": True}, r"save_weights_only=True\) would store the raw"),
+    ],
+)
+def test_checkpoints_that_cannot_hold_their_weights_are_refused_before_training(
+    tmp_path, monitors, kwargs, match
+):
+    torch.manual_seed(0)
+    model = PlainClassifier()
+    before = copy.deepcopy(model.state_dict())
+    ckpts = [ModelCheckpoint(dirpath=tmp_path / m.replace("/", "_"), monitor=m, **kwargs) for m in monitors]
+    with pytest.raises(ValueError, match=match):
+        fit(tmp_path, model, [EMA(decay=0.9), *ckpts], max_epochs=1, enable_checkpointing=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

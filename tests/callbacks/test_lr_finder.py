@@ -54,8 +54,28 @@ def test_valley_is_middle_of_longest_descent():
     assert abs(suggest_valley(lrs, losses) - argmin / 2) <= 1
     # a short early dip followed by a bump must not win over the long descent after it
     bumpy = [3.0, 2.0, 1.5, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.5, 3.2, 3.1, 12.0]
-    idx = suggest_valley(list(range(1, 14)), bumpy)
-    assert 4 <= idx <= 8
+    # fastai's rule by hand: the longest descent is 9.0 ... 3.1 (indices 3..11, 9 points); fastai
+    # counts its start as end - length = 2, splits the 9 steps in thirds (3) and picks
+    # start + 3 + int(3 / 2) = 6.
+    assert suggest_valley(list(range(1, 14)), bumpy) == 6
+    assert suggest_valley(list(range(1, 14)), bumpy) == _valley_by_patience_sorting(bumpy)
+
+
+def _valley_by_patience_sorting(losses: list[float]) -> int:
+    """fastai's valley from an independent O(n log n) longest-strictly-decreasing-run computation."""
+    import bisect
+
+    tails: list[float] = []  # tails[k]: largest negated end value of a decreasing run of length k + 1
+    length_at = []
+    for v in losses:
+        k = bisect.bisect_left(tails, -v)
+        tails[k : k + 1] = [-v]
+        length_at.append(k + 1)
+    best_len = max(length_at)
+    end = length_at.index(best_len)  # fastai keeps the first index reaching the longest run
+    start = end - best_len
+    section = (end - start) / 3
+    return start + int(section) + int(section / 2)
 
 
 def test_skip_begin_ignores_initial_drop():
@@ -68,7 +88,7 @@ def test_skip_begin_ignores_initial_drop():
 def test_bias_corrected_ema_and_non_finite_drop():
     beta = 0.8
     raw = [2.0, 1.5, float("nan"), 1.2, float("inf"), 1.0]
-    tracker = SmoothedLossTracker(beta, divergence_factor=None)
+    tracker = SmoothedLossTracker(alpha=1 - beta, divergence_factor=None)
     got = [tracker.update(v)[0] for v in raw]
     avg, t, expected = 0.0, 0, []
     for v in raw:
@@ -86,9 +106,9 @@ def test_bias_corrected_ema_and_non_finite_drop():
 
 
 def test_divergence_flag():
-    tracker = SmoothedLossTracker(beta=0.0, divergence_factor=4.0)
-    flags = [tracker.update(v)[1] for v in [3.0, 1.0, 2.0, 3.9, 4.1]]
-    assert flags == [False, False, False, False, True]
+    tracker = SmoothedLossTracker(alpha=1.0, divergence_factor=4.0)
+    flags = [tracker.update(v)[1] for v in [3.0, 1.0, 11.9, 12.0, 12.1]]
+    assert flags == [False, False, False, False, True]  # 4x the first loss, not the best one
 
 
 @pytest.mark.parametrize(
@@ -152,9 +172,19 @@ def test_applied_suggestion_trains_digits_and_is_plotted(tmp_path):
     trainer = L.Trainer(max_epochs=3, callbacks=[finder], **kwargs)
     trainer.fit(model, train, val)
 
-    lr = finder.results.lr
-    assert 1e-3 <= lr <= 1.0
-    assert lr == finder.results.suggestions["valley"]
+    res = finder.results
+    lr = res.lr
+    # the applied rate is the valley of the recorded curve, recomputed here independently:
+    # bias-corrected EMA (beta 0.9) of the raw losses, then fastai's valley on 10%..n-1 of it
+    avg, smoothed = 0.0, []
+    for t, loss in enumerate(res.losses, start=1):
+        avg = 0.9 * avg + 0.1 * loss
+        smoothed.append(avg / (1 - 0.9**t))
+    assert res.smoothed == pytest.approx(smoothed, rel=1e-9)
+    begin = len(smoothed) // 10
+    idx = begin + _valley_by_patience_sorting(smoothed[begin : len(smoothed) - 1])
+    assert lr == res.lrs[idx] == res.suggestions["valley"]
+    assert res.lrs == pytest.approx(np.logspace(-4, 1, 40)[: len(res.lrs)].tolist(), rel=1e-9)
     assert set(finder.results.suggestions) == {"steepest", "min_div_10", "valley"}
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr)
     assert model.hparams.lr == pytest.approx(lr)
@@ -191,8 +221,8 @@ def test_non_finite_losses_dropped_and_divergence_stops(tmp_path):
     trainer.fit(PlainClassifier(), train)
     res = finder.results
     assert res.stopped_early and len(res.lrs) < 40
-    assert res.smoothed[-1] > 4.0 * min(res.smoothed[:-1])
-    assert all(s <= 4.0 * min(res.smoothed[: i + 1]) for i, s in enumerate(res.smoothed[:-1]))
+    assert res.smoothed[-1] > 4.0 * res.smoothed[0]
+    assert all(s <= 4.0 * res.smoothed[0] for s in res.smoothed[:-1])
 
 
 # ---------------------------------------------------------------- exact restore
@@ -478,3 +508,162 @@ def test_plot_is_logged_as_a_wandb_image_offline(tmp_path):
     (media,) = (run_dir / "media" / "images").glob("lr_finder_*.png")
     assert summary["filenames"] == [str(media.relative_to(run_dir))]
     assert media.read_bytes() == Path(finder.plot_path).read_bytes()
+
+
+# ---------------------------------------------------------------- the record, refusals, any module
+
+
+def _logged_csv(log_dir: Path) -> tuple[list[dict], dict]:
+    import csv
+
+    from lightning.pytorch.core.saving import load_hparams_from_yaml
+
+    rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
+    return rows, load_hparams_from_yaml(str(log_dir / "hparams.yaml"))
+
+
+class LrAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_applied_lr_is_written_to_hparams_and_logged(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    train, _ = digits_loaders(batch_size=64, n_train=512)
+    finder, seen = LRFinder(min_lr=1e-4, max_lr=10.0, num_steps=20, plot=False), LrAtTrainStart()
+    logger = CSVLogger(str(tmp_path), name="plain")
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        callbacks=[finder, seen],
+        **{**quiet_trainer_kwargs(tmp_path), "logger": logger},
+    )
+    model = PlainClassifier(lr=1e-3)  # no attr_name: found as hparams.lr, as Lightning's Tuner does
+    trainer.fit(model, train)
+    rows, hparams = _logged_csv(Path(logger.log_dir))
+    logged = [float(r["lr_finder/lr"]) for r in rows if r.get("lr_finder/lr")]
+    lr = finder.results.lr
+    assert lr is not None and lr != 1e-3 and finder.results.hparam == "lr"
+    assert seen.lr == lr == model.hparams.lr == hparams["lr"] == pytest.approx(logged[0], rel=1e-12)
+    assert len(logged) == 1
+
+
+def test_applied_lr_is_written_to_the_recipe_optimizer_config(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_tricks.recipes import ImageClassifier
+    from lightning_tricks.recipes.optim import OptimizerConfig
+
+    train, _ = digits_loaders(batch_size=64, n_train=512)
+    finder, seen = LRFinder(min_lr=1e-4, max_lr=10.0, num_steps=20, plot=False), LrAtTrainStart()
+    logger = CSVLogger(str(tmp_path), name="recipe")
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        callbacks=[finder, seen],
+        **{**quiet_trainer_kwargs(tmp_path), "logger": logger},
+    )
+    model = ImageClassifier(
+        "mlp",
+        num_classes=10,
+        in_channels=1,
+        model_kwargs={"input_size": 8},
+        optimizer=OptimizerConfig(name="sgd", lr=1e-3),
+    )
+    trainer.fit(model, train)
+    rows, hparams = _logged_csv(Path(logger.log_dir))
+    logged = [float(r["lr_finder/lr"]) for r in rows if r.get("lr_finder/lr")]
+    lr = finder.results.lr
+    assert lr is not None and finder.results.hparam == "optimizer.lr"
+    assert seen.lr == lr == model.hparams.optimizer["lr"] == hparams["optimizer"]["lr"]
+    assert logged == [pytest.approx(lr, rel=1e-12)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        # the loss explodes at once: two finite points, nothing to judge (min_lr far too high)
+        ({"min_lr": 1e4, "max_lr": 1e8, "num_steps": 20}, "only 2 finite loss points"),
+        # nothing trains at 1e-12..1e-11: the smoothed loss moves well under 5%
+        ({"min_lr": 1e-12, "max_lr": 1e-11, "num_steps": 20}, "the curve is flat"),
+        # still falling at max_lr: the minimum (and min_div_10) sits on the last point
+        ({"min_lr": 1e-2, "max_lr": 0.3, "num_steps": 20, "suggestion": "min_div_10"}, "last point"),
+    ],
+)
+def test_uninformative_curves_are_refused_and_leave_the_lr(tmp_path, kwargs, reason):
+    train, _ = digits_loaders(batch_size=64, n_train=512, shuffle=False)
+    finder, seen = LRFinder(plot=False, **kwargs), LrAtTrainStart()
+    trainer = L.Trainer(
+        max_steps=1, limit_val_batches=0, callbacks=[finder, seen], **quiet_trainer_kwargs(tmp_path)
+    )
+    model = PlainClassifier(lr=0.05)
+    with pytest.warns(UserWarning, match="LRFinder: not applying") as record:
+        trainer.fit(model, train)
+    assert reason in finder.results.refused
+    (message,) = [str(w.message) for w in record if "LRFinder" in str(w.message)]
+    assert reason in message
+    assert finder.results.lr is None and finder.results.suggestions  # suggested, but not applied
+    assert seen.lr == 0.05 and model.hparams.lr == 0.05
+
+
+def test_refusal_rules_on_hand_built_curves():
+    from lightning_tricks.callbacks._lr_suggestions import refusal_reason
+
+    lrs = np.logspace(-4, 0, 20).tolist()
+    falling_then_rising = [3.0 - 2 * math.sin(math.pi * i / 19) for i in range(20)]
+    assert refusal_reason(lrs, falling_then_rising, 9, 2, 1, 10, 0.05) is None
+    assert "first point" in refusal_reason(lrs, falling_then_rising, 2, 2, 1, 10, 0.05)
+    assert "last point" in refusal_reason(lrs, falling_then_rising, 18, 2, 1, 10, 0.05)
+    flat = [2.3 - 0.001 * i for i in range(20)]  # falls 0.8%: below the 5% bar, above a 0.5% one
+    assert "flat" in refusal_reason(lrs, flat, 9, 2, 1, 10, 0.05)
+    assert refusal_reason(lrs, flat, 9, 2, 1, 10, 0.005) is None
+    assert "only 9 finite" in refusal_reason(lrs[:9], falling_then_rising[:9], 4, 0, 0, 10, 0.05)
+
+
+class DictBatchModule(L.LightningModule):
+    """A module written without this library in mind: dict batches, dict output, own metric names."""
+
+    def __init__(self, learning_rate: float = 1e-3, key: str = "loss"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+
+    def training_step(self, batch, batch_idx):
+        loss = torch.nn.functional.cross_entropy(self.net(batch["image"]), batch["label"])
+        self.log("my_train_loss", loss)
+        return {self.hparams.key: loss, "extra": loss.detach()}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.learning_rate)
+
+
+def _dict_loader() -> DataLoader:
+    from helpers import digits_tensors
+
+    x, y = digits_tensors(512)
+    return DataLoader([{"image": a, "label": b} for a, b in zip(x, y, strict=True)], batch_size=64)
+
+
+def test_loss_is_read_from_what_training_step_returns_for_any_module(tmp_path):
+    finder = LRFinder(min_lr=1e-4, max_lr=10.0, num_steps=20, plot=False)
+    trainer = L.Trainer(max_steps=1, callbacks=[finder], **quiet_trainer_kwargs(tmp_path))
+    model = DictBatchModule()
+    trainer.fit(model, _dict_loader())
+    res = finder.results
+    assert len(res.losses) >= 10 and res.losses[0] == pytest.approx(math.log(10), abs=0.3)
+    assert res.lr is not None and model.hparams.learning_rate == res.lr  # found as `learning_rate`
+    assert "my_train_loss" in trainer.callback_metrics  # the real step still logs; the search did not
+
+    trainer = L.Trainer(max_steps=1, callbacks=[LRFinder(plot=False)], **quiet_trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=r"a dict with a 'loss' tensor .* got \['extra', 'objective'\]"):
+        trainer.fit(DictBatchModule(key="objective"), _dict_loader())
+
+
+def test_unknown_attr_name_is_refused_before_the_search(tmp_path):
+    train, _ = digits_loaders(batch_size=64, n_train=256)
+    finder = LRFinder(attr_name="optimizer.lr", plot=False)
+    trainer = L.Trainer(max_steps=1, callbacks=[finder], **quiet_trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=r"attr_name='optimizer.lr'.*neither an attribute"):
+        trainer.fit(PlainClassifier(), train)
+    assert finder.results is None

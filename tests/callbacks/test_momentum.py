@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -124,6 +126,39 @@ def test_optimizer_switch_bad_arguments(kwargs, match):
         OptimizerSwitch(**kwargs)
 
 
+def test_optimizer_switch_mode_from_the_monitor_name():
+    assert OptimizerSwitch(monitor="val/acc").mode == "max"
+    assert OptimizerSwitch(monitor="val_loss").mode == "min"
+    with pytest.raises(ValueError, match=r"monitor='val/score'.*mode='min'"):
+        OptimizerSwitch(monitor="val/score")
+
+
+def test_switch_epoch_beyond_the_run_is_warned_before_training(tmp_path):
+    class WarnedBeforeFirstStep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                self.before = [str(w.message) for w in caught if "switch_epoch=50" in str(w.message)]
+
+    probe = WarnedBeforeFirstStep()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = run(tmp_path, Configured("adam", lr=0.01), [probe, OptimizerSwitch(switch_epoch=50)], 2)
+    (message,) = probe.before
+    assert re.search(r"switch_epoch=50.*max_epochs=2.*no switch.*`switch_epoch` to at most 1", message)
+    assert isinstance(trainer.optimizers[0], torch.optim.Adam)  # indeed never switched
+    # with a monitor the plateau can still switch
+    with pytest.warns(UserWarning, match=r"switch_epoch=50.*only a plateau of `val/loss` can switch"):
+        run(tmp_path, Configured("adam", lr=0.01), [OptimizerSwitch(50, monitor="val/loss")], 1)
+
+
+def test_wrong_monitor_is_reported_at_the_sanity_check(tmp_path):
+    switch = OptimizerSwitch(monitor="val/los", mode="min")
+    model = Configured("adam", lr=0.01)
+    with pytest.raises(RuntimeError, match=r"`val/los`.*Did you mean `val/loss`\?.*`monitor`"):
+        run(tmp_path, model, [switch], 2)
+    assert model.trainer.global_step == 0
+
+
 def adam_reference_lr(adam: torch.optim.Adam, momentum: float) -> float:
     """Least-squares scalar step matching Adam along m_hat, times (1 - momentum), from the raw state."""
     group = adam.param_groups[0]
@@ -186,7 +221,7 @@ def test_switch_on_plateau_and_fixed_lr(tmp_path):
             return torch.optim.Adam(self.parameters(), lr=0.01)
 
     probe = SwitchProbe(99)
-    switch = OptimizerSwitch(monitor="val/score", patience=2, sgd_lr=0.05, nesterov=True)
+    switch = OptimizerSwitch(monitor="val/score", mode="min", patience=2, sgd_lr=0.05, nesterov=True)
     run(tmp_path, Plateau(), [switch, probe], 6)
     # best at epoch 1, no improvement at 2 and 3 -> switch at the start of epoch 4
     assert switch.switched_epoch == 4
@@ -304,7 +339,7 @@ def test_ddp_plateau_on_one_rank_switches_both_at_the_same_epoch(tmp_path):
 
     torch.manual_seed(0)
     probe = AdamBeforeSwitch()
-    switch = OptimizerSwitch(monitor="val/score", patience=patience, momentum=0.9)
+    switch = OptimizerSwitch(monitor="val/score", mode="min", patience=patience, momentum=0.9)
     train, val = digits_loaders(batch_size=32, n_train=256)  # 4 steps per epoch on each rank
     trainer = L.Trainer(
         **ddp_spawn_trainer_kwargs(tmp_path),

@@ -25,9 +25,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DistributedSampler
 
+from lightning_tricks.callbacks._training_state import OptimizerSnapshot
 from lightning_tricks.callbacks.init_loss import InitLossCheck
 from lightning_tricks.callbacks.overfit import OverfitTinyBatch
-from lightning_tricks.callbacks.sanity import OptimizerSnapshot, SanityCheckError
+from lightning_tricks.callbacks.sanity import SanityCheckError
 
 LN10 = math.log(10)
 
@@ -282,6 +283,25 @@ def test_init_loss_crank_up_regularization(tmp_path):
     assert check.passed is True and check.regularization_passed is True
     with pytest.raises(SanityCheckError, match="cranking up regularization did not raise the loss"):
         fit(tmp_path, PenalizedClassifier(l2=1e-3, honest=False), [InitLossCheck(on_fail="raise")])
+
+
+def test_missing_interface_members_are_named_with_what_replaces_them(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        fit(tmp_path, PlainClassifier(), [InitLossCheck(), OverfitTinyBatch(max_steps=2)])
+    plain = caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        fit(tmp_path, PenalizedClassifier(l2=1e-3), [InitLossCheck()])
+    penalized = caplog.text
+    for callback in ("InitLossCheck", "OverfitTinyBatch"):
+        assert f"{callback}: PlainClassifier does not implement `data_loss`" in plain
+        assert f"{callback}: PlainClassifier does not implement `regularization_scaled`" in plain
+    assert "does not implement `penalty`, `regularization_scaled`" in plain
+    assert "more regularization raises the loss is skipped" in plain
+    assert "ModuleInterface" in plain
+    # a module with penalty() and regularization_scaled() is only told about the missing data_loss
+    assert "PenalizedClassifier does not implement `data_loss`" in penalized
+    assert "`regularization_scaled`" not in penalized and "`penalty`" not in penalized
 
 
 def test_init_loss_state_survives_checkpoint_and_resume_does_not_rerun(tmp_path):

@@ -15,16 +15,36 @@ from helpers import (
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn import functional as F
+from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks.callbacks.snapshot import SnapshotEnsemble, ensemble_probabilities
+from lightning_tricks.callbacks.snapshot import SnapshotEnsemble
+from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
 
 # 256 training samples in batches of 64: 4 optimizer steps per epoch.
 N_TRAIN, BATCH, EPOCHS = 256, 64, 6
 TOTAL = N_TRAIN // BATCH * EPOCHS  # 24
 
 
-class NormalisingClassifier(PlainClassifier):
+class Scheduled(PlainClassifier):
+    """A user module whose schedule is the recipe's ``build_scheduler(config)`` over the whole run."""
+
+    def __init__(self, lr: float = 0.1, schedule: dict | None = None, **kwargs):
+        super().__init__(lr=lr, **kwargs)
+        self.schedule = SchedulerConfig(**(schedule or {"name": "snapshot", "interval": "step"}))
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = build_scheduler(opt, self.schedule, total, max(1, total // self.trainer.max_epochs))
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+
+def paper(cycles: int) -> dict:
+    return {"name": "snapshot", "interval": "step", "kwargs": {"cycles": cycles}}
+
+
+class NormalisingClassifier(Scheduled):
     """A user module that normalises batches after transfer, as in-memory DataModules do."""
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
@@ -49,9 +69,43 @@ class Probe(Callback):
         self.weights[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
-def paper_lr(t, total, cycles, a0):
-    length = math.ceil(total / cycles)
-    return a0 / 2 * (math.cos(math.pi * ((t - 1) % length) / length) + 1)
+def torch_restarts_trace(n: int, a0: float = 0.1, warmup: int = 0, **cawr) -> list[float]:
+    """LR of steps 1..n from torch's CosineAnnealingWarmRestarts (after ``warmup`` steps not traced)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=a0)
+    sched = CosineAnnealingWarmRestarts(opt, **cawr)
+    lrs = []
+    for _ in range(n - warmup):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def rises(lrs: list[float], offset: int = 0) -> list[int]:
+    """1-based steps after which the LR goes up (cycle ends seen in the curve)."""
+    return [offset + t for t in range(1, len(lrs)) if lrs[t] > lrs[t - 1]]
+
+
+def has_tensor(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, dict):
+        return any(has_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(has_tensor(v) for v in obj)
+    return False
+
+
+def fit_probed(tmp_path, model, snap) -> Probe:
+    """Fit ``model`` for EPOCHS epochs of 4 steps with ``snap`` and a :class:`Probe`; return the probe."""
+    probe = Probe()
+    train, val = digits_loaders(BATCH, n_train=N_TRAIN)
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=EPOCHS, callbacks=[snap, probe], limit_val_batches=1, **quiet_trainer_kwargs(tmp_path)
+    )
+    trainer.fit(model, train, val)
+    return probe
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +113,7 @@ def fitted(tmp_path_factory):
     """One paper-schedule run on a normalising user module, shared by the tests that only read it."""
     tmp = tmp_path_factory.mktemp("snapshot_fit")
     L.seed_everything(0)
-    model = NormalisingClassifier(lr=0.1)
+    model = NormalisingClassifier(lr=0.1, schedule=paper(4))
     snap, probe = SnapshotEnsemble(cycles=4, ensemble_size=3), Probe()
     train, val = digits_loaders(BATCH, n_train=N_TRAIN)
     trainer = L.Trainer(max_epochs=EPOCHS, callbacks=[snap, probe], **quiet_trainer_kwargs(tmp))
@@ -67,25 +121,28 @@ def fitted(tmp_path_factory):
     return trainer, model, snap, probe, val, tmp
 
 
-def test_paper_lr_curve_and_one_snapshot_per_cycle_minimum(fitted):
+def test_paper_schedule_equals_torch_warm_restarts_and_snapshots_at_its_cycle_ends(fitted):
     _, _, snap, probe, _, tmp = fitted
-    expected = [paper_lr(t, TOTAL, 4, 0.1) for t in range(1, TOTAL + 1)]
-    assert len(probe.lrs) == TOTAL
-    assert probe.lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    reference = torch_restarts_trace(TOTAL, T_0=math.ceil(TOTAL / 4))
+    assert probe.lrs == pytest.approx(reference, rel=1e-12, abs=1e-15)
+    cycle_ends = [*rises(reference), TOTAL]  # the last cycle ends with the run
+    assert cycle_ends == [6, 12, 18, 24]
 
-    assert snap.snapshot_steps == [6, 12, 18, 24]
+    assert snap.snapshot_steps == cycle_ends
     assert len(snap.snapshots) == 4
     for i, step in enumerate(snap.snapshot_steps):
         cycle = probe.lrs[step - 6 : step]
         assert probe.lrs[step - 1] == min(cycle) < cycle[0] == pytest.approx(0.1)
         assert all(torch.equal(v, probe.weights[step][k]) for k, v in snap.snapshots[i].items())
-        on_disk = torch.load(tmp / "checkpoints" / f"snapshot_{i + 1}.pt", weights_only=True)
+        path = tmp / "checkpoints" / f"snapshot_{i + 1}.pt"
+        assert snap.snapshot_paths[i] == str(path)
+        on_disk = torch.load(path, weights_only=True)
         assert on_disk["global_step"] == step and on_disk["index"] == i + 1
-        assert all(torch.equal(v, on_disk["state_dict"][k]) for k, v in snap.snapshots[i].items())
+    assert not list((tmp / "checkpoints").glob("*.tmp"))
 
 
 def _manual_member_probs(snapshot, x):
-    member = NormalisingClassifier()
+    member = PlainClassifier()
     member.load_state_dict(snapshot)
     member.eval()
     with torch.no_grad():
@@ -101,8 +158,6 @@ def test_ensemble_metrics_match_manual_and_leave_live_weights_untouched(fitted):
     mean = torch.stack(probs).mean(0)
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = ensemble_probabilities(trainer, model, list(zip([2, 3, 4], members, strict=True)), val, 100)
-    assert torch.allclose(result.prob_sum / 3, mean, atol=1e-6)
 
     metrics = trainer.validate(model, val, verbose=False)[0]
     after = model.state_dict()
@@ -128,101 +183,151 @@ class Stop(Callback):
             trainer.should_stop = True  # the run ends here, as if the job were killed
 
 
-def test_resume_gives_same_snapshots_as_uninterrupted_run(tmp_path):
-    kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True}
+def test_resume_restores_the_snapshot_set_and_checkpoints_hold_no_model_copies(tmp_path):
+    kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True, "limit_val_batches": 1}
     train, val = digits_loaders(BATCH, n_train=N_TRAIN)
 
     L.seed_everything(0)
-    full_model, full = (
-        PlainClassifier(lr=0.1),
-        SnapshotEnsemble(cycles=4, reset_momentum=True, save_files=False),
-    )
-    L.Trainer(max_epochs=EPOCHS, callbacks=[full], limit_val_batches=1, **kwargs).fit(full_model, train, val)
+    full_model = Scheduled(lr=0.1, schedule=paper(4))
+    full = SnapshotEnsemble(cycles=4, reset_momentum=True, dirpath=str(tmp_path / "full"))
+    L.Trainer(max_epochs=EPOCHS, callbacks=[full], **kwargs).fit(full_model, train, val)
 
     L.seed_everything(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    crashed = SnapshotEnsemble(cycles=4, reset_momentum=True, save_files=False)
-    trainer = L.Trainer(max_epochs=EPOCHS, callbacks=[crashed, ckpt, Stop(3)], limit_val_batches=1, **kwargs)
-    trainer.fit(PlainClassifier(lr=0.1), train, val)
+    crashed = SnapshotEnsemble(cycles=4, reset_momentum=True, dirpath=str(tmp_path / "crashed"))
+    trainer = L.Trainer(max_epochs=EPOCHS, callbacks=[crashed, ckpt, Stop(3)], **kwargs)
+    trainer.fit(Scheduled(lr=0.1, schedule=paper(4)), train, val)
     assert trainer.global_step == 12 and crashed.snapshot_steps == [6, 12]
 
     path = tmp_path / "ckpt" / "epoch=2.ckpt"  # after 12 steps: snapshot 2 and a momentum reset just taken
     checkpoint = torch.load(path, weights_only=True)
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("SnapshotEnsemble")]
-    assert state["snapshot_steps"] == [6, 12] and state["base_lrs"] == [0.1]
+    assert not has_tensor(state)  # paths and steps only, no model copies
+    assert state["snapshot_steps"] == [6, 12]
+    assert state["snapshot_paths"] == [str(tmp_path / "crashed" / f"snapshot_{i}.pt") for i in (1, 2)]
 
     L.seed_everything(123)  # the resumed run must not depend on the fresh seed
-    resumed_model, resumed = (
-        PlainClassifier(lr=0.1),
-        SnapshotEnsemble(cycles=4, reset_momentum=True, save_files=False),
-    )
-    L.Trainer(max_epochs=EPOCHS, callbacks=[resumed], limit_val_batches=1, **kwargs).fit(
+    resumed_model = Scheduled(lr=0.1, schedule=paper(4))
+    resumed = SnapshotEnsemble(cycles=4, reset_momentum=True, dirpath=str(tmp_path / "resumed"))
+    L.Trainer(max_epochs=EPOCHS, callbacks=[resumed], **kwargs).fit(
         resumed_model, train, val, ckpt_path=str(path), weights_only=True
     )
     assert resumed.snapshot_steps == full.snapshot_steps == [6, 12, 18, 24]
+    assert resumed.snapshot_paths[:2] == state["snapshot_paths"]
+    assert resumed.snapshot_paths[2:] == [str(tmp_path / "resumed" / f"snapshot_{i}.pt") for i in (3, 4)]
     for a, b in zip(full.snapshots, resumed.snapshots, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for k, v in full_model.state_dict().items():
         assert torch.equal(v, resumed_model.state_dict()[k])
 
+    # A checkpoint whose snapshot files are gone fails before training, naming the files.
+    Path(state["snapshot_paths"][0]).unlink()
+    with pytest.raises(
+        MisconfigurationException, match=r"snapshot files that do not exist: .*snapshot_1\.pt"
+    ):
+        L.Trainer(max_epochs=EPOCHS, callbacks=[SnapshotEnsemble(cycles=4)], **kwargs).fit(
+            Scheduled(lr=0.1, schedule=paper(4)), train, val, ckpt_path=str(path), weights_only=True
+        )
+
 
 class RestartsClassifier(PlainClassifier):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=4, T_mult=2)
+        sched = CosineAnnealingWarmRestarts(opt, T_0=4, T_mult=2)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def test_user_warm_restarts_snapshots_at_restarts_and_resets_momentum(tmp_path):
     # T_0=4, T_mult=2 over 24 steps: cycles end at steps 4 and 12 (the next would end at 28).
-    snap, probe = SnapshotEnsemble(cycles=2, schedule="user", reset_momentum=True, save_files=False), Probe()
-    train, val = digits_loaders(BATCH, n_train=N_TRAIN)
-    L.seed_everything(0)
-    trainer = L.Trainer(
-        max_epochs=EPOCHS, callbacks=[snap, probe], limit_val_batches=1, **quiet_trainer_kwargs(tmp_path)
-    )
-    trainer.fit(RestartsClassifier(lr=0.1), train, val)
-    assert snap.snapshot_steps == [4, 12]
+    snap = SnapshotEnsemble(cycles=2, reset_momentum=True)
+    probe = fit_probed(tmp_path, RestartsClassifier(lr=0.1), snap)
+    assert snap.snapshot_steps == rises(torch_restarts_trace(TOTAL, T_0=4, T_mult=2)) == [4, 12]
     assert probe.lrs[3] == min(probe.lrs[:4]) and probe.lrs[11] == min(probe.lrs[4:12])
     assert probe.lrs[4] == pytest.approx(0.1) and probe.lrs[12] == pytest.approx(0.1)
     assert probe.empty_state_at == [0, 4, 12]  # fresh optimizer, then cleared at both restarts
 
     with pytest.raises(MisconfigurationException, match=r"`cycles`=3 .*completes only 2 cycles in 24"):
         L.Trainer(
-            max_epochs=EPOCHS,
-            callbacks=[SnapshotEnsemble(cycles=3, schedule="user")],
-            **quiet_trainer_kwargs(tmp_path),
-        ).fit(RestartsClassifier(), train, val)
+            max_epochs=EPOCHS, callbacks=[SnapshotEnsemble(cycles=3)], **quiet_trainer_kwargs(tmp_path)
+        ).fit(RestartsClassifier(), *digits_loaders(BATCH, n_train=N_TRAIN))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "reference"),
+    [
+        # warm-up 3 + CosineAnnealingWarmRestarts(T_0=4, T_mult=2): the restarts of torch's class, shifted
+        (
+            {"name": "cosine_restarts", "interval": "step", "warmup": 3, "kwargs": {"T_0": 4, "T_mult": 2}},
+            lambda: rises(torch_restarts_trace(TOTAL, warmup=3, T_0=4, T_mult=2), offset=3),
+        ),
+        # the paper's schedule after a warm-up of 4: 5 cycles of ceil(20/5)=4, the last ending the run
+        (
+            {"name": "snapshot", "interval": "step", "warmup": 4, "kwargs": {"cycles": 5}},
+            lambda: [*rises(torch_restarts_trace(TOTAL, warmup=4, T_0=4), offset=4), TOTAL],
+        ),
+    ],
+    ids=["cosine_restarts", "snapshot"],
+)
+def test_warmup_composes_with_restarts_and_snapshots_land_on_true_restarts(tmp_path, schedule, reference):
+    expected = reference()
+    snap = SnapshotEnsemble()
+    probe = fit_probed(tmp_path, Scheduled(lr=0.1, schedule=schedule), snap)
+    assert snap.snapshot_steps == expected and len(expected) >= 2
+    warm = schedule["warmup"]
+    assert probe.lrs[:warm] == sorted(probe.lrs[:warm]) and probe.lrs[warm] == pytest.approx(0.1)
+    for step in expected[:-1]:
+        assert probe.lrs[step] > probe.lrs[step - 1]  # the LR restarts right after each snapshot
+
+
+def test_sgdr_peak_decay_snapshots_at_timm_restarts(tmp_path):
+    timm_scheduler = pytest.importorskip("timm.scheduler")
+    schedule = {"name": "cosine_restarts", "interval": "step", "warmup": 2}
+    schedule["kwargs"] = {"T_0": 5, "T_mult": 1.5, "cycle_decay": 0.5, "cooldown": 4}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    # the cooldown of 4 leaves 24 - 2 - 4 = 18 steps: the cycles of 5 and 7.5 fit, the third does not
+    ref = timm_scheduler.CosineLRScheduler(
+        opt, t_initial=5, cycle_mul=1.5, cycle_decay=0.5, cycle_limit=2, warmup_t=2, warmup_lr_init=0.001,
+        warmup_prefix=True, t_in_epochs=False,
+    )  # fmt: skip
+    expected_lrs = [ref._get_lr(t)[0] for t in range(TOTAL)]
+    restarts = rises(expected_lrs[2:], offset=2)
+    snap = SnapshotEnsemble()
+    probe = fit_probed(tmp_path, Scheduled(lr=0.1, schedule=schedule), snap)
+    assert probe.lrs == pytest.approx(expected_lrs, rel=1e-12, abs=1e-15)
+    assert restarts == [7]
+    # snapshots at the restart and at the start of the cooldown (the end of the second cycle)
+    assert snap.snapshot_steps == [7, 15] and probe.lrs[15:] == pytest.approx([0.0] * 9)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"cycles": 0}, r"`cycles` must be an integer >= 1, got 0"),
-        ({"cycles": 2.5}, r"`cycles` must be an integer >= 1, got 2.5"),
-        ({"cycles": 4, "ensemble_size": 5}, r"`ensemble_size` must be an integer in \[1, cycles=4\], got 5"),
+        ({"cycles": 0}, r"`cycles` must be None or an integer >= 1, got 0"),
+        ({"cycles": 2.5}, r"`cycles` must be None or an integer >= 1, got 2.5"),
+        (
+            {"cycles": 4, "ensemble_size": 5},
+            r"`ensemble_size` must be None or an integer in \[1, cycles=4\], got 5",
+        ),
         ({"cycles": 4, "ensemble_size": 0}, r"`ensemble_size` .* got 0"),
-        ({"schedule": "cosine"}, r"`schedule` must be one of .*got 'cosine'"),
-        ({"lr": -0.1}, r"`lr` must be a finite number > 0 or None, got -0.1"),
-        ({"lr": 0.1, "schedule": "user"}, r"`lr`=0.1 only applies to schedule='paper'"),
+        ({"reset_momentum": "yes"}, r"`reset_momentum` must be a bool, got 'yes'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
-    with pytest.raises(MisconfigurationException, match=match):
+    with pytest.raises(ValueError, match=match):
         SnapshotEnsemble(**kwargs)
 
 
 @pytest.mark.parametrize(("cycles", "steps"), [(5, 4), (6, 10)])
-def test_impossible_cycle_count_fails_at_setup(tmp_path, cycles, steps):
+def test_impossible_cycle_count_fails_before_training(tmp_path, cycles, steps):
     # 6 cycles of ceil(10/6)=2 steps cover 10 steps in only 5 cycles.
-    model = PlainClassifier()
+    model = Scheduled(schedule=paper(cycles))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train, val = digits_loaders(BATCH, n_train=N_TRAIN)
     trainer = L.Trainer(
         max_steps=steps, callbacks=[SnapshotEnsemble(cycles=cycles)], **quiet_trainer_kwargs(tmp_path)
     )
     with pytest.raises(
-        MisconfigurationException, match=rf"`cycles`={cycles} does not fit in {steps} optimizer steps"
+        ValueError, match=rf"scheduler\.kwargs\.cycles={cycles} does not fit in {steps} scheduler steps"
     ):
         trainer.fit(model, train, val)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -258,12 +363,13 @@ def test_ddp_snapshots_identical_across_ranks_and_metrics_reduced(tmp_path):
         max_epochs=2, callbacks=[snap, GatherSnapshots(snap, tmp_path / "gathered.pt")], **kwargs
     )
     L.seed_everything(0)
-    trainer.fit(PlainClassifier(lr=0.1), train, val)
+    trainer.fit(Scheduled(lr=0.1, schedule=paper(2)), train, val)
 
     verdict = torch.load(tmp_path / "gathered.pt", weights_only=True)
     assert verdict == {"equal": True, "n": 2}
     files = sorted(Path(tmp_path / "snaps").glob("snapshot_*.pt"))
     assert [f.name for f in files] == ["snapshot_1.pt", "snapshot_2.pt"]
+    assert [torch.load(f, weights_only=True)["global_step"] for f in files] == [4, 8]
     probs = []
     for f in files:
         member = PlainClassifier()
@@ -277,7 +383,7 @@ def test_ddp_snapshots_identical_across_ranks_and_metrics_reduced(tmp_path):
 class EpochRestartsClassifier(PlainClassifier):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2, T_mult=2)
+        sched = CosineAnnealingWarmRestarts(opt, T_0=2, T_mult=2)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
@@ -309,7 +415,7 @@ def test_user_warm_restarts_per_epoch_snapshot_at_cycle_ends(tmp_path, cycles):
     assert cycle_ends == [2, 6, 14]
     expected_epochs = cycle_ends[-cycles:]
 
-    snap = SnapshotEnsemble(cycles=cycles, schedule="user", reset_momentum=True, save_files=False)
+    snap = SnapshotEnsemble(cycles=cycles, reset_momentum=True)
     probe = EpochProbe()
     train, val = digits_loaders(BATCH, n_train=128)
     L.seed_everything(0)
@@ -357,20 +463,21 @@ def test_paper_schedule_with_last_cycle_cut_short(tmp_path, budget, cycles):
     ends = [*range(length, total, length), total]
     assert len(ends) == cycles and ends[-1] - ends[-2] < length
 
-    snap, probe = SnapshotEnsemble(cycles=cycles, save_files=False), Probe()
+    snap, probe = SnapshotEnsemble(cycles=cycles), Probe()
     train, val = digits_loaders(BATCH, n_train=N_TRAIN)
     L.seed_everything(0)
     trainer = L.Trainer(
-        **budget, callbacks=[snap, probe], limit_val_batches=1, **quiet_trainer_kwargs(tmp_path)
+        **{"max_epochs": 100, **budget},
+        callbacks=[snap, probe],
+        limit_val_batches=1,
+        **quiet_trainer_kwargs(tmp_path),
     )
-    model = PlainClassifier(lr=0.1)
-    with pytest.warns(UserWarning, match=rf"{total} optimizer steps are not a multiple of the cycle length"):
+    model = Scheduled(lr=0.1, schedule=paper(cycles))
+    with pytest.warns(UserWarning, match=rf"{total} scheduler steps are not a multiple of the cycle length"):
         trainer.fit(model, train, val)
 
     assert trainer.global_step == total
-    expected = [paper_lr(t, total, cycles, 0.1) for t in range(1, total + 1)]
-    assert len(probe.lrs) == total
-    assert probe.lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert probe.lrs == pytest.approx(torch_restarts_trace(total, T_0=length), rel=1e-12, abs=1e-15)
 
     assert len(snap.snapshots) == cycles
     assert snap.snapshot_steps == ends
@@ -393,50 +500,52 @@ class CountStarts(Callback):
         self.started.append("train")
 
 
-def _cyclic(opt):
-    return {
-        "scheduler": torch.optim.lr_scheduler.CyclicLR(opt, 0.001, 0.1, step_size_up=3),
-        "interval": "step",
-    }
-
-
-def _lambda_cosine_restarts(opt):
-    cosine = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (math.cos(math.pi * (s % 6) / 6) + 1))
-    return {"scheduler": cosine, "interval": "step"}
-
-
-@pytest.mark.parametrize("make_scheduler", [_cyclic, _lambda_cosine_restarts, None])
-def test_user_schedule_without_warm_restarts_fails_before_training(tmp_path, make_scheduler):
-    class UserScheduled(PlainClassifier):
-        def configure_optimizers(self):
-            opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-            if make_scheduler is None:
-                return opt
-            return {"optimizer": opt, "lr_scheduler": make_scheduler(opt)}
-
-    model, counter = UserScheduled(lr=0.1), CountStarts()
+def test_without_scheduler_fails_before_training(tmp_path):
+    model, counter = PlainClassifier(lr=0.1), CountStarts()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train, val = digits_loaders(BATCH, n_train=N_TRAIN)
     trainer = L.Trainer(
-        max_epochs=EPOCHS,
-        callbacks=[SnapshotEnsemble(cycles=2, schedule="user"), counter],
-        **quiet_trainer_kwargs(tmp_path),
+        max_epochs=EPOCHS, callbacks=[SnapshotEnsemble(cycles=2), counter], **quiet_trainer_kwargs(tmp_path)
     )
-    with pytest.raises(
-        MisconfigurationException,
-        match=r"schedule='user'\) needs a torch\.optim\.lr_scheduler\.CosineAnnealingWarmRestarts.*"
-        r"use schedule='paper'",
-    ):
+    with pytest.raises(MisconfigurationException, match=r"returned no scheduler.*name: snapshot"):
         trainer.fit(model, train, val)
     assert counter.started == [] and trainer.global_step == 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class WarmupLambdaRestarts(PlainClassifier):
+    """A schedule the callback cannot read: 3 warm-up steps, then cosine cycles of 6 steps (a LambdaLR)."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+        def factor(s):
+            return (s + 1) / 4 if s < 3 else 0.5 * (math.cos(math.pi * ((s - 3) % 6) / 6) + 1)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_unreadable_schedule_is_watched_and_warmup_is_not_a_restart(tmp_path):
+    snap = SnapshotEnsemble(cycles=2, reset_momentum=True)
+    probe = fit_probed(tmp_path, WarmupLambdaRestarts(lr=0.1), snap)
+    restarts = rises(torch_restarts_trace(TOTAL, warmup=3, T_0=6), offset=3)
+    assert restarts == [9, 15, 21]
+    assert snap.snapshot_steps == restarts[-2:]  # the last two of three restarts are kept
+    assert [s["net.1.weight"].sum() for s in snap.snapshots] == [
+        probe.weights[s]["net.1.weight"].sum() for s in restarts[-2:]
+    ]
+    assert probe.empty_state_at == [0, *restarts]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("snapshot_*.pt")) == [
+        f"snapshot_{i}.pt" for i in (1, 2, 3)
+    ]
 
 
 def test_user_warm_restarts_per_epoch_counts_only_epochs_that_max_steps_completes(tmp_path):
     # 2 optimizer steps per epoch; max_steps=29 ends the run in epoch 15, after 14 complete epochs,
     # although max_epochs allows 100: the cycles ending at epochs 30 and 62 never happen.
     train, val = digits_loaders(BATCH, n_train=128)
-    snap = SnapshotEnsemble(cycles=2, schedule="user", save_files=False)
+    snap = SnapshotEnsemble(cycles=2)
     L.seed_everything(0)
     trainer = L.Trainer(
         max_epochs=100, max_steps=29, callbacks=[snap], limit_val_batches=1, **quiet_trainer_kwargs(tmp_path)
@@ -449,10 +558,7 @@ def test_user_warm_restarts_per_epoch_counts_only_epochs_that_max_steps_complete
     model = EpochRestartsClassifier(lr=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = L.Trainer(
-        max_epochs=100,
-        max_steps=27,
-        callbacks=[SnapshotEnsemble(cycles=3, schedule="user")],
-        **quiet_trainer_kwargs(tmp_path),
+        max_epochs=100, max_steps=27, callbacks=[SnapshotEnsemble(cycles=3)], **quiet_trainer_kwargs(tmp_path)
     )
     with pytest.raises(
         MisconfigurationException, match=r"`cycles`=3 .*completes only 2 cycles in 13 complete"

@@ -11,7 +11,7 @@ from lightning_tricks.datamodules.augment import (
     PresetContext,
     build_transform,
 )
-from lightning_tricks.datamodules.in_memory import InMemoryImageDataModule
+from lightning_tricks.datamodules.base import InMemoryImageDataModule
 from lightning_tricks.datamodules.stats import ImageStatistics
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_tricks.datamodules import DigitsDataModule, SyntheticDataModule
-from lightning_tricks.ensemble import bootstrap_indices
+from lightning_tricks.datamodules.resampling import bootstrap_indices
 
 
 def training_labels(dm) -> torch.Tensor:
@@ -33,7 +33,7 @@ def test_different_bootstrap_seeds_give_different_members_and_none_gives_the_spl
     for seed in (1, 2):
         dm = SyntheticDataModule(num_train=300, bootstrap_seed=seed)
         dm.setup("fit")
-        members.append(dm.train_dataloader().dataset.indices)
+        members.append(dm.train_dataloader().index.tolist())
     assert members[0] != members[1]
     plain = SyntheticDataModule(num_train=300)
     plain.setup("fit")

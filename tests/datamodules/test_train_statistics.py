@@ -70,7 +70,7 @@ def test_statistics_travel_in_checkpoint_and_are_used_at_test(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer_kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True}
     L.Trainer(max_epochs=1, callbacks=[ckpt], **trainer_kwargs).fit(model, datamodule=dm)
-    saved = torch.load(ckpt.last_model_path, weights_only=True)["SyntheticDataModule"]
+    saved = torch.load(ckpt.last_model_path, weights_only=True)["SyntheticDataModule"]["statistics"]
     assert torch.equal(saved["mean"], dm.mean) and torch.equal(saved["std"], dm.std)
 
     # Another training split (seed 1) computes other statistics in setup; the checkpoint's win.

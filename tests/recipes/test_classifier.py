@@ -53,6 +53,10 @@ def test_regularization_scaled_switches_everything_off_and_restores_it():
         assert all(m.p == 0.0 for m in model.net.modules() if hasattr(m, "p"))
         # without smoothing, CE of uniform logits against one-hot targets is exactly ln(10)
         assert model.data_loss(logits, targets).item() == pytest.approx(torch.log(torch.tensor(10.0)).item())
+        # and of any logits it is -log softmax at each sample's own label (smoothing off), by hand
+        peaked = torch.tensor([[0.0, 5.0, 1.0, *[0.0] * 7], [2.0, 0.0, -1.0, *[0.5] * 7]])
+        expected = (peaked.exp().sum(1).log() - peaked[torch.arange(2), targets]).mean()
+        assert model.data_loss(peaked, targets).item() == pytest.approx(expected.item(), rel=1e-6)
     with model.regularization_scaled(10.0):
         assert model.penalty().item() == pytest.approx(10 * base_penalty, rel=1e-5)
     assert {type(m).__name__: m.p for m in model.net.modules() if hasattr(m, "p")} == drops

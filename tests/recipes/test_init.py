@@ -117,3 +117,34 @@ def test_zero_init_residual_without_residual_blocks_fails() -> None:
 def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         InitConfig(**kwargs)
+
+
+@pytest.mark.parametrize("std", [None, 0.05])
+def test_small_normal_is_zero_mean_with_fixed_sigma_whatever_the_fan_in(std) -> None:
+    sigma = 0.01 if std is None else std
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1000, 500), nn.Conv2d(64, 128, 3))
+    initialize(model, InitConfig(scheme="small_normal", std=std))
+    for layer in model:
+        w = layer.weight.detach().flatten().double()
+        n = w.numel()
+        # sample mean ~ N(0, sigma^2 / n); sample variance ~ sigma^2 (1 +- 4 sqrt(2 / n))
+        assert abs(w.mean().item()) < 4 * sigma / math.sqrt(n)
+        assert w.var().item() == pytest.approx(sigma**2, rel=4 * math.sqrt(2 / n))
+        assert torch.equal(layer.bias.detach(), torch.zeros_like(layer.bias))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"scheme": "he_normal", "std": 0.01},
+            r"init\.std=0\.01 only applies to init\.scheme='small_normal'",
+        ),
+        ({"scheme": "small_normal", "std": 0.0}, r"init\.std must be a finite number > 0, got 0\.0"),
+        ({"scheme": "small_normal", "std": -1.0}, r"init\.std must be a finite number > 0"),
+    ],
+)
+def test_small_normal_std_is_validated(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        InitConfig(**kwargs)

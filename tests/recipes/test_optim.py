@@ -198,3 +198,86 @@ def test_delta_bar_delta_state_dict_round_trip() -> None:
 def test_delta_bar_delta_validates_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         DeltaBarDelta([nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+def _quadratic_run(config: OptimizerConfig, update, steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise ``||A w - b||^2`` for ``steps`` steps with the built optimizer and with ``update``
+    (``update(w, grad, state) -> new w``, the rule written out); return both final weights."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.randn(8, 4, generator=gen, dtype=torch.float64),
+        torch.randn(8, generator=gen, dtype=torch.float64),
+    )
+    w0 = torch.randn(4, generator=gen, dtype=torch.float64)
+
+    def grad_at(w: torch.Tensor) -> torch.Tensor:
+        return 2 * a.T @ (a @ w - b)
+
+    param = nn.Parameter(w0.clone())
+    opt = build_optimizer(nn.ParameterList([param]), config)
+    w, state = w0.clone(), {}
+    for _ in range(steps):
+        param.grad = grad_at(param.detach())
+        opt.step()
+        w = update(w, grad_at(w), state)
+    return param.detach(), w
+
+
+def test_rmsprop_defaults_are_the_lectures_momentum_free_rmsprop() -> None:
+    config = OptimizerConfig(name="rmsprop")
+    assert (config.lr, config.momentum, config.eps) == (0.01, 0.0, 1e-8)
+
+    def rmsprop(w, g, state, lr=0.01, decay=0.99, eps=1e-8):
+        # cache = decay * cache + (1 - decay) * g^2;  w -= lr * g / (sqrt(cache) + eps)
+        state["cache"] = decay * state.get("cache", torch.zeros_like(w)) + (1 - decay) * g**2
+        return w - lr * g / (state["cache"].sqrt() + eps)
+
+    built, by_hand = _quadratic_run(config, rmsprop)
+    assert torch.allclose(built, by_hand, rtol=1e-10, atol=1e-12)
+
+
+def test_adadelta_defaults_are_zeilers_rule_without_a_learning_rate() -> None:
+    config = OptimizerConfig(name="adadelta")
+    assert (config.lr, config.eps) == (1.0, 1e-6)
+
+    def adadelta(w, g, state, rho=0.95, eps=1e-6):
+        # Zeiler (2012), Algorithm 1
+        state["g2"] = rho * state.get("g2", torch.zeros_like(w)) + (1 - rho) * g**2
+        dx = -((state.get("dx2", torch.zeros_like(w)) + eps).sqrt() / (state["g2"] + eps).sqrt()) * g
+        state["dx2"] = rho * state.get("dx2", torch.zeros_like(w)) + (1 - rho) * dx**2
+        return w + dx
+
+    built, by_hand = _quadratic_run(config, adadelta)
+    assert torch.allclose(built, by_hand, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(built, _quadratic_run(OptimizerConfig(name="adadelta", lr=0.1), adadelta)[0])
+
+
+def test_delta_bar_delta_default_has_no_momentum() -> None:
+    config = OptimizerConfig(name="delta_bar_delta")
+    assert (config.lr, config.momentum) == (0.01, 0.0)
+
+    def delta_bar_delta(w, g, state, lr=0.01, up=0.05, down=0.95):
+        # gains grow additively while the gradient keeps its sign, shrink multiplicatively on a flip
+        gain, prev = state.get("gain", torch.ones_like(w)), state.get("prev", torch.zeros_like(w))
+        agree = g * prev
+        gain = torch.where(agree > 0, gain + up, torch.where(agree < 0, gain * down, gain)).clamp(0.01, 100.0)
+        state["gain"], state["prev"] = gain, g
+        return w - lr * gain * g
+
+    built, by_hand = _quadratic_run(config, delta_bar_delta)
+    assert torch.allclose(built, by_hand, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"name": "adam", "momentum": 0.9},
+            r"optimizer\.momentum=0\.9 does not apply to optimizer\.name='adam'",
+        ),
+        ({"name": "sgd", "eps": 1e-8}, r"optimizer\.eps=1e-08 does not apply to optimizer\.name='sgd'"),
+    ],
+)
+def test_options_an_optimizer_does_not_have_are_rejected(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        OptimizerConfig(**kwargs)

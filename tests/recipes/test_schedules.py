@@ -5,7 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_tricks.recipes.schedules import LinearWarmup, SchedulerConfig, build_scheduler
+from lightning_tricks.recipes.schedules import (
+    LinearWarmup,
+    SchedulerConfig,
+    build_scheduler,
+    scheduler_cycle_ends,
+)
 
 BASE = 0.1
 
@@ -239,3 +244,128 @@ def test_no_schedule_spellings_mean_constant(spelling):
     config = SchedulerConfig(name=spelling)
     assert config.resolved_name == "constant"
     assert build_scheduler(optimizer, config, total_steps=10, steps_per_epoch=5) is None
+
+
+def test_snapshot_schedule_is_torch_warm_restarts_with_paper_cycle_length() -> None:
+    total, cycles, warm = 43, 4, 3
+    config = SchedulerConfig("snapshot", interval="step", warmup=warm, kwargs={"cycles": cycles})
+    lrs = lr_trace(config, total, total_steps=total)
+    opt = make_optimizer()
+    reference = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        opt, T_0=math.ceil((total - warm) / cycles)
+    )
+    expected = []
+    for _ in range(total - warm):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        reference.step()
+    assert_trace(lrs[warm:], expected)
+    sched = build_scheduler(make_optimizer(), config, total_steps=total, steps_per_epoch=1)["scheduler"]
+    assert scheduler_cycle_ends(sched, total) == [warm + e for e in (10, 20, 30, 40)]
+
+
+def test_snapshot_schedule_that_cannot_fit_names_the_key() -> None:
+    config = SchedulerConfig("snapshot", interval="step", kwargs={"cycles": 6})
+    with pytest.raises(ValueError, match=r"scheduler\.kwargs\.cycles=6 does not fit in 10 scheduler steps"):
+        build_scheduler(make_optimizer(), config, total_steps=10, steps_per_epoch=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "limit"),
+    [
+        ({"T_0": 4, "T_mult": 2, "cycle_decay": 0.5}, None),
+        # 40 - 2 warm-up - 10 cooldown = 28: cycles of 3, 4.5, 6.75, 10.125 end at 3, 7.5, 14.25, 24.375
+        ({"T_0": 3, "T_mult": 1.5, "eta_min": 0.01, "cycle_decay": 0.8, "cooldown": 10}, 4),
+        # 40 - 2 - 3 = 35: seven cycles of 5
+        ({"T_0": 5, "cooldown": 3}, 7),
+    ],
+)
+def test_sgdr_options_match_timm_cosine_scheduler(kwargs: dict, limit: int | None) -> None:
+    timm_scheduler = pytest.importorskip("timm.scheduler")
+    total, warm, f = 40, 2, 0.1
+    config = SchedulerConfig("cosine_restarts", warmup=warm, warmup_start_factor=f, kwargs=kwargs)
+    lrs = lr_trace(config, total, total_steps=total)
+    reference = timm_scheduler.CosineLRScheduler(
+        make_optimizer(),
+        t_initial=kwargs["T_0"],
+        cycle_mul=kwargs.get("T_mult", 1),
+        cycle_decay=kwargs.get("cycle_decay", 1.0),
+        lr_min=kwargs.get("eta_min", 0.0),
+        cycle_limit=limit or 1000,
+        warmup_t=warm,
+        warmup_lr_init=f * BASE,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    assert_trace(lrs, [reference._get_lr(t)[0] for t in range(total)])
+    if "cooldown" in kwargs:  # the last `cooldown` units at eta_min
+        assert_trace(lrs[-kwargs["cooldown"] :], [kwargs.get("eta_min", 0.0)] * kwargs["cooldown"])
+
+
+def test_cosine_restarts_without_sgdr_options_stays_torch_class() -> None:
+    out = build_scheduler(make_optimizer(), SchedulerConfig("cosine_restarts", kwargs={"T_0": 4}), 20, 1)
+    assert type(out["scheduler"]) is torch.optim.lr_scheduler.CosineAnnealingWarmRestarts
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "match"),
+    [
+        ("snapshot", {"cycles": 0}, r"scheduler\.kwargs\.cycles must be an integer >= 1, got 0"),
+        ("snapshot", {}, r"scheduler\.kwargs\.cycles is required"),
+        (
+            "cosine_restarts",
+            {"T_0": 4, "cycle_decay": 0.0},
+            r"scheduler\.kwargs\.cycle_decay must be in \(0, 1\]",
+        ),
+        (
+            "cosine_restarts",
+            {"T_0": 4, "cycle_decay": 1.5},
+            r"scheduler\.kwargs\.cycle_decay must be in \(0, 1\]",
+        ),
+        (
+            "cosine_restarts",
+            {"T_0": 4, "cooldown": -1},
+            r"scheduler\.kwargs\.cooldown must be an integer >= 0",
+        ),
+        ("cosine", {"cycle_decay": 0.5}, r"scheduler\.kwargs has \['cycle_decay'\]"),
+    ],
+)
+def test_restart_options_are_validated(name: str, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SchedulerConfig(name, kwargs=kwargs)
+
+
+def test_cooldown_longer_than_the_cycles_allow_fails() -> None:
+    config = SchedulerConfig("cosine_restarts", kwargs={"T_0": 8, "cooldown": 5})
+    with pytest.raises(
+        ValueError, match=r"scheduler\.kwargs\.cooldown=5 leaves 5 units, less than one cycle"
+    ):
+        build_scheduler(make_optimizer(), config, total_steps=10, steps_per_epoch=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "decays_at"),
+    [
+        ("multistep", {"milestones": [6, 9], "gamma": 0.1}, [6, 9]),
+        ("step", {"step_size": 4, "gamma": 0.5}, [4, 8, 12]),
+    ],
+)
+def test_step_decay_milestones_count_from_the_start_of_training_with_warmup(name, kwargs, decays_at) -> None:
+    warm, f, total = 3, 0.1, 14
+    lrs = lr_trace(SchedulerConfig(name, warmup=warm, warmup_start_factor=f, kwargs=kwargs), total, total)
+    gamma = kwargs["gamma"]
+
+    def closed_form(t: int) -> float:
+        if t < warm:
+            return BASE * (f + (1 - f) * t / warm)
+        return BASE * gamma ** sum(t >= m for m in decays_at)
+
+    assert_trace(lrs, [closed_form(t) for t in range(total)])
+
+
+def test_milestone_inside_warmup_fails_naming_the_key() -> None:
+    config = SchedulerConfig("multistep", warmup=5, kwargs={"milestones": [5, 9]})
+    with pytest.raises(
+        ValueError, match=r"scheduler\.kwargs\.milestones puts a decay at \[5\], inside the warm-up"
+    ):
+        build_scheduler(make_optimizer(), config, total_steps=20, steps_per_epoch=1)

@@ -16,7 +16,8 @@ Example::
 """
 
 from lightning_tricks.callbacks._smoothing import MetricSmoother
-from lightning_tricks.callbacks.diagnostics import Finding, TrainingDiagnostics
+from lightning_tricks.callbacks.detectors import Finding
+from lightning_tricks.callbacks.diagnostics import TrainingDiagnostics
 from lightning_tricks.callbacks.early_stopping import SmoothedEarlyStopping
 from lightning_tricks.callbacks.ema import EMA
 from lightning_tricks.callbacks.init_loss import InitLossCheck

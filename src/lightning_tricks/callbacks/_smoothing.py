@@ -20,8 +20,12 @@ class MetricSmoother:
 
     Args:
         kind: ``"ema"``, ``"mean"``, ``"median"`` or ``None`` (raw values).
-        alpha: EMA weight of the newest value, in ``(0, 1]``.
+        alpha: EMA weight of the newest value, in ``(0, 1]`` (``1 - beta`` in fastai's and Lightning's
+            LR finders); every smoother of this library names the factor ``alpha``.
         window: number of recent values for ``"mean"``/``"median"``, at least 1.
+
+    Raises:
+        ValueError: for an unknown ``kind``, ``alpha`` outside ``(0, 1]`` or ``window`` below 1.
 
     Example::
 
@@ -31,6 +35,12 @@ class MetricSmoother:
     """
 
     def __init__(self, kind: str | None, alpha: float = 0.3, window: int = 5) -> None:
+        if kind is not None and kind not in SMOOTHINGS:
+            raise ValueError(f"`smoothing` must be one of {SMOOTHINGS} or None, got {kind!r}.")
+        if not (isinstance(alpha, (int, float)) and 0.0 < alpha <= 1.0):
+            raise ValueError(f"`alpha` (EMA weight of the newest value) must be in (0, 1], got {alpha!r}.")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"`window` must be an integer >= 1, got {window!r}.")
         self.kind = kind
         self.alpha = alpha
         self.window = window

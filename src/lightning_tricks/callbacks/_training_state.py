@@ -8,18 +8,19 @@ same reason. :func:`preserved_training_state` adds every RNG stream (Python, Num
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 from torch.utils.data import DataLoader
 
-_MISSING = object()
+from lightning_tricks._lightning_compat import optimizer_step_flag, set_optimizer_step_flag
 
 
 class ModuleSnapshot:
@@ -70,8 +71,7 @@ class OptimizerSnapshot:
     Restored in place (same ``param_groups`` dicts, same ``state`` mapping), unlike
     ``Optimizer.load_state_dict`` which swaps in new dicts and casts tensors; schedulers and
     ``LightningOptimizer`` wrappers that hold references therefore see the original objects. The step
-    flag is the ``_opt_called`` attribute schedulers check to warn about ``scheduler.step()`` before
-    ``optimizer.step()``.
+    flag is the one schedulers check to warn about ``scheduler.step()`` before ``optimizer.step()``.
 
     Example::
 
@@ -88,7 +88,7 @@ class OptimizerSnapshot:
         self.groups = [
             {k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups
         ]
-        self.opt_called = optimizer.__dict__.get("_opt_called", _MISSING)
+        self.step_flag = optimizer_step_flag(optimizer)
 
     def restore(self) -> None:
         """Put the captured state and hyperparameters back into the same optimizer objects."""
@@ -99,10 +99,7 @@ class OptimizerSnapshot:
             for key in [k for k in group if k != "params" and k not in saved]:
                 del group[key]
             group.update(saved)
-        if self.opt_called is _MISSING:
-            opt.__dict__.pop("_opt_called", None)
-        else:
-            opt._opt_called = self.opt_called  # type: ignore[attr-defined]
+        set_optimizer_step_flag(opt, self.step_flag)
 
 
 def _loader_generators(iterables: Any) -> list[torch.Generator]:
@@ -160,6 +157,36 @@ class TrainingStateSnapshot:
             gen.set_state(state)
 
 
+def rng_states() -> dict[str, Any]:
+    """Every global RNG state: Python, NumPy, torch CPU and each CUDA device.
+
+    Own helper: Lightning's ``isolate_rng`` is the public way but does not restore on error.
+
+    Example:
+
+        >>> states = rng_states()
+        >>> first = torch.rand(1)
+        >>> set_rng_states(states)
+        >>> bool(torch.rand(1) == first)  # the same draw again
+        True
+    """
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` captured."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 @contextmanager
 def preserved_training_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
     """Run the body, then restore the training state and every RNG stream exactly, even on error.
@@ -170,10 +197,10 @@ def preserved_training_state(trainer: pl.Trainer, pl_module: pl.LightningModule)
             optimizer.step()  # trial step, undone on exit
     """
     # Like `isolate_rng`, but that one leaves the streams advanced when the body raises.
-    rng_states = _collect_rng_states(include_cuda=True)
+    saved_rng = rng_states()
     snapshot = TrainingStateSnapshot(trainer, pl_module)
     try:
         yield
     finally:
         snapshot.restore()
-        _set_rng_states(rng_states)
+        set_rng_states(saved_rng)

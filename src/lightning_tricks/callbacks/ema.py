@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
-import inspect
-import itertools
+import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -15,18 +15,21 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import nn
-from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
+from lightning_tricks._io import atomic_save
 from lightning_tricks.callbacks._averaging import WARMUPS, TensorListEMA, ema_decay
+from lightning_tricks.evaluation import evaluate_weights
+
+CHECKPOINT_WEIGHTS = ("auto", "ema", "raw")
+# A checkpoint's `state_dict` is labelled with the weights it holds: "raw" or an EMA's `weights_name`.
+WEIGHTS_LABEL_KEY = "state_dict_weights"
 
 
 class EMA(WeightAveraging):
@@ -34,13 +37,27 @@ class EMA(WeightAveraging):
 
     After every ``update_every_n_steps``-th optimizer step from ``start_step`` on (zero-based step
     indices), the average moves towards the live weights. The first update copies the live weights,
-    later ones use ``decay``, optionally warmed up so early averages are not dominated by the
+    later ones use ``decay``, warmed up by default so early averages are not dominated by the
     initial weights:
 
-    - ``warmup="num_updates"`` (torch-ema): ``min(decay, (1 + t) / (10 + t))``;
+    - ``warmup="num_updates"`` (the default; TensorFlow's ``ExponentialMovingAverage(num_updates)``
+      and torch-ema): ``min(decay, (1 + t) / (10 + t))``;
     - ``warmup="power"`` (timm ``ModelEmaV3``): ``min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``;
+    - ``warmup=None``: ``decay`` from the second update on (Lightning's ``EMAWeightAveraging``);
 
     where ``t`` is the number of updates already applied (counted in updates, not optimizer steps).
+    ``"num_updates"`` is the default because it has no parameter of its own and reaches the
+    configured decay after about ``9 / (1 - decay)`` updates (``power`` with 2/3 needs about
+    ``(1 - decay) ** -1.5``: 31,600 instead of 9,000 updates for 0.999), so in a run long enough
+    for ``decay`` the configured value is what runs, while in a short one the average follows the
+    last ~10% of the updates instead of the initial weights.
+
+    **Horizon check.** Before training, a rank-0 warning is raised when the EMA horizon
+    ``1 / (1 - decay)`` exceeds :attr:`HORIZON_FRACTION` (10%) of the planned updates
+    (``trainer.estimated_stepping_batches`` from ``start_step``, every ``update_every_n_steps``):
+    without warm-up the initial weights then still weigh ``decay ** updates`` in the final average,
+    with warm-up ``decay`` is never reached. The message names the decay, the planned updates and
+    the largest decay that fits.
 
     **Validation of both weights.** Each validation epoch first runs as usual on the *raw* weights
     (so ``val/acc`` keeps its meaning for :class:`~lightning.pytorch.callbacks.ModelCheckpoint`,
@@ -61,15 +78,33 @@ class EMA(WeightAveraging):
     or ``EarlyStopping`` monitoring ``val/acc_ema`` always finds its key. The live weights are swapped back
     bit-identically, also when the pass raises.
 
-    **Checkpoints.** The layout is ``WeightAveraging``'s: ``checkpoint["state_dict"]`` holds the
-    EMA weights (so a checkpoint loaded for inference *is* the EMA model), the raw weights sit in
-    ``checkpoint["current_model_state"]``, and resuming ``fit`` restores both. Before the first
-    update the checkpoint holds the raw weights in both places. With two ``EMA`` instances (distinct
-    ``suffix``), the first one found uses that layout and the others keep their averages in their
-    own callback state. At the end of ``fit`` the average is copied into the model when
-    ``copy_average_at_end`` is true (Lightning's behaviour, so ``trainer.test`` after ``fit``
-    evaluates the EMA); :meth:`ema_state_dict` and :meth:`save_ema_weights` export it explicitly.
-    ``ModelCheckpoint(save_weights_only=True)`` skips callback hooks, so such files hold the raw weights.
+    **Checkpoints: the weights a checkpoint is chosen on are the weights it holds.** A
+    ``ModelCheckpoint`` monitoring an EMA metric (a name with this callback's ``suffix``, such as
+    ``val/acc_ema``, ``val/loss_ema_smoothed``) stores the EMA weights in ``checkpoint["state_dict"]``;
+    one monitoring a raw metric (``val/acc``) stores the raw weights there. The other weights are
+    kept beside them, so every checkpoint holds both, labelled:
+
+    - ``checkpoint["state_dict_weights"]``: ``"raw"`` or this callback's :attr:`weights_name`
+      (``"ema"`` for ``suffix="_ema"``), the weights in ``checkpoint["state_dict"]``;
+    - EMA in ``state_dict``: the raw weights in ``checkpoint["current_model_state"]``
+      (``WeightAveraging``'s layout);
+    - raw in ``state_dict``: the EMA weights in ``checkpoint["state_dict_ema"]``
+      (``"state_dict_" + weights_name``), loadable with ``model.load_state_dict``.
+
+    ``checkpoint_weights="auto"`` (default) applies that rule, and with no monitored checkpoint
+    (e.g. only ``save_last``) puts the EMA weights in ``state_dict`` (the averaged model is the
+    product, as in ``WeightAveraging``). ``ModelCheckpoint`` callbacks that monitor raw and EMA
+    metrics at once are refused before training: set ``checkpoint_weights="ema"`` or ``"raw"``.
+    With several ``EMA`` instances one at most holds ``state_dict``. ``trainer.test(ckpt_path=...)``
+    and inference load ``checkpoint["state_dict"]``, i.e. the weights the checkpoint was chosen on.
+    Resuming ``fit`` restores both from either layout. Before the first update the EMA equals the
+    raw weights. ``ModelCheckpoint(save_weights_only=True)`` skips callback hooks, so such files
+    hold the raw weights only: monitoring an EMA metric with it is refused before training.
+
+    At the end of ``fit`` the average is copied into the model when ``copy_average_at_end`` is true
+    (Lightning's behaviour); which weights the model finally holds when other callbacks also choose
+    weights is decided in :mod:`lightning_tricks.callbacks.final_weights`.
+    :meth:`ema_state_dict` and :meth:`save_ema_weights` export the average explicitly.
 
     **DDP.** Parameters are identical on every rank after each optimizer step, so the averages stay
     identical with no communication. BatchNorm running statistics differ between ranks unless
@@ -97,22 +132,27 @@ class EMA(WeightAveraging):
         validate: run the second validation pass on the EMA weights.
         suffix: appended to every metric name logged in the EMA pass.
         copy_average_at_end: copy the EMA into the model when ``fit`` ends.
+        checkpoint_weights: which weights ``checkpoint["state_dict"]`` holds: ``"auto"`` (those the
+            checkpoint's monitor measures, see above), ``"ema"`` or ``"raw"``.
 
     Example::
 
         from lightning_tricks.callbacks.ema import EMA
 
-        ema = EMA(decay=0.999, warmup="num_updates")
-        best = ModelCheckpoint(monitor="val/acc_ema", mode="max")
+        ema = EMA(decay=0.999)  # warm-up "num_updates" by default
+        best = ModelCheckpoint(monitor="val/acc_ema", mode="max")  # stores the EMA weights
         trainer = Trainer(max_epochs=30, callbacks=[ema, best])
         trainer.fit(model, datamodule=dm)   # logs val/acc and val/acc_ema every epoch
         ema_weights = ema.ema_state_dict()
     """
 
+    HORIZON_FRACTION = 0.1
+    """Largest share of the planned updates the horizon ``1 / (1 - decay)`` may take without a warning."""
+
     def __init__(
         self,
         decay: float = 0.999,
-        warmup: str | None = None,
+        warmup: str | None = "num_updates",
         warmup_gamma: float = 1.0,
         warmup_power: float = 2 / 3,
         update_every_n_steps: int = 1,
@@ -122,6 +162,7 @@ class EMA(WeightAveraging):
         validate: bool = True,
         suffix: str = "_ema",
         copy_average_at_end: bool = True,
+        checkpoint_weights: str = "auto",
     ) -> None:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
             raise ValueError(f"`decay` must be a float in (0, 1), got {decay!r}.")
@@ -137,8 +178,12 @@ class EMA(WeightAveraging):
             raise ValueError(f"`update_every_n_steps` must be an int >= 1, got {update_every_n_steps!r}.")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"`start_step` must be an int >= 0, got {start_step!r}.")
-        if not isinstance(suffix, str) or not suffix:
+        if not isinstance(suffix, str) or not suffix.strip("_"):
             raise ValueError(f"`suffix` must be a non-empty string such as '_ema', got {suffix!r}.")
+        if checkpoint_weights not in CHECKPOINT_WEIGHTS:
+            raise ValueError(
+                f"`checkpoint_weights` must be one of {CHECKPOINT_WEIGHTS}, got {checkpoint_weights!r}."
+            )
         super().__init__(device=_parse_device(device), use_buffers=bool(average_buffers))
         self.decay = float(decay)
         self.warmup = warmup
@@ -150,6 +195,8 @@ class EMA(WeightAveraging):
         self.validate = bool(validate)
         self.suffix = suffix
         self.copy_average_at_end = bool(copy_average_at_end)
+        self.checkpoint_weights = checkpoint_weights
+        self._holds_state_dict = True
         self._num_updates = 0
         self._ema: TensorListEMA | None = None
 
@@ -163,6 +210,26 @@ class EMA(WeightAveraging):
             start_step=self.start_step,
             suffix=self.suffix,
         )
+
+    @property
+    def weights_name(self) -> str:
+        """Name of the EMA weights in checkpoints: the ``suffix`` without underscores (``"ema"``)."""
+        return self.suffix.strip("_")
+
+    @property
+    def holds_state_dict(self) -> bool:
+        """Whether this ``fit``'s checkpoints hold the EMA weights in ``state_dict`` (set in ``setup``)."""
+        return self._holds_state_dict
+
+    def measures(self, metric: str) -> bool:
+        """Whether ``metric`` was measured on these EMA weights (``val/acc_ema``, ``val/loss_ema_smoothed``).
+
+        Example::
+
+            >>> EMA(suffix="_ema").measures("val/acc_ema"), EMA(suffix="_ema").measures("val/acc")
+            (True, False)
+        """
+        return re.search(re.escape(self.suffix) + r"($|/|_smoothed$)", metric) is not None
 
     @property
     def num_updates(self) -> int:
@@ -185,11 +252,17 @@ class EMA(WeightAveraging):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == TrainerFn.FITTING:
-            suffixes = [cb.suffix for cb in trainer.callbacks if isinstance(cb, EMA)]
+            emas = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
+            suffixes = [cb.suffix for cb in emas]
             if len(suffixes) != len(set(suffixes)):
                 raise MisconfigurationException(
                     f"Each EMA callback needs its own `suffix`, got {suffixes}; e.g. EMA(suffix='_ema_0.99')."
                 )
+            self._holds_state_dict = _state_dict_owner(emas, trainer.checkpoint_callbacks) is self
+            # Imported here: final_weights knows every callback that writes weights, this one included.
+            from lightning_tricks.callbacks.final_weights import check_final_weights
+
+            check_final_weights(trainer, self)
             self._ema = None
             self._num_updates = 0
         super().setup(trainer, pl_module, stage)
@@ -201,6 +274,49 @@ class EMA(WeightAveraging):
         if self._device is None:
             self._average_model.to(pl_module.device)
         self._ema = self._build_ema(pl_module)
+        self._check_horizon(trainer.estimated_stepping_batches)
+
+    def planned_updates(self, optimizer_steps: float) -> float:
+        """Number of updates in a run of ``optimizer_steps`` steps (``inf`` for an unbounded run)."""
+        if not math.isfinite(optimizer_steps):
+            return math.inf
+        return max(0, math.ceil((int(optimizer_steps) - self.start_step) / self.update_every_n_steps))
+
+    def _check_horizon(self, optimizer_steps: float) -> None:
+        planned = self.planned_updates(optimizer_steps)
+        if not math.isfinite(planned):
+            return
+        if planned == 0:
+            rank_zero_warn(
+                f"EMA(start_step={self.start_step}) never updates in this run of {int(optimizer_steps)} "
+                "optimizer steps, so the model keeps its raw weights. Lower `start_step`."
+            )
+            return
+        horizon = 1.0 / (1.0 - self.decay)
+        if horizon <= self.HORIZON_FRACTION * planned:
+            return
+        fitting = self.HORIZON_FRACTION * planned  # the longest horizon that fits
+        fixes = [] if self.warmup is not None else ["warmup='num_updates'"]
+        if fitting >= 2:
+            fixes.append(f"a smaller decay such as EMA(decay={math.floor((1 - 1 / fitting) * 1e4) / 1e4})")
+        fixes.append("a longer run")
+        if self.warmup is None:
+            consequence = (
+                f"Without warm-up the first update (near the initial weights) still makes up "
+                f"{self.decay ** (planned - 1):.0%} of the final average."
+            )
+        else:
+            reached = ema_decay(self.decay, planned - 1, self.warmup, self.warmup_gamma, self.warmup_power)
+            consequence = (
+                f"The {self.warmup!r} warm-up keeps the decay at or below {reached:.4g} up to the last "
+                f"update, so decay={self.decay} never takes effect."
+            )
+        rank_zero_warn(
+            f"EMA(decay={self.decay}) averages over about 1/(1-decay) = {horizon:.0f} updates, more than "
+            f"{self.HORIZON_FRACTION:.0%} of the {planned} updates this run plans ({int(optimizer_steps)} "
+            f"optimizer steps, start_step={self.start_step}, "
+            f"update_every_n_steps={self.update_every_n_steps}). {consequence} Fix: {', or '.join(fixes)}."
+        )
 
     def _build_ema(self, pl_module: pl.LightningModule) -> TensorListEMA:
         assert self._average_model is not None
@@ -250,7 +366,10 @@ class EMA(WeightAveraging):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._ema is None or not self.copy_average_at_end:
+        from lightning_tricks.callbacks.final_weights import pending_restore
+
+        if self._ema is None or not self.copy_average_at_end or pending_restore(trainer) is not None:
+            # Restored best weights win over the average (see final_weights), whatever the callback order.
             return
         if self._num_updates == 0:
             rank_zero_warn(
@@ -279,8 +398,8 @@ class EMA(WeightAveraging):
         # Before the first update the EMA model *is* the raw model (as in checkpoints): no swap, and
         # the `_ema` metrics equal the raw ones, so monitors of `val/acc_ema` find their key.
         swap = self.swapped() if self._num_updates > 0 else nullcontext()
-        with isolate_rng(include_cuda=True), torch.no_grad(), swap:
-            self._validate_average(trainer, pl_module)
+        with swap:
+            evaluate_weights(trainer, pl_module, "val", self.suffix)
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
@@ -295,25 +414,6 @@ class EMA(WeightAveraging):
             raise RuntimeError("The EMA has no average yet: it is created by the first update during `fit`.")
         with self._ema.average_in_live():
             yield
-
-    def _validate_average(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loaders = trainer.val_dataloaders
-        if isinstance(loaders, dict):
-            loaders = list(loaders.values())
-        elif not isinstance(loaders, (list, tuple)):
-            loaders = [loaders]
-        limits = list(trainer.num_val_batches)
-        multi = len(loaders) > 1
-        with _metric_clones(pl_module) as metric_names:
-            for idx, loader in enumerate(loaders):
-                limit = limits[idx] if idx < len(limits) else float("inf")
-                batches = loader if limit == float("inf") else itertools.islice(loader, int(limit))
-                for batch_idx, batch in enumerate(batches):
-                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
-                    args = (batch, batch_idx, idx) if multi else (batch, batch_idx)
-                    suffix = self.suffix + (f"/dataloader_idx_{idx}" if multi else "")
-                    with _renamed_logging(pl_module, suffix, batch, metric_names):
-                        trainer.strategy.validation_step(*args)
 
     # ----------------------------------------------------------------- export
 
@@ -334,14 +434,14 @@ class EMA(WeightAveraging):
 
     @rank_zero_only
     def save_ema_weights(self, path: str | Path) -> None:
-        """Saves :meth:`ema_state_dict` with ``torch.save`` (rank 0 only).
+        """Saves :meth:`ema_state_dict` with ``torch.save``, atomically (rank 0 only).
 
         Example::
 
             ema.save_ema_weights("ema.pt")
             model.load_state_dict(torch.load("ema.pt", weights_only=True))
         """
-        torch.save(self.ema_state_dict(), path)
+        atomic_save(self.ema_state_dict(), path)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -367,31 +467,78 @@ class EMA(WeightAveraging):
             return
         self._average_model.n_averaged.fill_(self._num_updates)
         if self._num_updates == 0:
-            # Never-updated average: save the raw weights as "the model" rather than the initial ones.
+            # Never-updated average: save the raw weights as "the EMA" rather than the initial ones.
             if self._ema is None:
                 self._ema = self._build_ema(pl_module)
             self._ema.copy_live_to_average()
-        if "current_model_state" in checkpoint:
-            # Another averaging callback already owns the model layout; keep ours in our own state.
-            own = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
-            average_state = self._average_model.state_dict()
-            own["average_model_state"] = {k: v.detach().clone() for k, v in average_state.items()}
-            return
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._holds_state_dict:
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            checkpoint[WEIGHTS_LABEL_KEY] = self.weights_name
+        else:
+            checkpoint[f"state_dict_{self.weights_name}"] = {
+                k: v.detach().clone() for k, v in self._average_model.module.state_dict().items()
+            }
+            checkpoint.setdefault(WEIGHTS_LABEL_KEY, "raw")
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self._average_model is None or trainer.state.fn != TrainerFn.FITTING:
-            # Outside fit the model keeps checkpoint["state_dict"], i.e. the EMA weights.
+            # Outside fit the model keeps checkpoint["state_dict"]: the weights it was chosen on.
             return
-        own = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("average_model_state")
-        if own is not None:
-            self._average_model.load_state_dict(own)
-        else:
+        # Follow the checkpoint's layout, which may differ from this run's choice.
+        beside = checkpoint.get(f"state_dict_{self.weights_name}")
+        if beside is not None:
+            self._average_model.module.load_state_dict(beside)
+        elif checkpoint.get(WEIGHTS_LABEL_KEY, self.weights_name) == self.weights_name:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        self._num_updates = int(self._average_model.n_averaged.item())
+        else:
+            raise RuntimeError(
+                f"The checkpoint holds no weights of EMA(suffix={self.suffix!r}) (its state_dict holds "
+                f"{checkpoint[WEIGHTS_LABEL_KEY]!r} weights); resume with the callbacks it was written with."
+            )
+
+
+def _state_dict_owner(emas: list[EMA], checkpoint_callbacks: list[Any]) -> EMA | None:
+    """The EMA whose weights go into ``checkpoint["state_dict"]``, or ``None`` for the raw weights.
+
+    A monitored ``ModelCheckpoint`` stores the weights its monitor measures; without one the first
+    EMA (or the one with ``checkpoint_weights="ema"``) does. Conflicts are refused here, before training.
+    """
+    monitored = [cb for cb in checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor]
+    measured_by = {cb.monitor: next((e for e in emas if e.measures(cb.monitor)), None) for cb in monitored}
+    for cb in monitored:
+        ema = measured_by[cb.monitor]
+        if ema is not None and cb.save_weights_only:
+            raise ValueError(
+                f"ModelCheckpoint(monitor={cb.monitor!r}, save_weights_only=True) would store the raw "
+                "weights (weights-only checkpoints skip callback hooks) though it is chosen on the EMA "
+                "weights. Set save_weights_only=False, or monitor the raw metric and export the EMA "
+                "with EMA.save_ema_weights()."
+            )
+    explicit = [e for e in emas if e.checkpoint_weights == "ema"]
+    if len(explicit) > 1:
+        raise ValueError(
+            f"Only one EMA can hold checkpoint['state_dict']; checkpoint_weights='ema' is set on suffixes "
+            f"{[e.suffix for e in explicit]}. Set checkpoint_weights='auto' or 'raw' on the others."
+        )
+    if explicit:
+        return explicit[0]
+    auto = [e for e in emas if e.checkpoint_weights == "auto"]
+    if not monitored:
+        return auto[0] if auto else None
+    chosen = set(measured_by.values())
+    if len(chosen) > 1:
+        names = {m: "raw" if e is None else e.weights_name for m, e in measured_by.items()}
+        raise ValueError(
+            "ModelCheckpoint callbacks monitor metrics of different weights "
+            f"({', '.join(f'{m!r}: {w}' for m, w in names.items())}), but checkpoint['state_dict'] holds one "
+            "set: monitor metrics of one set, or choose with EMA(checkpoint_weights='ema' or 'raw'); the "
+            "other weights are stored beside them either way."
+        )
+    owner = chosen.pop()
+    return owner if owner is not None and owner.checkpoint_weights == "auto" else None
 
 
 def _parse_device(device: str | torch.device | int | None) -> str | torch.device | int | None:
@@ -407,68 +554,3 @@ def _parse_device(device: str | torch.device | int | None) -> str | torch.device
     if parsed.type == "meta":
         raise ValueError(f"`device` must be {allowed}, got {device!r} (meta tensors hold no values).")
     return device
-
-
-def _batch_size(batch: Any) -> int:
-    try:
-        return extract_batch_size(batch)
-    except MisconfigurationException:
-        return 1
-
-
-@contextmanager
-def _metric_clones(pl_module: nn.Module) -> Iterator[dict[int, str]]:
-    """Replaces every top-level torchmetrics Metric/MetricCollection by a fresh clone, then restores it.
-
-    Yields ``{id(metric): attribute name}`` of the clones, as ``self.log`` needs for Metric values.
-    """
-    replaced: list[tuple[nn.Module, str, nn.Module]] = []
-
-    def walk(module: nn.Module) -> None:
-        for name, child in list(module._modules.items()):
-            if isinstance(child, (Metric, MetricCollection)):
-                clone = child.clone()
-                clone.reset()
-                module._modules[name] = clone
-                replaced.append((module, name, child))
-            elif child is not None:
-                walk(child)
-
-    try:
-        walk(pl_module)
-        yield {id(m): n for n, m in pl_module.named_modules() if isinstance(m, Metric)}
-    finally:
-        for module, name, original in reversed(replaced):
-            module._modules[name] = original
-
-
-@contextmanager
-def _renamed_logging(pl_module: pl.LightningModule, suffix: str, batch: Any, metric_names: dict[int, str]):
-    """Routes ``pl_module.log`` calls to ``name + suffix``, logged once per epoch, weighted by batch size."""
-    original = pl_module.log
-    signature = inspect.signature(original)
-    had_attr = "log" in pl_module.__dict__
-
-    def log(*args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        params = bound.arguments
-        params["name"] = f"{params['name']}{suffix}"
-        params["on_step"], params["on_epoch"] = False, True
-        params["add_dataloader_idx"] = False
-        value = params["value"]
-        if params.get("batch_size") is None:
-            params["batch_size"] = _batch_size(batch)
-        if isinstance(value, Metric) and params.get("metric_attribute") is None:
-            params["metric_attribute"] = metric_names.get(id(value))
-        original(**params)
-
-    saved = pl_module.__dict__.get("log")
-    pl_module.log = log  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        if had_attr:
-            pl_module.log = saved  # type: ignore[method-assign]
-        else:
-            del pl_module.log

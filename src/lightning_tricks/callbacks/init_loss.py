@@ -23,8 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_tricks.callbacks._training_state import preserved_training_state
-from lightning_tricks.callbacks.sanity import (
+from lightning_tricks.callbacks._sanity import (
+    announce_fallbacks,
     classifier_forward,
     data_loss,
     draw_batches,
@@ -33,6 +33,8 @@ from lightning_tricks.callbacks.sanity import (
     split_batch,
     validate_on_fail,
 )
+from lightning_tricks.callbacks._training_state import preserved_training_state
+from lightning_tricks.interface import fallback_message
 
 
 @dataclass
@@ -127,6 +129,7 @@ class InitLossCheck(Callback):
         """Measure the loss at initialization and report."""
         if trainer.global_step > 0:
             return
+        announce_fallbacks("InitLossCheck", pl_module)
         with preserved_training_state(trainer, pl_module):
             m = self._measure(trainer, pl_module)
         skip = trainer.strategy.reduce_boolean_decision(m.skip_reason is not None, all=False)
@@ -140,7 +143,7 @@ class InitLossCheck(Callback):
         self.expected = math.log(m.num_classes)
         self.passed = abs(self.measured - self.expected) <= self.tolerance * self.expected
         self._report_loss(m.num_classes)
-        self._report_regularization(m)
+        self._report_regularization(m, pl_module)
 
     @torch.no_grad()
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _Measure:
@@ -204,8 +207,16 @@ class InitLossCheck(Callback):
             )
         report_failure(f"InitLossCheck failed: {summary}. {advice}", self.on_fail)
 
-    def _report_regularization(self, m: _Measure) -> None:
+    def _report_regularization(self, m: _Measure, pl_module: pl.LightningModule) -> None:
         if math.isnan(m.cranked_total):
+            message = fallback_message(
+                "InitLossCheck",
+                pl_module,
+                ("penalty", "regularization_scaled"),
+                "the check that more regularization raises the loss is skipped",
+            )
+            if message is not None:
+                rank_zero_info(message)
             return
         if not m.base_penalty > 0 and not m.cranked_penalty > 0:
             rank_zero_info(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import SGD, Optimizer
 from typing_extensions import override
+
+from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
+from lightning_tricks.callbacks._monitor import known_missing, missing_metric_message, resolve_mode
+from lightning_tricks.callbacks._plateau import PlateauDetector
 
 
 def adam_equivalent_sgd_lr(optimizer: Optimizer, group: dict[str, Any], momentum: float) -> float | None:
@@ -47,6 +50,11 @@ class OptimizerSwitch(pl.Callback):
 
     The switch happens at the start of epoch ``switch_epoch``, or at the start of the epoch after
     ``monitor`` failed to improve for ``patience`` checks (whichever comes first; give at least one).
+    The plateau rule is torch's ``ReduceLROnPlateau`` (``threshold=min_delta``, ``threshold_mode="abs"``),
+    the one the ``plateau`` LR schedule uses. A ``switch_epoch`` the run never reaches (``>= max_epochs``)
+    is warned about on rank 0 before training (a shortened run of a shipped config stays runnable); a
+    validation ``monitor`` that is not logged is reported at the first validation (the sanity check
+    included).
     The new ``torch.optim.SGD`` keeps the param groups (and any extra keys, e.g. names) and uses per
     group the rate from :func:`adam_equivalent_sgd_lr` (least-squares match of the current Adam step,
     scaled by ``1 - momentum``), or ``sgd_lr`` for every group when given. ``weight_decay=None`` keeps
@@ -67,7 +75,8 @@ class OptimizerSwitch(pl.Callback):
         switch_epoch: epoch at whose start to switch, >= 1, or ``None``.
         monitor: metric whose plateau triggers the switch, or ``None``.
         patience: checks without improvement of ``monitor`` before switching, >= 1.
-        mode: ``"min"`` or ``"max"`` for ``monitor``.
+        mode: ``"auto"`` (from the name of ``monitor``: accuracy-like names ``"max"``, loss-like ``"min"``),
+            ``"min"`` or ``"max"``.
         min_delta: minimum improvement of ``monitor``, >= 0.
         momentum: SGD momentum, in ``[0, 1)``.
         nesterov: use Nesterov momentum (needs ``momentum > 0``).
@@ -89,7 +98,7 @@ class OptimizerSwitch(pl.Callback):
         switch_epoch: int | None = None,
         monitor: str | None = None,
         patience: int = 3,
-        mode: str = "min",
+        mode: str = "auto",
         min_delta: float = 0.0,
         momentum: float = 0.9,
         nesterov: bool = False,
@@ -103,8 +112,10 @@ class OptimizerSwitch(pl.Callback):
             raise ValueError(f"`switch_epoch` must be an integer >= 1, got {switch_epoch!r}.")
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"`patience` must be an integer >= 1, got {patience!r}.")
-        if mode not in ("min", "max"):
-            raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
+        if monitor is None and mode not in ("auto", "min", "max"):
+            raise ValueError(f"`mode` must be 'auto', 'min' or 'max', got {mode!r}.")
+        if monitor is not None:
+            mode = resolve_mode(mode, monitor, type(self).__name__)
         if min_delta < 0:
             raise ValueError(f"`min_delta` must be >= 0, got {min_delta}.")
         if not 0.0 <= momentum < 1.0:
@@ -129,8 +140,8 @@ class OptimizerSwitch(pl.Callback):
         self.sgd_lrs: list[float] = []
         self.lr_ratios: list[float] = []
         self.pending = False
-        self.best = math.inf if mode == "min" else -math.inf
-        self.wait_count = 0
+        self.plateau = None if monitor is None else PlateauDetector(mode, patience, min_delta)
+        self._names_checked = False
 
     @property
     @override
@@ -148,8 +159,7 @@ class OptimizerSwitch(pl.Callback):
             "sgd_lrs": list(self.sgd_lrs),
             "lr_ratios": list(self.lr_ratios),
             "pending": self.pending,
-            "best": self.best,
-            "wait_count": self.wait_count,
+            "plateau": None if self.plateau is None else self.plateau.state_dict(),
         }
 
     @override
@@ -158,13 +168,30 @@ class OptimizerSwitch(pl.Callback):
         self.sgd_lrs = list(state_dict.get("sgd_lrs", []))
         self.lr_ratios = list(state_dict.get("lr_ratios", []))
         self.pending = state_dict.get("pending", False)
-        self.best = state_dict.get("best", self.best)
-        self.wait_count = state_dict.get("wait_count", 0)
+        if self.plateau is not None and state_dict.get("plateau") is not None:
+            self.plateau.load_state_dict(state_dict["plateau"])
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        max_epochs = trainer.max_epochs
+        if stage != TrainerFn.FITTING or self.switch_epoch is None or max_epochs is None or max_epochs < 0:
+            return
+        if self.switch_epoch >= max_epochs and not self.switched:
+            trigger = (
+                "no switch happens"
+                if self.monitor is None
+                else f"only a plateau of `{self.monitor}` can switch"
+            )
+            rank_zero_warn(
+                f"OptimizerSwitch(switch_epoch={self.switch_epoch}) is never reached in a run of"
+                f" `max_epochs={max_epochs}` (epochs 0-{max_epochs - 1}), so {trigger}. Set `switch_epoch` to"
+                f" at most {max_epochs - 1}, or raise `trainer.max_epochs` above {self.switch_epoch}."
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
-            raise MisconfigurationException(
+            raise ValueError(
                 f"OptimizerSwitch supports exactly one optimizer, got {len(trainer.optimizers)}."
             )
         if self.switched and not isinstance(trainer.optimizers[0], SGD):
@@ -179,30 +206,35 @@ class OptimizerSwitch(pl.Callback):
         if due or self.pending:
             self._switch(trainer)
 
+    @property
+    def best(self) -> float | None:
+        """Best value of ``monitor`` so far (``None`` without a monitor)."""
+        return None if self.plateau is None else self.plateau.best
+
+    @property
+    def wait_count(self) -> int:
+        """Checks of ``monitor`` since its last improvement."""
+        return 0 if self.plateau is None else self.plateau.wait_count
+
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is None or self.switched or trainer.sanity_checking:
+        if self.plateau is None or self.switched or trainer.state.fn != TrainerFn.FITTING:
             return
-        if self.monitor not in trainer.callback_metrics:
-            raise RuntimeError(
-                f"OptimizerSwitch monitors `{self.monitor}`, which is not logged. Available:"
-                f" `{'`, `'.join(trainer.callback_metrics)}`"
-            )
-        current = trainer.strategy.reduce(
-            trainer.callback_metrics[self.monitor].detach().float().clone(), reduce_op="mean"
-        )
-        current = float(current)
-        improved = (
-            current < self.best - self.min_delta
-            if self.mode == "min"
-            else current > self.best + self.min_delta
-        )
-        if improved:
-            self.best, self.wait_count = current, 0
-        else:
-            self.wait_count += 1
-        decision = trainer.strategy.reduce_boolean_decision(self.wait_count >= self.patience, all=False)
-        self.pending = self.pending or decision
+        metrics = trainer.callback_metrics
+        if not self._names_checked:
+            # a validation metric absent after the first validation (sanity check included) is a wrong name
+            self._names_checked = True
+            if trainer.strategy.reduce_boolean_decision(known_missing(self.monitor, metrics), all=False):
+                raise RuntimeError(
+                    missing_metric_message("OptimizerSwitch", "monitor", self.monitor, metrics)
+                )
+        if trainer.sanity_checking:
+            return
+        if self.monitor not in metrics:
+            raise RuntimeError(missing_metric_message("OptimizerSwitch", "monitor", self.monitor, metrics))
+        current = trainer.strategy.reduce(metrics[self.monitor].detach().float().clone(), reduce_op="mean")
+        # every rank holds the same mean, so every rank's detector decides the same
+        self.pending = self.plateau.update(float(current)) or self.pending
 
     def _switch(self, trainer: pl.Trainer) -> None:
         adam = trainer.optimizers[0]
@@ -211,13 +243,13 @@ class OptimizerSwitch(pl.Callback):
             lr = self.sgd_lr
             if lr is None:
                 if "betas" not in group:
-                    raise MisconfigurationException(
+                    raise ValueError(
                         f"OptimizerSwitch derives the SGD rate from Adam state, but the optimizer is"
                         f" {type(adam).__name__}; pass `sgd_lr`."
                     )
                 lr = adam_equivalent_sgd_lr(adam, group, self.momentum)
                 if lr is None:
-                    raise MisconfigurationException(
+                    raise ValueError(
                         "OptimizerSwitch found no Adam state to derive the SGD rate from; switch later or"
                         " pass `sgd_lr`."
                     )
@@ -240,21 +272,15 @@ class OptimizerSwitch(pl.Callback):
     def _install_sgd(self, trainer: pl.Trainer, lrs: list[float], ratios: list[float]) -> None:
         old = trainer.optimizers[0]
         groups = []
-        for group, lr, ratio in zip(old.param_groups, lrs, ratios, strict=True):
+        for group, lr in zip(old.param_groups, lrs, strict=True):
             new = {k: v for k, v in group.items() if k not in old.defaults}
-            if "initial_lr" in new:
-                new["initial_lr"] = group["initial_lr"] * ratio
             wd = group.get("weight_decay", 0.0) if self.weight_decay is None else self.weight_decay
             new.update(lr=lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=wd)
             groups.append(new)
         sgd = SGD(groups, lr=lrs[0], momentum=self.momentum, nesterov=self.nesterov)
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if scheduler.optimizer is not old:
-                continue
+        schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.scheduler.optimizer is old]
+        for scheduler in schedulers:
             scheduler.optimizer = sgd
-            if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [b * r for b, r in zip(scheduler.base_lrs, ratios, strict=True)]
-            if hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr = [g["lr"] for g in sgd.param_groups]
+        # `lr` is set above; the schedule's own values (initial/peak/base/last rates) follow by the same ratio
+        scale_learning_rates(sgd, schedulers, ratios, group_keys=("initial_lr", "max_lr", "min_lr"))
         trainer.strategy.optimizers = [sgd]

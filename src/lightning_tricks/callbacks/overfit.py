@@ -12,8 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_tricks.callbacks._training_state import preserved_training_state
-from lightning_tricks.callbacks.sanity import (
+from lightning_tricks.callbacks._sanity import (
+    announce_fallbacks,
     classifier_forward,
     data_loss,
     draw_batches,
@@ -22,6 +22,7 @@ from lightning_tricks.callbacks.sanity import (
     split_batch,
     validate_on_fail,
 )
+from lightning_tricks.callbacks._training_state import preserved_training_state
 
 
 class _Skip(Exception):
@@ -125,6 +126,7 @@ class OverfitTinyBatch(Callback):
             self.skip_reason = "the module configures no optimizer"
             rank_zero_info(f"OverfitTinyBatch skipped: {self.skip_reason}.")
             return
+        announce_fallbacks("OverfitTinyBatch", pl_module)
         failure: str | None = None
         try:
             with preserved_training_state(trainer, pl_module):

@@ -5,6 +5,11 @@ and the model sits in a local minimum, a copy of the weights (a *snapshot*) is k
 softmax outputs of the last ``k`` snapshots are averaged. The ensemble costs no extra training, but
 ``k`` forward passes per prediction.
 
+The schedule is the LightningModule's own: the recipe's ``scheduler: {name: snapshot, interval: step,
+kwargs: {cycles: M}}`` is the paper's (``CosineAnnealingWarmRestarts(T_0=ceil(T/M))`` per step), and any
+schedule with restarts works (``cosine_restarts`` with warm-up, peak decay or cooldown, a user's
+``CosineAnnealingWarmRestarts``, ``CyclicLR``...). :class:`SnapshotEnsemble` only watches it.
+
 Which averaging trick to use:
 
 * :class:`SnapshotEnsemble` averages **predictions** of ``k`` different models from one run. It pays off
@@ -26,96 +31,81 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.utilities.cloud_io import _atomic_save, get_filesystem
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
-from torch.func import functional_call
-from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts
 from typing_extensions import override
 
-_SCHEDULES = ("paper", "user")
+from lightning_tricks._io import atomic_save
+from lightning_tricks.evaluation import evaluate_prediction_average
+from lightning_tricks.recipes.schedules import scheduler_cycle_ends
 
 
-def snapshot_lr(step: int, total_steps: int, cycles: int, base_lr: float) -> float:
-    """The paper's cyclic cosine learning rate for optimizer step ``step`` (1-based).
+@dataclass(frozen=True)
+class _SnapshotFile:
+    """One snapshot: its 1-based index, the global step it was taken at and the file holding it."""
 
-    ``a(t) = a0 / 2 * (cos(pi * mod(t - 1, ceil(T / M)) / ceil(T / M)) + 1)``.
-
-    Example::
-
-        >>> snapshot_lr(1, total_steps=100, cycles=5, base_lr=0.2)
-        0.2
-    """
-    cycle_len = math.ceil(total_steps / cycles)
-    return base_lr / 2 * (math.cos(math.pi * ((step - 1) % cycle_len) / cycle_len) + 1)
-
-
-def paper_cycle_ends(total_steps: int, cycles: int) -> list[int]:
-    """Optimizer steps (1-based) ending each of the paper's ``cycles`` cycles; the last is cut at T."""
-    cycle_len = math.ceil(total_steps / cycles)
-    return [min(i * cycle_len, total_steps) for i in range(1, cycles + 1)]
-
-
-def warm_restart_cycle_ends(t_0: int, t_mult: int, limit: int) -> list[int]:
-    """Scheduler steps at which ``CosineAnnealingWarmRestarts(T_0, T_mult)`` ends a cycle, up to ``limit``."""
-    ends, end, length = [], t_0, t_0
-    while end <= limit:
-        ends.append(end)
-        length *= t_mult
-        end += length
-    return ends
+    index: int
+    step: int
+    path: str
 
 
 class SnapshotEnsemble(Callback):
-    r"""Cyclic cosine schedule, one snapshot per cycle, and evaluation of the averaged softmax.
+    r"""One snapshot at the end of each cycle of the LR schedule, and evaluation of the averaged softmax.
 
-    With ``schedule="paper"`` the callback sets every param group's learning rate before each optimizer
-    step to :func:`snapshot_lr` over ``T = trainer.estimated_stepping_batches`` steps, scaled by the
-    group's initial LR (or ``lr``). With ``schedule="user"`` the LightningModule's own
-    ``CosineAnnealingWarmRestarts`` drives the LR and snapshots are taken at its last ``cycles`` restarts.
+    The callback never sets the learning rate: the module's scheduler does. It finds the cycle ends in one
+    of two ways, chosen at ``on_fit_start``:
 
-    Snapshots (``state_dict`` of weights and buffers) are kept on CPU, stored in the checkpoint and, on
-    rank 0, written to ``dirpath/snapshot_{i}.pt`` (``i = 1..cycles``) as
-    ``{"state_dict", "global_step", "index"}``, loadable with ``torch.load(weights_only=True)``.
+    * **From the scheduler**, when it can tell (torch's ``CosineAnnealingWarmRestarts`` and the recipe's
+      ``snapshot``/``cosine_restarts`` schedules, also behind a linear warm-up; see
+      :func:`~lightning_tricks.recipes.schedules.scheduler_cycle_ends`). Snapshots are taken at the last
+      ``cycles`` cycle ends that the training budget completes; too few raise before training starts.
+    * **By watching the LR** otherwise: a cycle ends after a step whose LR is lower than the next one,
+      once the LR has fallen since the last restart (so a warm-up is not a restart). The last ``cycles``
+      snapshots are kept.
 
-    During validation and test, once snapshots exist, the last ``ensemble_size`` of them are evaluated on
-    the first eval dataloader by ``torch.func.functional_call`` on the live module (its weights are never
-    touched) and logged beside the module's own metrics: ``{stage}/acc_ensemble``,
-    ``{stage}/loss_ensemble`` (NLL of the averaged probabilities) and ``{stage}/acc_snapshot_{i}``.
+    Snapshots (weights and buffers) are written by rank 0 to ``dirpath/snapshot_{i}.pt`` as
+    ``{"state_dict", "global_step", "index"}`` (loadable with ``torch.load(weights_only=True)`` and by
+    :meth:`lightning_tricks.ensemble.EnsembleClassifier.from_snapshots`), atomically; the checkpoint holds
+    only their paths and steps, never model copies. A resumed run reads the files it references.
+
+    During validation and test, once snapshots exist, the last ``ensemble_size`` of them are evaluated
+    by :func:`lightning_tricks.evaluation.evaluate_prediction_average`: the module's own
+    ``validation_step``/``test_step`` runs on every eval dataloader with ``forward`` returning the log of
+    the snapshots' averaged softmax, then with each snapshot's logits, through
+    ``torch.func.functional_call`` (the live weights are never touched). Every metric the step logs gets
+    a twin: ``val/acc`` gives ``{stage}/acc_ensemble`` and ``{stage}/acc_snapshot_{i}``; ``val/loss``
+    (a plain cross-entropy) gives ``{stage}/loss_ensemble``, the NLL of the averaged probabilities.
     Batches go through ``trainer.strategy.batch_to_device`` so DataModule transfer hooks (normalisation)
-    apply. The module's ``forward`` must return logits and batches must be ``(inputs, targets, ...)``;
-    targets are class indices or soft labels ``(N, C)``. Between snapshots the fit-time validation result
+    apply; the module's ``forward`` must return logits. Between snapshots the fit-time validation result
     is cached, since the ensemble and the validation data do not change.
 
     Args:
-        cycles: Number of cycles ``M`` and of snapshots.
+        cycles: Number ``M`` of snapshots (the last ``M`` cycle ends); ``None`` for every cycle end.
         ensemble_size: Number ``k`` of last snapshots averaged at evaluation, ``1 <= k <= cycles``;
-            defaults to ``cycles``.
-        schedule: ``"paper"`` (the callback sets the LR) or ``"user"`` (the module's own
-            ``CosineAnnealingWarmRestarts``).
-        lr: Restart learning rate ``a0`` for ``schedule="paper"``; defaults to each param group's initial LR.
+            ``None`` for all of them.
         reset_momentum: Clear the optimizer state (momentum buffers, Adam moments) at each restart.
         dirpath: Folder for snapshot files; defaults to ``trainer.log_dir/checkpoints``.
-        save_files: Write ``snapshot_{i}.pt`` files.
 
     Raises:
-        MisconfigurationException: On a bad argument, or at ``setup``/``on_fit_start`` when the training
-            budget cannot hold ``cycles`` cycles or no ``CosineAnnealingWarmRestarts`` is configured for
-            ``schedule="user"``.
+        ValueError: On a bad argument.
+        MisconfigurationException: At ``on_fit_start`` when no LR scheduler is configured or the
+            scheduler completes fewer than ``cycles`` cycles in the training budget.
 
     Example::
 
         from lightning.pytorch import Trainer
         from lightning_tricks.callbacks.snapshot import SnapshotEnsemble
+        from lightning_tricks.recipes import ImageClassifier, SchedulerConfig
 
-        trainer = Trainer(max_epochs=200, callbacks=[SnapshotEnsemble(cycles=5, ensemble_size=5, lr=0.2)])
+        schedule = SchedulerConfig("snapshot", interval="step", kwargs={"cycles": 5})
+        model = ImageClassifier("resnet56", scheduler=schedule)
+        trainer = Trainer(max_epochs=200, callbacks=[SnapshotEnsemble(cycles=5)])
         trainer.fit(model, datamodule)     # logs val/acc_ensemble beside val/acc
         trainer.test(model, datamodule)    # logs test/acc_ensemble, test/acc_snapshot_1..5
 
@@ -124,196 +114,178 @@ class SnapshotEnsemble(Callback):
 
     def __init__(
         self,
-        cycles: int = 5,
+        cycles: int | None = None,
         ensemble_size: int | None = None,
-        schedule: Literal["paper", "user"] = "paper",
-        lr: float | None = None,
         reset_momentum: bool = False,
         dirpath: str | None = None,
-        save_files: bool = True,
     ) -> None:
-        if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
-            raise MisconfigurationException(f"`cycles` must be an integer >= 1, got {cycles!r}")
-        if ensemble_size is None:
-            ensemble_size = cycles
-        if (
+        if cycles is not None and (isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1):
+            raise ValueError(f"`cycles` must be None or an integer >= 1, got {cycles!r}")
+        if ensemble_size is not None and (
             isinstance(ensemble_size, bool)
             or not isinstance(ensemble_size, int)
-            or not 1 <= ensemble_size <= cycles
+            or not 1 <= ensemble_size <= (cycles or ensemble_size)
         ):
-            raise MisconfigurationException(
-                f"`ensemble_size` must be an integer in [1, cycles={cycles}], got {ensemble_size!r}"
-            )
-        if schedule not in _SCHEDULES:
-            raise MisconfigurationException(f"`schedule` must be one of {_SCHEDULES}, got {schedule!r}")
-        if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise MisconfigurationException(f"`lr` must be a finite number > 0 or None, got {lr!r}")
-        if lr is not None and schedule == "user":
-            raise MisconfigurationException(
-                f"`lr`={lr} only applies to schedule='paper'; with schedule='user' set the optimizer's LR"
+            raise ValueError(
+                f"`ensemble_size` must be None or an integer in [1, cycles={cycles}], got {ensemble_size!r}"
             )
         if not isinstance(reset_momentum, bool):
-            raise MisconfigurationException(f"`reset_momentum` must be a bool, got {reset_momentum!r}")
+            raise ValueError(f"`reset_momentum` must be a bool, got {reset_momentum!r}")
         self.cycles = cycles
         self.ensemble_size = ensemble_size
-        self.schedule = schedule
-        self.lr = None if lr is None else float(lr)
         self.reset_momentum = reset_momentum
         self.dirpath = dirpath
-        self.save_files = save_files
 
-        self._snapshots: list[dict[str, torch.Tensor]] = []
-        self._snapshot_steps: list[int] = []
-        self._base_lrs: list[float] = []
-        self._total_steps = 0
-        # Progress points (global steps, or epochs for an epoch-interval user scheduler).
+        self._snapshots: list[_SnapshotFile] = []
+        self._taken = 0
+        # Known cycle ends, in progress points (global steps, or epochs for an epoch-interval scheduler).
         self._snapshot_points: list[int] = []
         self._restart_points: set[int] = set()
+        self._watch_lr = False
+        self._lr_at_step: float | None = None
+        self._lr_fell = False
         self._unit: Literal["step", "epoch"] = "step"
-        self._scheduler_frequency = 1
         self._last_handled = -1
         self._cache: tuple[tuple[int, str, int], dict[str, float]] | None = None
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(cycles=self.cycles, schedule=self.schedule)
+        return self._generate_state_key(cycles=self.cycles)
 
     @property
     def snapshots(self) -> list[dict[str, torch.Tensor]]:
-        """The snapshots taken so far (CPU ``state_dict`` copies), oldest first."""
-        return list(self._snapshots)
+        """The kept snapshots (CPU ``state_dict``\\ s read from their files), oldest first."""
+        return [self._load(s) for s in self._snapshots]
 
     @property
     def snapshot_steps(self) -> list[int]:
-        """The global step at which each snapshot was taken."""
-        return list(self._snapshot_steps)
+        """The global step at which each kept snapshot was taken."""
+        return [s.step for s in self._snapshots]
+
+    @property
+    def snapshot_paths(self) -> list[str]:
+        """The file of each kept snapshot."""
+        return [s.path for s in self._snapshots]
 
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Nothing here builds a dataloader: the checkpoint is restored only after setup.
         if self.dirpath is None:
             # trainer.log_dir broadcasts, so every rank must call it.
             self.dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
-        if stage != "fit":
-            return
+        self.dirpath = os.path.abspath(self.dirpath)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        missing = [s.path for s in self._snapshots if not os.path.isfile(s.path)]
+        if missing:
+            raise MisconfigurationException(
+                f"SnapshotEnsemble: the checkpoint references snapshot files that do not exist: {missing}. "
+                "Resume on a machine that sees the run's snapshot folder, or start a fresh run"
+            )
+        if not trainer.lr_scheduler_configs:
+            raise MisconfigurationException(
+                "SnapshotEnsemble takes snapshots at the restarts of the LR schedule, but "
+                "configure_optimizers returned no scheduler. Use one with restarts, e.g. the recipe's "
+                "scheduler: {name: snapshot, interval: step, kwargs: {cycles: 5}} or torch's "
+                "CosineAnnealingWarmRestarts"
+            )
+        for config in trainer.lr_scheduler_configs:
+            budget, unit = self._budget(trainer, config)
+            ends = scheduler_cycle_ends(config.scheduler, budget // config.frequency)
+            if ends is not None:
+                self._use_cycle_ends(config, [e * config.frequency for e in ends], budget, unit)
+                return
+        self._watch_lr = True
+        rank_zero_info(
+            "SnapshotEnsemble: the scheduler does not report its cycles; a cycle ends where the LR rises"
+        )
+
+    def _budget(self, trainer: Trainer, config: Any) -> tuple[int, str]:
+        """The progress points the run completes: optimizer steps, or complete epochs for epoch schedulers."""
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise MisconfigurationException(
                 "SnapshotEnsemble needs a finite training budget to place its cycles: set `max_epochs` or "
                 "`max_steps` on the Trainer"
             )
-        self._total_steps = int(total)
-        if self.schedule == "paper":
-            self._check_paper_cycles(self._total_steps)
-            self._snapshot_points = paper_cycle_ends(self._total_steps, self.cycles)
-            self._restart_points = set(self._snapshot_points[:-1])
-
-    def _check_paper_cycles(self, total: int) -> None:
-        cycle_len = math.ceil(total / self.cycles)
-        if self.cycles > total or (self.cycles - 1) * cycle_len >= total:
+        if config.interval != "epoch":
+            return int(total), "optimizer steps"
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
             raise MisconfigurationException(
-                f"`cycles`={self.cycles} does not fit in {total} optimizer steps: cycles of "
-                f"ceil({total}/{self.cycles})={cycle_len} steps leave the last cycle empty. Use fewer cycles "
-                "or a longer training budget (max_epochs / max_steps)"
+                "SnapshotEnsemble with an epoch-interval scheduler needs `max_epochs`"
             )
-        if self.cycles * cycle_len != total:
-            rank_zero_warn(
-                f"SnapshotEnsemble: {total} optimizer steps are not a multiple of the cycle length "
-                f"{cycle_len}, so the last cycle is cut short and its snapshot is taken before its LR "
-                "reaches the minimum. Choose a step budget divisible by `cycles` to avoid this."
-            )
+        # Only complete epochs step the scheduler; `max_steps` may end the run before `max_epochs`.
+        batches = trainer.num_training_batches
+        steps_per_epoch = (
+            math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
+        )
+        full_epochs = int(total) // steps_per_epoch if steps_per_epoch > 0 else 0
+        return min(trainer.max_epochs, full_epochs), "complete epochs"
 
-    @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.schedule == "paper":
-            if trainer.lr_scheduler_configs:
-                rank_zero_warn(
-                    "SnapshotEnsemble(schedule='paper') sets the learning rate itself every step, overriding "
-                    "the configured LR scheduler. Remove it, or use schedule='user' with "
-                    "CosineAnnealingWarmRestarts."
-                )
-            return
-        self._setup_user_schedule(trainer)
-
-    def _setup_user_schedule(self, trainer: Trainer) -> None:
-        configs = [
-            c for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, CosineAnnealingWarmRestarts)
-        ]
-        if not configs:
+    def _use_cycle_ends(self, config: Any, points: list[int], budget: int, unit: str) -> None:
+        cycles = self.cycles if self.cycles is not None else len(points)
+        if len(points) < max(cycles, 1):
             raise MisconfigurationException(
-                "SnapshotEnsemble(schedule='user') needs a torch.optim.lr_scheduler."
-                "CosineAnnealingWarmRestarts returned by configure_optimizers; use schedule='paper' otherwise"
+                f"`cycles`={self.cycles} but the scheduler {type(config.scheduler).__name__} "
+                f"(frequency={config.frequency}) completes only {len(points)} cycles in {budget} {unit}"
             )
-        config = configs[0]
-        sched = config.scheduler
         self._unit = "epoch" if config.interval == "epoch" else "step"
-        self._scheduler_frequency = config.frequency
-        if self._unit == "epoch":
-            if trainer.max_epochs is None or trainer.max_epochs < 0:
-                raise MisconfigurationException(
-                    "SnapshotEnsemble(schedule='user') with an epoch-interval scheduler needs `max_epochs`"
-                )
-            # Only complete epochs step the scheduler; `max_steps` may end the run before `max_epochs`.
-            batches = trainer.num_training_batches
-            steps_per_epoch = (
-                math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
-            )
-            full_epochs = self._total_steps // steps_per_epoch if steps_per_epoch > 0 else 0
-            budget, unit = min(trainer.max_epochs, full_epochs), "complete epochs"
-        else:
-            budget, unit = self._total_steps, "optimizer steps"
-        ends = warm_restart_cycle_ends(sched.T_0, sched.T_mult, budget // config.frequency)
-        if len(ends) < self.cycles:
-            raise MisconfigurationException(
-                f"`cycles`={self.cycles} but CosineAnnealingWarmRestarts(T_0={sched.T_0}, "
-                f"T_mult={sched.T_mult}, "
-                f"frequency={config.frequency}) completes only {len(ends)} cycles in {budget} {unit}"
-            )
-        points = [e * config.frequency for e in ends]
-        self._snapshot_points = points[-self.cycles :]
+        self._snapshot_points = points[-cycles:]
         self._restart_points = {p for p in points if p < budget}
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Runs after the optimizer state is restored; a resumed run keeps the base LRs it saved.
+        # Runs after the training state is restored.
         self._last_handled = trainer.global_step if self._unit == "step" else trainer.current_epoch
-        if self.schedule != "paper" or self._base_lrs:
-            return
-        self._base_lrs = [
-            self.lr if self.lr is not None else float(group.get("initial_lr", group["lr"]))
-            for opt in trainer.optimizers
-            for group in opt.param_groups
-        ]
 
     # --------------------------------------------------------------- training
     @override
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.schedule != "paper":
-            return
-        step = min(trainer.global_step + 1, self._total_steps)
-        groups = [group for opt in trainer.optimizers for group in opt.param_groups]
-        if len(groups) != len(self._base_lrs):
-            raise MisconfigurationException(
-                f"SnapshotEnsemble saw {len(self._base_lrs)} param groups at the start of training but now "
-                f"{len(groups)}; the paper schedule needs a fixed set of param groups"
-            )
-        for group, base_lr in zip(groups, self._base_lrs, strict=True):
-            group["lr"] = snapshot_lr(step, self._total_steps, self.cycles, base_lr)
+        if self._watch_lr and optimizer is trainer.optimizers[0]:
+            self._lr_at_step = float(optimizer.param_groups[0]["lr"])
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._unit == "step":
+        if self._watch_lr:
+            self._watch(trainer, pl_module)
+        elif self._unit == "step":
             self._on_progress(trainer, pl_module, trainer.global_step)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._unit == "epoch":
+        if not self._watch_lr and self._unit == "epoch":
             self._on_progress(trainer, pl_module, trainer.current_epoch + 1)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watch_lr and self.cycles is not None and len(self._snapshots) < self.cycles:
+            rank_zero_warn(
+                f"SnapshotEnsemble: the LR restarted only {len(self._snapshots)} times, fewer than "
+                f"`cycles`={self.cycles}; the ensemble has {len(self._snapshots)} members"
+            )
+
+    def _watch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Schedulers have already stepped when this hook runs: the group's lr is the next step's.
+        if trainer.global_step == self._last_handled or self._lr_at_step is None:
+            return
+        self._last_handled = trainer.global_step
+        next_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        if next_lr < self._lr_at_step:
+            self._lr_fell = True
+        elif next_lr > self._lr_at_step and self._lr_fell:
+            self._lr_fell = False
+            self._take_snapshot(trainer, pl_module)
+            if self.cycles is not None:
+                self._snapshots = self._snapshots[-self.cycles :]
+            if self.reset_momentum:
+                self._clear_optimizer_state(trainer)
 
     def _on_progress(self, trainer: Trainer, pl_module: LightningModule, point: int) -> None:
         # Under gradient accumulation several batches end on the same step; act once per step.
@@ -324,175 +296,93 @@ class SnapshotEnsemble(Callback):
         if index < len(self._snapshot_points) and point == self._snapshot_points[index]:
             self._take_snapshot(trainer, pl_module)
         if self.reset_momentum and point in self._restart_points:
-            for opt in trainer.optimizers:
-                opt.state.clear()
+            self._clear_optimizer_state(trainer)
+
+    @staticmethod
+    def _clear_optimizer_state(trainer: Trainer) -> None:
+        for opt in trainer.optimizers:
+            opt.state.clear()
 
     def _take_snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        snapshot = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-        self._snapshots.append(snapshot)
-        self._snapshot_steps.append(trainer.global_step)
+        self._taken += 1
+        assert self.dirpath is not None  # set in setup
+        path = os.path.join(self.dirpath, f"snapshot_{self._taken}.pt")
+        if trainer.is_global_zero:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+            atomic_save({"state_dict": state, "global_step": trainer.global_step, "index": self._taken}, path)
+        trainer.strategy.barrier("SnapshotEnsemble.snapshot")  # every rank may read it from now on
+        self._snapshots.append(_SnapshotFile(self._taken, trainer.global_step, path))
         self._cache = None
-        index = len(self._snapshots)
-        if self.save_files and trainer.is_global_zero:
-            fs = get_filesystem(self.dirpath)
-            fs.makedirs(self.dirpath, exist_ok=True)
-            path = os.path.join(self.dirpath, f"snapshot_{index}.pt")
-            _atomic_save({"state_dict": snapshot, "global_step": trainer.global_step, "index": index}, path)
-        rank_zero_info(f"SnapshotEnsemble: snapshot {index}/{self.cycles} at step {trainer.global_step}")
+        rank_zero_info(f"SnapshotEnsemble: snapshot {self._taken} at step {trainer.global_step} -> {path}")
+
+    @staticmethod
+    def _load(snapshot: _SnapshotFile) -> dict[str, torch.Tensor]:
+        if not os.path.isfile(snapshot.path):
+            raise MisconfigurationException(
+                f"SnapshotEnsemble: snapshot {snapshot.index} (step {snapshot.step}) is missing: "
+                f"{snapshot.path}"
+            )
+        return torch.load(snapshot.path, map_location="cpu", weights_only=True)["state_dict"]
 
     # ------------------------------------------------------------- evaluation
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self._snapshots:
             return
-        key = (len(self._snapshots), "val", int(trainer.num_val_batches[0]))
-        if trainer.state.fn == "fit" and self._cache is not None and self._cache[0] == key:
-            metrics = self._cache[1]
-        else:
-            metrics = self._evaluate(trainer, pl_module, "val")
-            self._cache = (key, metrics)
-        self._log(pl_module, metrics)
+        key = (len(self._snapshots), tuple(trainer.num_val_batches))
+        fitting = trainer.state.fn == "fit"
+        if fitting and self._cache is not None and self._cache[0] == key and self._cache[2]:
+            _, arguments, values = self._cache
+            for name, value in values.items():
+                pl_module.log(name, value, **arguments[name])
+            return
+        arguments = evaluate_prediction_average(trainer, pl_module, "val", self._members())
+        # The epoch values are read back in on_validation_end and logged again until the next snapshot.
+        self._cache = (key, arguments, {}) if fitting else None
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._cache is None or self._cache[2] or trainer.sanity_checking:
+            return
+        key, arguments, _ = self._cache
+        metrics = trainer.callback_metrics
+        values = {name: float(metrics[name]) for name in arguments if name in metrics}
+        self._cache = (key, arguments, values)
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._snapshots:
-            self._log(pl_module, self._evaluate(trainer, pl_module, "test"))
+            evaluate_prediction_average(trainer, pl_module, "test", self._members())
 
-    @staticmethod
-    def _log(pl_module: LightningModule, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            # Already summed over ranks; sync_dist keeps Lightning's epoch-level reduction consistent.
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
-
-    def _members(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
-        k = min(self.ensemble_size, len(self._snapshots))
-        start = len(self._snapshots) - k
-        return [(start + j + 1, self._snapshots[start + j]) for j in range(k)]
-
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, float]:
-        if stage == "val":
-            loaders, num_batches = trainer.val_dataloaders, trainer.num_val_batches
-        else:
-            loaders, num_batches = trainer.test_dataloaders, trainer.num_test_batches
-        if isinstance(loaders, Sequence):
-            if len(loaders) > 1:
-                rank_zero_warn("SnapshotEnsemble evaluates the first of several eval dataloaders only.")
-            loaders = loaders[0]
-        limit = num_batches[0] if isinstance(num_batches, Sequence) else num_batches
-        per_member = ensemble_probabilities(trainer, pl_module, self._members(), loaders, limit)
-        return self._metrics(trainer, stage, per_member)
-
-    @staticmethod
-    def _metrics(trainer: Trainer, stage: str, result: _EvalResult) -> dict[str, float]:
-        device = result.prob_sum.device
-        hard = result.targets if result.targets.ndim == 1 else result.targets.argmax(-1)
-        mean_probs = result.prob_sum / len(result.member_ids)
-        log_p = mean_probs.clamp_min(torch.finfo(mean_probs.dtype).tiny).log()
-        if result.targets.ndim == 1:
-            nll = -log_p.gather(1, result.targets[:, None]).sum()
-        else:
-            nll = -(result.targets * log_p).sum()
-        counts = torch.stack(
-            [
-                torch.tensor(float(hard.numel()), device=device),
-                nll.float(),
-                (mean_probs.argmax(-1) == hard).sum().float(),
-                *[c.float() for c in result.member_correct],
-            ]
-        )
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        n = counts[0].clamp_min(1)
-        metrics = {
-            f"{stage}/acc_ensemble": float(counts[2] / n),
-            f"{stage}/loss_ensemble": float(counts[1] / n),
-        }
-        for j, member_id in enumerate(result.member_ids):
-            metrics[f"{stage}/acc_snapshot_{member_id}"] = float(counts[3 + j] / n)
-        return metrics
+    def _members(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The last ``ensemble_size`` snapshots, read from their files now, by metric suffix:
+        ``{"_snapshot_3": state_dict, ...}``."""
+        k = len(self._snapshots) if self.ensemble_size is None else self.ensemble_size
+        return {f"_snapshot_{s.index}": self._load(s) for s in self._snapshots[-k:]}
 
     # ------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
+        """Paths and steps of the snapshots (no weights), and the LR watcher's state."""
         return {
-            "snapshots": [dict(s) for s in self._snapshots],
-            "snapshot_steps": list(self._snapshot_steps),
-            "base_lrs": list(self._base_lrs),
-            "total_steps": self._total_steps,
+            "snapshot_indices": [s.index for s in self._snapshots],
+            "snapshot_steps": [s.step for s in self._snapshots],
+            "snapshot_paths": [s.path for s in self._snapshots],
+            "taken": self._taken,
+            "lr_fell": self._lr_fell,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._snapshots = [dict(s) for s in state_dict.get("snapshots", [])]
-        self._snapshot_steps = [int(s) for s in state_dict.get("snapshot_steps", [])]
-        self._base_lrs = [float(x) for x in state_dict.get("base_lrs", [])]
-        saved_total = int(state_dict.get("total_steps", 0))
-        if saved_total and self._total_steps and saved_total != self._total_steps:
-            rank_zero_warn(
-                f"SnapshotEnsemble: the checkpoint was written for {saved_total} optimizer steps but this "
-                "run "
-                f"has {self._total_steps}; the remaining cycles follow the new budget."
+        self._snapshots = [
+            _SnapshotFile(int(i), int(step), str(path))
+            for i, step, path in zip(
+                state_dict["snapshot_indices"],
+                state_dict["snapshot_steps"],
+                state_dict["snapshot_paths"],
+                strict=True,
             )
+        ]
+        self._taken = int(state_dict["taken"])
+        self._lr_fell = bool(state_dict["lr_fell"])
         self._cache = None
-
-
-class _EvalResult:
-    """Per-sample summed probabilities, targets and per-member correct counts on this rank."""
-
-    def __init__(self, prob_sum: torch.Tensor, targets: torch.Tensor, member_ids, member_correct) -> None:
-        self.prob_sum = prob_sum
-        self.targets = targets
-        self.member_ids = list(member_ids)
-        self.member_correct = list(member_correct)
-
-
-def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise MisconfigurationException(
-        f"SnapshotEnsemble expects eval batches (inputs, targets, ...), got {type(batch).__name__}"
-    )
-
-
-def ensemble_probabilities(
-    trainer: Trainer,
-    pl_module: LightningModule,
-    members: list[tuple[int, dict[str, torch.Tensor]]],
-    loader: Any,
-    limit: int | float,
-) -> _EvalResult:
-    """Run ``loader`` through ``pl_module`` once per member state, leaving the live module untouched.
-
-    One member's tensors are on the device at a time (the memory of one model); the live parameters are
-    swapped only inside ``torch.func.functional_call``, which restores them even on error.
-    """
-    names = {n for n, _ in pl_module.named_parameters()} | {n for n, _ in pl_module.named_buffers()}
-    device = pl_module.device
-    was_training = pl_module.training
-    prob_sums: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
-    correct: list[torch.Tensor] = []
-    pl_module.eval()
-    try:
-        with isolate_rng(), torch.no_grad():
-            for m, (_, snapshot) in enumerate(members):
-                state = {k: v.to(device) for k, v in snapshot.items() if k in names}
-                hits = torch.zeros((), device=device)
-                for b, batch in enumerate(loader):
-                    if b >= limit:
-                        break
-                    x, y = _split_batch(trainer.strategy.batch_to_device(batch))
-                    probs = functional_call(pl_module, state, (x,)).float().softmax(-1)
-                    hard = y if y.ndim == 1 else y.argmax(-1)
-                    hits += (probs.argmax(-1) == hard).sum()
-                    if m == 0:
-                        prob_sums.append(probs)
-                        targets.append(y)
-                    else:
-                        prob_sums[b] += probs
-                correct.append(hits)
-                del state
-    finally:
-        pl_module.train(was_training)
-    if not prob_sums:
-        raise MisconfigurationException("SnapshotEnsemble found no batches in the eval dataloader")
-    return _EvalResult(torch.cat(prob_sums), torch.cat(targets), [i for i, _ in members], correct)

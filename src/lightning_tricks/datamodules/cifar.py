@@ -28,7 +28,7 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from lightning_tricks.datamodules import stats as stats_lib
-from lightning_tricks.datamodules.in_memory import InMemoryImageDataModule
+from lightning_tricks.datamodules.base import InMemoryImageDataModule
 
 
 class CIFAR10DataModule(InMemoryImageDataModule):
@@ -51,7 +51,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
             or ``None`` to always recompute.
         **kwargs: ``augment_kwargs``, ``pad_mode``, ``batch_augment``, ``mixup_alpha``,
             ``cutmix_alpha``, ``normalize``, ``mean_image``, ``whitening``, ``whitening_eps``
-            (see :class:`~lightning_tricks.datamodules.in_memory.InMemoryImageDataModule`).
+            (see :class:`~lightning_tricks.datamodules.base.InMemoryImageDataModule`).
 
     Raises:
         FileNotFoundError: At ``setup`` when the data is missing and ``download=False``.
@@ -108,7 +108,26 @@ class CIFAR10DataModule(InMemoryImageDataModule):
     def prepare_data(self) -> None:
         if self.download:
             for train in (True, False):
-                self.dataset_cls(str(self.data_dir), train=train, download=True)
+                try:
+                    self.dataset_cls(str(self.data_dir), train=train, download=True)
+                except OSError as err:  # URLError, HTTPError, socket errors: no network
+                    raise self._download_error(err) from err
+
+    def _download_error(self, err: OSError) -> FileNotFoundError:
+        """What was looked at, what is wrong with it and what to put there, when a download fails."""
+        folder = self.dataset_folder.resolve()
+        state = (
+            "exists but its files are missing or fail torchvision's checksum (corrupt or incomplete)"
+            if folder.is_dir()
+            else "does not exist"
+        )
+        name, archive = self.dataset_cls.__name__, self.dataset_cls.filename
+        return FileNotFoundError(
+            f"{name}: {folder} {state}, and downloading it failed ({err}). Put the extracted "
+            f"{self.dataset_cls.base_folder}/ folder (from {archive}, {self.dataset_cls.url}) in "
+            f"data_dir={self.data_dir.resolve()}, or rerun with network access; "
+            "download=false never tries to download"
+        )
 
     def _dataset(self, train: bool) -> CIFAR10:
         if not self.dataset_folder.is_dir():

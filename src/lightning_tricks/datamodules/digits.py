@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.nn import functional as F
 
-from lightning_tricks.datamodules.in_memory import InMemoryImageDataModule
+from lightning_tricks.datamodules.base import InMemoryImageDataModule
 
 
 class DigitsDataModule(InMemoryImageDataModule):
@@ -37,6 +37,9 @@ class DigitsDataModule(InMemoryImageDataModule):
         bootstrap_seed: Bagging: train on a seeded bootstrap resample of the training split.
         augment: On-device training augmentation: ``"flip"``, ``"translate"`` or ``"crop_flip"``
             (padding ``max(1, image_size // 8)``); ``None`` (default) for none.
+        augment_on_device: Augment whole batches on the training device (default); ``False`` runs
+            ``augment`` per sample on the CPU with ``transforms.v2`` (the slow reference path).
+        data_on_device: Keep the splits resident on the training device (no host-to-device copies).
         train_per_class: Few-labels regime: keep only this many training images per class (a seeded
             subset of the training split); validation and test splits are unchanged. ``None`` keeps all.
         **kwargs: Further options of :class:`InMemoryImageDataModule` (``batch_augment``, ...).
@@ -56,6 +59,8 @@ class DigitsDataModule(InMemoryImageDataModule):
         normalize: bool = True,
         augment: str | list[str] | None = None,
         bootstrap_seed: int | None = None,
+        augment_on_device: bool = True,
+        data_on_device: bool = False,
         train_per_class: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -66,6 +71,8 @@ class DigitsDataModule(InMemoryImageDataModule):
             seed=seed,
             augment=augment,
             bootstrap_seed=bootstrap_seed,
+            augment_on_device=augment_on_device,
+            data_on_device=data_on_device,
             **kwargs,
         )
         if train_per_class is not None and train_per_class < 1:

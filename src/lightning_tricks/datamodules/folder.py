@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 
 from lightning_tricks.datamodules import stats as stats_lib
 from lightning_tricks.datamodules.augment import SIZING_PRESETS, PresetContext, build_transform
-from lightning_tricks.datamodules.in_memory import PreprocessedImageDataModule
+from lightning_tricks.datamodules.base import PreprocessedImageDataModule
 
 ON_CORRUPT = ("skip", "raise")
 _SHOWN = 10
@@ -209,7 +209,25 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
             raise FileNotFoundError(
                 f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folders of {self.data_dir / split}"
             )
+        self._check_no_empty_class(split, samples)
         return samples
+
+    def _check_no_empty_class(self, split: str, samples: list[tuple[str, int]]) -> None:
+        """A training class folder without images would give the model a class it never sees."""
+        present = {label for _, label in samples}
+        empty = [self.data_dir / split / name for i, name in enumerate(self.classes) if i not in present]
+        if not empty:
+            return
+        message = (
+            f"class folder(s) without images ({', '.join(IMG_EXTENSIONS)}) in {split}/: "
+            f"{', '.join(str(path.resolve()) for path in empty)}"
+        )
+        if split == "train":
+            raise FileNotFoundError(
+                f"{message}; the model would get classes with no training data. Put images in them, "
+                f"or remove the folder(s) from every split of data_dir={self.data_dir}"
+            )
+        rank_zero_warn(f"{message}; those classes are not evaluated on {split}/")
 
     def _drop_corrupt(self, split: str, samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
         corrupt = find_corrupt([path for path, _ in samples])

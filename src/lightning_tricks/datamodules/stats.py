@@ -20,10 +20,11 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_tricks._io import atomic_save
 
 WHITENING_MODES = ("zca", "pca")
 
@@ -318,11 +319,7 @@ class ImageStatistics:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted tensors atomically (a reader never sees a half-written file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        atomic_save(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> None:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_tricks.datamodules.in_memory import InMemoryImageDataModule
+from lightning_tricks.datamodules.base import InMemoryImageDataModule
 
 
 class SyntheticDataModule(InMemoryImageDataModule):
@@ -32,6 +32,9 @@ class SyntheticDataModule(InMemoryImageDataModule):
         bootstrap_seed: Bagging: train on a seeded bootstrap resample of the training split.
         augment: On-device training augmentation: ``"flip"``, ``"translate"`` or ``"crop_flip"``
             (padding ``max(1, image_size // 8)``); ``None`` (default) for none.
+        augment_on_device: Augment whole batches on the training device (default); ``False`` runs
+            ``augment`` per sample on the CPU with ``transforms.v2`` (the slow reference path).
+        data_on_device: Keep the splits resident on the training device (no host-to-device copies).
     """
 
     def __init__(
@@ -49,6 +52,8 @@ class SyntheticDataModule(InMemoryImageDataModule):
         normalize: bool = True,
         augment: str | list[str] | None = None,
         bootstrap_seed: int | None = None,
+        augment_on_device: bool = True,
+        data_on_device: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -57,6 +62,8 @@ class SyntheticDataModule(InMemoryImageDataModule):
             seed=seed,
             augment=augment,
             bootstrap_seed=bootstrap_seed,
+            augment_on_device=augment_on_device,
+            data_on_device=data_on_device,
         )
         for name, value in (
             ("num_classes", num_classes),

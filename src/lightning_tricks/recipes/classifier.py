@@ -33,17 +33,31 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes.init import InitConfig, initialize
-from lightning_tricks.recipes.models import DropConnectLinear, create_model
+from lightning_tricks.recipes.models import DropConnectConv2d, DropConnectLinear, create_model, get_classifier
+from lightning_tricks.recipes.nonfinite import NonFiniteLossGuard
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
 from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
 
+# Param-group key holding the global batch size the group's lr is scaled for (linear scaling rule).
+LR_BATCH_KEY = "lr_global_batch_size"
 # Modules whose drop probability ``p`` is regularisation that ``regularization_scaled(0)`` turns off.
-_DROP_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, DropConnectLinear)
+_DROP_TYPES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    DropConnectLinear,
+    DropConnectConv2d,
+)
 
 
 def _as_config(value: Any, config_type: type) -> Any:
@@ -71,6 +85,9 @@ class ImageClassifier(L.LightningModule):
         init: Weight initialisation scheme applied to the freshly built model.
         tta: Test-time augmentation for test/predict (``"hflip"``, ``"ten_crop"``, ``"multi_scale"``);
             logged as ``test/acc_tta`` beside the plain ``test/acc``.
+        on_nonfinite_loss: On a NaN/inf training loss, ``"stop"`` the run with a message naming the
+            step, the loss, the last finite loss and the likely cause (default), or ``"skip"`` that
+            step with a warning; either way the weights never see it.
     """
 
     def __init__(
@@ -84,8 +101,10 @@ class ImageClassifier(L.LightningModule):
         regularization: RegularizationConfig | None = None,
         init: InitConfig | None = None,
         tta: str | None = None,
+        on_nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
+        self.nonfinite_guard = NonFiniteLossGuard(on_nonfinite_loss)
         self.optimizer_config: OptimizerConfig = _as_config(optimizer, OptimizerConfig)
         self.scheduler_config: SchedulerConfig = _as_config(scheduler, SchedulerConfig)
         self.regularization_config: RegularizationConfig = _as_config(regularization, RegularizationConfig)
@@ -119,6 +138,12 @@ class ImageClassifier(L.LightningModule):
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top_k, average="micro"))
         if tta is not None:
             self.test_acc_tta = MulticlassAccuracy(num_classes, average="micro")
+        # The epoch's running training loss and accuracy live in the module's state_dict, so a run
+        # resumed mid-epoch reports the same epoch values (Lightning does not checkpoint its own
+        # running epoch aggregates).
+        self.train_loss = MeanMetric()
+        for metric in (self.train_loss, self.train_acc):
+            metric.persistent(True)
 
     def _model_kwargs(self, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         kwargs = dict(model_kwargs or {})
@@ -134,6 +159,35 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+    # -- backbone / head split (read by Lightning's BackboneFinetuning and BaseFinetuning) ------
+    @property
+    def head(self) -> nn.Module:
+        """The network's final linear classifier (:func:`lightning_tricks.recipes.models.get_classifier`)."""
+        return get_classifier(self.net)
+
+    @property
+    def backbone(self) -> nn.ModuleList:
+        """Every layer of the network except :attr:`head`, as an unregistered ``ModuleList`` view.
+
+        The view holds the layers that own parameters or have no children, which is what Lightning's
+        finetuning callbacks freeze, unfreeze and put in a new param group; it is rebuilt on each access and
+        never registered, so checkpoints keep one copy of every weight under ``net.``. Frozen parameters
+        are left out of the optimizer that :meth:`configure_optimizers` builds.
+
+        Example::
+
+            from lightning.pytorch.callbacks import BackboneFinetuning
+
+            trainer = L.Trainer(callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=5)])
+            trainer.fit(ImageClassifier("resnet20"), datamodule)  # head only for 5 epochs, then all
+        """
+        head = self.head
+        return nn.ModuleList(
+            m
+            for m in self.net.modules()
+            if m is not head and (not list(m.children()) or list(m.parameters(recurse=False)))
+        )
 
     # -- losses -------------------------------------------------------------------------------
     def data_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -177,17 +231,30 @@ class ImageClassifier(L.LightningModule):
     def _hard_targets(targets: torch.Tensor) -> torch.Tensor:
         return targets.argmax(dim=1) if targets.ndim == 2 else targets
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def on_train_epoch_start(self) -> None:
+        """Keep the linear scaling rule on the current global batch (see :meth:`follow_global_batch`)
+        and start the epoch's running training metrics empty."""
+        self.follow_global_batch()
+        # A new epoch's running metrics start empty, also after resuming from an epoch-end checkpoint
+        # (saved before Lightning resets them); a mid-epoch resume skips this hook and keeps its sums.
+        self.train_loss.reset()
+        self.train_acc.reset()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, targets = batch
         logits = self(images)
         loss = self.data_loss(logits, targets)
         cfg = self.regularization_config
-        if (cfg.l1 or cfg.l2) and self._regularization_scale:
-            reg = self.penalty()
+        reg = self.penalty() if (cfg.l1 or cfg.l2) and self._regularization_scale else None
+        if reg is not None:
             loss = loss + reg
+        if not self.nonfinite_guard.check(self, loss, images, batch_idx):
+            return None  # "skip": Lightning skips backward and the optimizer step
+        if reg is not None:
             self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
         self.train_acc(logits.detach(), self._hard_targets(targets))
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        self.train_loss(loss.detach(), len(images))  # weighted by batch size, as Lightning's own mean
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
@@ -239,10 +306,12 @@ class ImageClassifier(L.LightningModule):
         return batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(
-            self.net, self.optimizer_config, global_batch_size=self._global_batch_size()
-        )
         total_steps = int(self.trainer.estimated_stepping_batches)  # also loads the train loader
+        global_batch = self._global_batch_size()
+        optimizer = build_optimizer(self.net, self.optimizer_config, global_batch_size=global_batch)
+        if self.optimizer_config.base_batch_size is not None and global_batch is not None:
+            for group in optimizer.param_groups:
+                group[LR_BATCH_KEY] = global_batch
         batches = self.trainer.num_training_batches
         steps_per_epoch = (
             max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
@@ -255,3 +324,38 @@ class ImageClassifier(L.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def follow_global_batch(self) -> None:
+        """Rescale the learning rates when the global batch differs from the one they were scaled for.
+
+        With ``optimizer.base_batch_size`` set, the rule ``lr = base_lr * global_batch / base_batch_size``
+        holds whenever an epoch starts, also after Lightning's ``BatchSizeFinder`` changed the batch size or
+        a ``GradientAccumulationScheduler`` changed the accumulation: every lr value of the optimizer and
+        its schedulers (warm-up targets, cosine peaks, restart lrs...) is multiplied by
+        ``new_batch / old_batch``, so the schedule keeps its shape. The batch each param group is scaled
+        for is stored in the group itself (``lr_global_batch_size``), i.e. in the optimizer state that
+        checkpoints and ``BatchSizeFinder``'s restore bring back together with the lr. Optimizers built
+        elsewhere (without that key) are left alone.
+
+        Example::
+
+            # optimizer: {name: sgd, lr: 0.1, base_batch_size: 256}; accumulation 1 -> 4 at epoch 1
+            trainer = L.Trainer(callbacks=[GradientAccumulationScheduler({0: 1, 1: 4})])
+            # batch 64: lr 0.025 in epoch 0, 0.1 from epoch 1 on
+        """
+        if self.optimizer_config.base_batch_size is None:
+            return
+        batch = self._global_batch_size()
+        if batch is None:
+            return
+        for optimizer in self.trainer.optimizers:
+            scaled_for = [group.get(LR_BATCH_KEY) for group in optimizer.param_groups]
+            if None in scaled_for or all(old == batch for old in scaled_for):
+                continue
+            schedulers = [
+                c.scheduler for c in self.trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer
+            ]
+            scale_learning_rates(optimizer, schedulers, [batch / old for old in scaled_for])
+            for group in optimizer.param_groups:
+                group[LR_BATCH_KEY] = batch
+            rank_zero_info(f"Linear scaling rule: global batch {scaled_for[0]} -> {batch}, lr rescaled")

@@ -31,6 +31,7 @@ INIT_SCHEMES: tuple[str, ...] = (
     "he_normal",
     "he_uniform",
     "orthogonal",
+    "small_normal",
 )
 INIT_MODES: tuple[str, ...] = ("fan_in", "fan_out")
 
@@ -41,7 +42,10 @@ class InitConfig:
 
     Args:
         scheme: ``default`` (leave the framework's init untouched), ``lecun_normal``, ``lecun_uniform``,
-            ``glorot_normal``, ``glorot_uniform``, ``he_normal``, ``he_uniform`` or ``orthogonal``.
+            ``glorot_normal``, ``glorot_uniform``, ``he_normal``, ``he_uniform``, ``orthogonal`` or
+            ``small_normal`` (the lectures' "small random numbers" ``N(0, std^2)``, whatever the fan-in;
+            fine for small nets, activations vanish in deep ones).
+        std: Standard deviation of ``small_normal``, ``> 0``; ``None`` means 0.01. Only for ``small_normal``.
         mode: ``fan_in`` or ``fan_out``; used by the He schemes (LeCun is fan-in by definition).
         zero_bias: Zero the biases of re-initialised Conv/Linear layers (ignored with ``default``).
         zero_init_residual: Zero the weight (gamma) of the last norm layer of every residual branch, so each
@@ -56,6 +60,7 @@ class InitConfig:
     mode: str = "fan_in"
     zero_bias: bool = True
     zero_init_residual: bool = False
+    std: float | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in INIT_SCHEMES:
@@ -64,9 +69,15 @@ class InitConfig:
             )
         if self.mode not in INIT_MODES:
             raise ValueError(f"init.mode must be 'fan_in' or 'fan_out', got {self.mode!r}")
+        if self.std is not None and self.scheme != "small_normal":
+            raise ValueError(
+                f"init.std={self.std} only applies to init.scheme='small_normal', not {self.scheme!r}"
+            )
+        if self.std is not None and not (isinstance(self.std, (int, float)) and 0 < self.std < float("inf")):
+            raise ValueError(f"init.std must be a finite number > 0, got {self.std!r}; e.g. 0.01")
 
 
-def _weight_initializer(scheme: str, mode: str) -> Callable[[Tensor], Tensor]:
+def _weight_initializer(scheme: str, mode: str, std: float | None = None) -> Callable[[Tensor], Tensor]:
     # nonlinearity="linear" gives gain 1, i.e. the LeCun variance 1/fan_in.
     initializers: dict[str, Callable[[Tensor], Tensor]] = {
         "lecun_normal": lambda w: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="linear"),
@@ -76,6 +87,7 @@ def _weight_initializer(scheme: str, mode: str) -> Callable[[Tensor], Tensor]:
         "he_normal": lambda w: nn.init.kaiming_normal_(w, mode=mode, nonlinearity="relu"),
         "he_uniform": lambda w: nn.init.kaiming_uniform_(w, mode=mode, nonlinearity="relu"),
         "orthogonal": nn.init.orthogonal_,
+        "small_normal": lambda w: nn.init.normal_(w, mean=0.0, std=0.01 if std is None else std),
     }
     return initializers[scheme]
 
@@ -122,7 +134,7 @@ def initialize(model: nn.Module, config: InitConfig) -> nn.Module:
         model = initialize(create_model("resnet20", num_classes=10), InitConfig("he_normal"))
     """
     if config.scheme != "default":
-        init_weight = _weight_initializer(config.scheme, config.mode)
+        init_weight = _weight_initializer(config.scheme, config.mode, config.std)
         for module in model.modules():
             if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
                 if isinstance(module.weight, nn.parameter.UninitializedParameter):

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_tricks.recipes._validation import check_optimizer_kwargs
 
 OPTIMIZER_NAMES: tuple[str, ...] = (
     "sgd",
@@ -35,6 +38,22 @@ OPTIMIZER_NAMES: tuple[str, ...] = (
     "adamw",
     "delta_bar_delta",
 )
+
+#: Each optimizer's own defaults for the config fields left at ``None``: torch's defaults, except SGD's
+#: lr 0.1 with momentum 0.9 (the CNN recipes), Adadelta's lr 1.0 (Zeiler 2012: the update
+#: ``-sqrt(E[dx^2] + eps) / sqrt(E[g^2] + eps) * g`` is used as is, without a global learning rate) and
+#: no momentum for RMSprop and delta-bar-delta (the methods as the lectures state them).
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 0.1, "momentum": 0.9},
+    "adagrad": {"lr": 0.01, "eps": 1e-10},
+    "adadelta": {"lr": 1.0, "eps": 1e-6},
+    "rmsprop": {"lr": 0.01, "momentum": 0.0, "eps": 1e-8},
+    "adam": {"lr": 1e-3, "eps": 1e-8},
+    "adamw": {"lr": 1e-3, "eps": 1e-8},
+    "delta_bar_delta": {"lr": 0.01, "momentum": 0.0},
+}
+#: Adadelta's decay of its running averages in Zeiler (2012) (torch's default is 0.9).
+ADADELTA_RHO = 0.95
 
 #: Normalization layers whose affine parameters are exempt from weight decay (and from L1/L2 penalties).
 NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
@@ -52,13 +71,17 @@ class OptimizerConfig:
 
     Args:
         name: One of ``sgd | adagrad | adadelta | rmsprop | adam | adamw | delta_bar_delta``.
-        lr: Base learning rate (before the linear scaling rule).
+        lr: Base learning rate (before the linear scaling rule); ``None`` for the optimizer's own default
+            (:data:`OPTIMIZER_DEFAULTS`: sgd 0.1, adagrad/rmsprop/delta_bar_delta 0.01, adadelta 1.0,
+            adam/adamw 1e-3).
         weight_decay: ``torch.optim``'s own weight decay: coupled (added to the gradient) for every
             optimizer except ``adamw``, where it is decoupled (weights shrunk directly).
-        momentum: Momentum of ``sgd``, ``rmsprop`` and ``delta_bar_delta``.
+        momentum: Momentum of ``sgd``, ``rmsprop`` and ``delta_bar_delta``; ``None`` for the default (0.9 for
+            sgd, 0 for the others). Other optimizers reject a non-zero value (Adam's is ``betas[0]``).
         nesterov: Nesterov momentum for ``sgd``.
         betas: ``(beta1, beta2)`` of ``adam``/``adamw``.
-        eps: Denominator epsilon of the adaptive methods.
+        eps: Denominator epsilon of the adaptive methods; ``None`` for the optimizer's default (torch's:
+            adagrad 1e-10, adadelta 1e-6, the others 1e-8). Rejected by ``sgd`` and ``delta_bar_delta``.
         exclude_norm_and_bias_from_decay: Put normalization-layer parameters and biases in a group
             with ``weight_decay=0``.
         base_batch_size: Batch size ``lr`` was tuned for; with it the linear scaling rule
@@ -71,12 +94,12 @@ class OptimizerConfig:
     """
 
     name: str = "sgd"
-    lr: float = 0.1
+    lr: float | None = None
     weight_decay: float = 0.0
-    momentum: float = 0.9
+    momentum: float | None = None
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float | None = None
     exclude_norm_and_bias_from_decay: bool = True
     base_batch_size: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -86,25 +109,42 @@ class OptimizerConfig:
             raise ValueError(
                 f"optimizer.name={self.name!r} is unknown; valid names: {', '.join(OPTIMIZER_NAMES)}"
             )
+        self._resolve_defaults()
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"optimizer.lr must be a positive number, got {self.lr}; e.g. optimizer.lr=0.1")
         if not self.weight_decay >= 0:
             raise ValueError(
                 f"optimizer.weight_decay must be >= 0, got {self.weight_decay}; use 0 to disable it"
             )
-        if not 0 <= self.momentum < 1:
+        if self.momentum is not None and not 0 <= self.momentum < 1:
             raise ValueError(f"optimizer.momentum must be in [0, 1), got {self.momentum}; e.g. 0.9")
-        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+        if self.nesterov and (self.name != "sgd" or not self.momentum):
             raise ValueError("optimizer.nesterov=True needs optimizer.name='sgd' and optimizer.momentum > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
-        if not self.eps > 0:
+        if self.eps is not None and not self.eps > 0:
             raise ValueError(f"optimizer.eps must be > 0, got {self.eps}; e.g. 1e-8")
         if self.base_batch_size is not None and self.base_batch_size < 1:
             raise ValueError(
                 f"optimizer.base_batch_size must be >= 1 or None, got {self.base_batch_size}; "
                 "set it to the batch size the lr was tuned for, or None to disable the scaling rule"
             )
+        check_optimizer_kwargs(self.name, self.kwargs, optimizer_arguments(self.name))
+
+    def _resolve_defaults(self) -> None:
+        """Fill ``lr``/``momentum``/``eps`` left at ``None`` from :data:`OPTIMIZER_DEFAULTS`; reject the ones
+        the optimizer does not have (a silently ignored momentum is a different experiment)."""
+        defaults = OPTIMIZER_DEFAULTS[self.name]
+        for key in ("lr", "momentum", "eps"):
+            value = getattr(self, key)
+            if value is None and key in defaults:
+                object.__setattr__(self, key, defaults[key])  # frozen: set once, while constructing
+            elif value and key not in defaults:
+                users = [n for n, d in OPTIMIZER_DEFAULTS.items() if key in d]
+                raise ValueError(
+                    f"optimizer.{key}={value} does not apply to optimizer.name={self.name!r}; it is used by "
+                    f"{', '.join(users)}. Remove it (or set null)"
+                )
 
 
 def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -199,7 +239,7 @@ def build_optimizer(
             {"momentum": config.momentum, "nesterov": config.nesterov, "weight_decay": wd},
         ),
         "adagrad": (torch.optim.Adagrad, {"eps": config.eps, "weight_decay": wd}),
-        "adadelta": (torch.optim.Adadelta, {"eps": config.eps, "weight_decay": wd}),
+        "adadelta": (torch.optim.Adadelta, {"eps": config.eps, "rho": ADADELTA_RHO, "weight_decay": wd}),
         "rmsprop": (
             torch.optim.RMSprop,
             {"momentum": config.momentum, "eps": config.eps, "weight_decay": wd},
@@ -313,3 +353,23 @@ class DeltaBarDelta(torch.optim.Optimizer):
                 state["prev_grad"].copy_(grad)
                 state["step"] += 1
         return loss
+
+
+# -- validation of optimizer.kwargs -------------------------------------------------------------------
+def optimizer_arguments(name: str) -> list[str]:
+    """Keyword arguments the optimizer class of ``name`` accepts (besides ``params``).
+
+    Example::
+
+        "nesterov" in optimizer_arguments("sgd")  # True
+    """
+    classes: dict[str, type[torch.optim.Optimizer]] = {
+        "sgd": torch.optim.SGD,
+        "adagrad": torch.optim.Adagrad,
+        "adadelta": torch.optim.Adadelta,
+        "rmsprop": torch.optim.RMSprop,
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "delta_bar_delta": DeltaBarDelta,
+    }
+    return [p for p in inspect.signature(classes[name]).parameters if p != "params"]

@@ -1,11 +1,25 @@
 """Learning-rate schedules with optional linear warm-up, returned as Lightning scheduler configs.
 
-Every schedule is a ``torch.optim.lr_scheduler`` class except ``inverse_time`` (a ``LambdaLR``) and the
-warm-up composition (:class:`LinearWarmup`). Time is counted in ``interval`` units (epochs or optimizer
-steps); with ``warmup=W`` the main schedule is shifted to start at ``t=W``, so e.g. warm-up + cosine is
+Every schedule is a ``torch.optim.lr_scheduler`` class except ``inverse_time`` (a ``LambdaLR``), SGDR with
+peak decay or cooldown (:class:`CosineRestarts`), Huang et al.'s snapshot schedule (:class:`SnapshotCosine`,
+a ``CosineAnnealingWarmRestarts``) and the warm-up composition (:class:`LinearWarmup`). Time is counted in
+``interval`` units (epochs or optimizer steps).
+
+Warm-up convention. With ``warmup=W``, schedules *shaped over the run* (cosine, restarts, snapshot,
+exponential, inverse_time, cyclic, one_cycle, plateau) are shifted to start at ``t=W`` (timm's
+``warmup_prefix=True``), so e.g. warm-up + cosine is
 
 * ``lr(t) = base * (f + (1 - f) * t / W)`` for ``t < W``,
 * ``lr(t) = eta_min + (base - eta_min) * (1 + cos(pi * (t - W) / (T - W))) / 2`` afterwards.
+
+Step-decay *milestones* (``step_size`` of ``step``, ``milestones`` of ``multistep``) count from the start of
+training, warm-up included, as the papers state them (He et al. 2016 and Goyal et al. 2017 decay at fixed
+iterations/epochs of the whole run): ``milestones: [82, 123]`` decays at t=82 and t=123 whatever the
+warm-up, and every milestone must lie after the warm-up.
+
+Schedules with restarts report where their cycles end (``cycle_ends``, read through
+:func:`scheduler_cycle_ends`), so :class:`lightning_tricks.callbacks.snapshot.SnapshotEnsemble` can take its
+snapshots at the true restarts, warm-up included.
 
 Example::
 
@@ -20,11 +34,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
+
+from lightning_tricks.recipes._validation import check_schedule_fits_run, check_scheduler_kwargs
 
 SCHEDULER_NAMES: tuple[str, ...] = (
     "constant",
@@ -34,6 +52,7 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     "inverse_time",
     "cosine",
     "cosine_restarts",
+    "snapshot",
     "cyclic",
     "one_cycle",
     "plateau",
@@ -50,12 +69,19 @@ _TORCH_CLASSES: dict[str, type] = {
     "plateau": lrs.ReduceLROnPlateau,
 }
 # Schedules without a torch class of their own accept only these ``SchedulerConfig.kwargs``.
-_EXTRA_KWARGS: dict[str, set[str]] = {"exponential": {"decay_rate", "gamma"}, "inverse_time": {"decay_rate"}}
+_EXTRA_KWARGS: dict[str, set[str]] = {
+    "exponential": {"decay_rate", "gamma"},
+    "inverse_time": {"decay_rate"},
+    "snapshot": {"cycles", "eta_min"},
+}
+# Options beyond the torch class's own arguments (timm's SGDR options); they select CosineRestarts.
+_ADDED_KWARGS: dict[str, set[str]] = {"cosine_restarts": {"cycle_decay", "cooldown"}}
 _REQUIRED_KWARGS: dict[str, tuple[str, ...]] = {
     "step": ("step_size",),
     "multistep": ("milestones",),
     "inverse_time": ("decay_rate",),
     "cosine_restarts": ("T_0",),
+    "snapshot": ("cycles",),
 }
 # Set by build_scheduler itself (from the optimizer or the run length), never by the user.
 _RESERVED_KWARGS = {"optimizer", "last_epoch", "epochs", "steps_per_epoch", "verbose"}
@@ -66,7 +92,8 @@ def _allowed_kwargs(name: str) -> set[str]:
         return _EXTRA_KWARGS[name]
     if name == "constant":
         return set()
-    return set(inspect.signature(_TORCH_CLASSES[name]).parameters) - _RESERVED_KWARGS
+    own = set(inspect.signature(_TORCH_CLASSES[name]).parameters) - _RESERVED_KWARGS
+    return own | _ADDED_KWARGS.get(name, set())
 
 
 @dataclass(frozen=True)
@@ -84,7 +111,11 @@ class SchedulerConfig:
         monitor: Logged metric that ``plateau`` watches.
         kwargs: Schedule-specific arguments: ``step_size``/``gamma`` (step), ``milestones``/``gamma``
             (multistep), ``decay_rate`` ``k`` (exponential, inverse_time), ``T_max``/``eta_min`` (cosine;
-            default ``T_max`` = the run minus warm-up), ``T_0``/``T_mult``/``eta_min`` (cosine_restarts),
+            default ``T_max`` = the run minus warm-up), ``T_0``/``T_mult``/``eta_min`` (cosine_restarts,
+            plus timm's SGDR options ``cycle_decay`` (peak lr factor per restart, in ``(0, 1]``) and
+            ``cooldown`` (``interval`` units at ``eta_min`` at the end; only cycles that end before it
+            run)), ``cycles``/``eta_min`` (snapshot: Huang et al.'s ``M`` cycles of
+            ``ceil(T / M)`` over the run after warm-up),
             ``base_lr``/``max_lr``/``step_size_up``/``mode`` (cyclic; defaults ``max_lr`` = optimizer lr,
             ``base_lr`` = ``max_lr / 10``, ``step_size_up`` = 4 epochs), ``max_lr``/``pct_start`` (one_cycle;
             defaults: optimizer lr, the run minus warm-up), ``mode``/``factor``/``patience`` (plateau).
@@ -134,6 +165,8 @@ class SchedulerConfig:
         rate = self.kwargs.get("decay_rate", 0.0)
         if not rate >= 0:
             raise ValueError(f"scheduler.kwargs.decay_rate must be >= 0, got {rate}")
+        _check_restart_kwargs(name, self.kwargs)
+        check_scheduler_kwargs(name, self.kwargs)
 
     @property
     def resolved_name(self) -> str:
@@ -142,6 +175,22 @@ class SchedulerConfig:
         if self.name is None or self.name.lower() in ("none", "null"):
             return "constant"
         return self.name
+
+
+def _check_restart_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Validate the options of ``snapshot`` and the SGDR options of ``cosine_restarts``."""
+    cycles = kwargs.get("cycles", 1)
+    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
+        raise ValueError(f"scheduler.kwargs.cycles must be an integer >= 1, got {cycles!r}; e.g. 5")
+    decay = kwargs.get("cycle_decay", 1.0)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+        raise ValueError(
+            f"scheduler.kwargs.cycle_decay must be in (0, 1], got {decay!r}; 1 keeps every peak at the "
+            "base lr"
+        )
+    cooldown = kwargs.get("cooldown", 0)
+    if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
+        raise ValueError(f"scheduler.kwargs.cooldown must be an integer >= 0, got {cooldown!r}; 0 for none")
 
 
 class InverseTimeDecay:
@@ -162,12 +211,12 @@ class InverseTimeDecay:
 class LinearWarmup(lrs.LRScheduler):
     """Linear warm-up for ``warmup`` steps, then the wrapped scheduler, shifted to start at ``t=warmup``.
 
-    ``lr(t) = target * (f + (1 - f) * t / warmup)`` for ``t < warmup``, where ``target`` is the lr the
-    wrapped scheduler set when it was built (its value at its own ``t=0``); afterwards each ``step`` is
-    forwarded to the wrapped scheduler. Metrics passed to ``step`` during warm-up are ignored, so a wrapped
-    ``ReduceLROnPlateau`` only sees epochs trained at the full lr. Hand-written because ``SequentialLR``
-    rejects ``ReduceLROnPlateau`` and resets schedulers that set the lr when built (``CyclicLR``,
-    ``OneCycleLR``).
+    ``lr(t) = target * (f + (1 - f) * t / warmup)`` for ``t < warmup``, where ``target`` (``base_lrs``) is
+    the lr the wrapped scheduler set when it was built (its value at its own ``t=0``); afterwards each
+    ``step`` is forwarded to the wrapped scheduler. Metrics passed to ``step`` during warm-up are ignored,
+    so a wrapped ``ReduceLROnPlateau`` only sees epochs trained at the full lr. Hand-written because
+    ``SequentialLR`` rejects ``ReduceLROnPlateau`` and resets schedulers that set the lr when built
+    (``CyclicLR``, ``OneCycleLR``).
 
     Args:
         optimizer: The optimizer ``scheduler`` drives.
@@ -199,14 +248,14 @@ class LinearWarmup(lrs.LRScheduler):
         self.scheduler = scheduler
         self.warmup = warmup
         self.start_factor = start_factor
-        self.target_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self.last_epoch = 0
         self._step_count = 1
         self._set_lrs(self._warmup_lrs(0))
 
     def _warmup_lrs(self, t: int) -> list[float]:
         factor = self.start_factor + (1.0 - self.start_factor) * min(t, self.warmup) / self.warmup
-        return [lr * factor for lr in self.target_lrs]
+        return [lr * factor for lr in self.base_lrs]
 
     def _set_lrs(self, lrs_: list[float]) -> None:
         for group, lr in zip(self.optimizer.param_groups, lrs_, strict=True):
@@ -230,6 +279,17 @@ class LinearWarmup(lrs.LRScheduler):
             self.scheduler.step()
         self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
 
+    @property
+    def _schedulers(self) -> list[Any]:
+        """The wrapped scheduler, where torch's composite schedulers keep theirs, so code that rescales every
+        lr of a schedule (LR finder, optimizer switch, the linear scaling rule) reaches it too."""
+        return [self.scheduler]
+
+    def cycle_ends(self, limit: int) -> list[int] | None:
+        """The wrapped scheduler's cycle ends shifted by the warm-up (see :func:`scheduler_cycle_ends`)."""
+        inner = scheduler_cycle_ends(self.scheduler, limit - self.warmup)
+        return None if inner is None else [self.warmup + end for end in inner]
+
     def state_dict(self) -> dict[str, Any]:
         """Wrapper state plus the wrapped scheduler's ``state_dict`` under ``"scheduler"``."""
         state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "scheduler")}
@@ -241,6 +301,157 @@ class LinearWarmup(lrs.LRScheduler):
         state = dict(state_dict)
         self.scheduler.load_state_dict(state.pop("scheduler"))
         self.__dict__.update(state)
+
+
+class CosineRestarts(lrs.LRScheduler):
+    """SGDR (Loshchilov & Hutter, 2017) with timm's options: peak decay per restart and a cycle limit.
+
+    Cycle ``i`` (from 0) lasts ``T_i = T_0 * T_mult**i`` steps and runs
+    ``lr = eta_min + (base * cycle_decay**i - eta_min) * (1 + cos(pi * t_cur / T_i)) / 2``; after
+    ``cycle_limit`` cycles the lr stays at ``eta_min`` (the cooldown). Same values as timm's
+    ``CosineLRScheduler(t_initial=T_0, cycle_mul=T_mult, cycle_decay, lr_min=eta_min, cycle_limit)``.
+    Hand-written because torch's ``CosineAnnealingWarmRestarts`` has neither peak decay nor a cycle limit,
+    and timm's scheduler is not a torch ``LRScheduler`` (Lightning would need a custom
+    ``lr_scheduler_step`` in every module).
+
+    Args:
+        optimizer: The optimizer whose param-group lrs are scheduled.
+        T_0: Length of the first cycle, ``>= 1``.
+        T_mult: Cycle length multiplier, ``>= 1`` (may be fractional, as timm's ``cycle_mul``).
+        eta_min: Lowest lr, ``>= 0``.
+        cycle_decay: Peak lr factor per restart, in ``(0, 1]``.
+        cycle_limit: Number of cycles before the cooldown at ``eta_min``; ``None`` for no limit.
+
+    Example::
+
+        scheduler = CosineRestarts(optimizer, T_0=10, T_mult=2, cycle_decay=0.5)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        T_0: int,
+        T_mult: float = 1,
+        eta_min: float = 0.0,
+        cycle_decay: float = 1.0,
+        cycle_limit: int | None = None,
+        last_epoch: int = -1,
+    ) -> None:
+        if isinstance(T_0, bool) or not isinstance(T_0, int) or T_0 < 1:
+            raise ValueError(f"scheduler.kwargs.T_0 must be an integer >= 1, got {T_0!r}")
+        if not T_mult >= 1:
+            raise ValueError(f"scheduler.kwargs.T_mult must be >= 1, got {T_mult!r}")
+        if not eta_min >= 0:
+            raise ValueError(f"scheduler.kwargs.eta_min must be >= 0, got {eta_min!r}")
+        if not 0 < cycle_decay <= 1:
+            raise ValueError(f"scheduler.kwargs.cycle_decay must be in (0, 1], got {cycle_decay!r}")
+        if cycle_limit is not None and cycle_limit < 1:
+            raise ValueError(f"CosineRestarts cycle_limit must be >= 1 or None, got {cycle_limit!r}")
+        self.T_0, self.T_mult, self.eta_min = T_0, float(T_mult), float(eta_min)
+        self.cycle_decay, self.cycle_limit = float(cycle_decay), cycle_limit
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        """The closed-form lr at ``t = last_epoch``."""
+        t = self.last_epoch
+        i, start, length = next(c for c in _sgdr_cycles(self.T_0, self.T_mult) if t < c[1] + c[2])
+        if self.cycle_limit is not None and i >= self.cycle_limit:
+            return [self.eta_min for _ in self.base_lrs]
+        cosine = (1 + math.cos(math.pi * (t - start) / length)) / 2
+        return [self.eta_min + (base * self.cycle_decay**i - self.eta_min) * cosine for base in self.base_lrs]
+
+    def cycle_ends(self, limit: int) -> list[int]:
+        """Steps after which a cycle ends (the lr restarts, or the cooldown starts), up to ``limit``."""
+        return _sgdr_cycle_ends(self.T_0, self.T_mult, limit, self.cycle_limit)
+
+
+def _sgdr_cycles(T_0: int, T_mult: float) -> Iterator[tuple[int, float, float]]:
+    """``(i, start, length)`` of each SGDR cycle, forever."""
+    i, start, length = 0, 0.0, float(T_0)
+    while True:
+        yield i, start, length
+        i, start, length = i + 1, start + length, length * T_mult
+
+
+def _sgdr_cycle_ends(T_0: int, T_mult: float, limit: int, cycle_limit: int | None = None) -> list[int]:
+    ends = []
+    for i, start, length in _sgdr_cycles(T_0, T_mult):
+        end = math.ceil(start + length)  # the first step at which the next cycle's lr is in force
+        if end > limit or (cycle_limit is not None and i >= cycle_limit):
+            return ends
+        ends.append(end)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class SnapshotCosine(lrs.CosineAnnealingWarmRestarts):
+    """Huang et al.'s (2017) snapshot-ensemble schedule: ``M`` cosine cycles over ``T`` steps.
+
+    ``a(t) = a0 / 2 * (cos(pi * mod(t - 1, ceil(T / M)) / ceil(T / M)) + 1)`` for the ``t``-th step (1-based),
+    which is torch's ``CosineAnnealingWarmRestarts(T_0=ceil(T / M))``; the last cycle is cut at ``T``.
+    Pair it with :class:`~lightning_tricks.callbacks.snapshot.SnapshotEnsemble`, which reads
+    :meth:`cycle_ends` and snapshots at each.
+
+    Args:
+        optimizer: The optimizer; its lr is the restart lr ``a0``.
+        total_steps: ``T``, steps of this scheduler in the run.
+        cycles: ``M``, ``1 <= M`` and every cycle non-empty.
+        eta_min: Lowest lr (the paper: 0).
+
+    Raises:
+        ValueError: When ``M`` cycles of ``ceil(T / M)`` steps do not fit in ``T`` (the last would be empty).
+
+    Example::
+
+        scheduler = SnapshotCosine(optimizer, total_steps=300 * 391, cycles=6)
+    """
+
+    def __init__(
+        self, optimizer: Optimizer, total_steps: int, cycles: int, eta_min: float = 0.0, last_epoch: int = -1
+    ) -> None:
+        length = math.ceil(total_steps / cycles)
+        if cycles > total_steps or (cycles - 1) * length >= total_steps:
+            raise ValueError(
+                f"scheduler.kwargs.cycles={cycles} does not fit in {total_steps} scheduler steps: cycles of "
+                f"ceil({total_steps}/{cycles})={length} steps leave the last cycle empty. Use fewer cycles "
+                "or a longer run (max_epochs / max_steps)"
+            )
+        if cycles * length != total_steps:
+            warnings.warn(
+                f"snapshot schedule: {total_steps} scheduler steps are not a multiple of the cycle length "
+                f"{length}, so the last cycle is cut short and its snapshot is taken before its lr reaches "
+                "the minimum. Choose a run length divisible by `cycles` to avoid this.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.total_steps, self.cycles = total_steps, cycles
+        super().__init__(optimizer, T_0=length, eta_min=eta_min, last_epoch=last_epoch)
+
+    def cycle_ends(self, limit: int) -> list[int]:
+        """Steps ending each of the ``M`` cycles (the last at ``T``), up to ``limit``."""
+        ends = [min(i * self.T_0, self.total_steps) for i in range(1, self.cycles + 1)]
+        return [e for e in ends if e <= limit]
+
+
+def scheduler_cycle_ends(scheduler: Any, limit: int) -> list[int] | None:
+    """Scheduler steps after which ``scheduler``'s cycles end, up to ``limit``; ``None`` if it cannot tell.
+
+    Knows torch's ``CosineAnnealingWarmRestarts`` and every scheduler with a ``cycle_ends(limit)`` method
+    (:class:`CosineRestarts`, :class:`SnapshotCosine`, :class:`LinearWarmup` around one of them).
+
+    Example::
+
+        scheduler_cycle_ends(CosineAnnealingWarmRestarts(optimizer, T_0=4, T_mult=2), 24)  # [4, 12]
+    """
+    if hasattr(scheduler, "cycle_ends"):
+        return scheduler.cycle_ends(limit)
+    if isinstance(scheduler, lrs.CosineAnnealingWarmRestarts):
+        ends, end, length = [], scheduler.T_0, scheduler.T_0
+        while end <= limit:
+            ends.append(end)
+            length *= scheduler.T_mult
+            end += length
+        return ends
+    return None
 
 
 def _momentum_present(optimizer: Optimizer) -> bool:
@@ -259,6 +470,10 @@ def _build_main(
         return lrs.ExponentialLR(optimizer, gamma=gamma)
     if name == "inverse_time":
         return lrs.LambdaLR(optimizer, InverseTimeDecay(kw.pop("decay_rate")))
+    if name == "snapshot":
+        return SnapshotCosine(optimizer, run_length, kw.pop("cycles"), **kw)
+    if name == "cosine_restarts" and ("cycle_decay" in kw or "cooldown" in kw):
+        return _sgdr(optimizer, kw, run_length)
     if name == "cosine":
         kw.setdefault("T_max", run_length)
     elif name == "cyclic":
@@ -272,6 +487,44 @@ def _build_main(
         kw.setdefault("total_steps", run_length)
         kw.setdefault("cycle_momentum", _momentum_present(optimizer))
     return _TORCH_CLASSES[name](optimizer, **kw)
+
+
+def _sgdr(optimizer: Optimizer, kwargs: dict[str, Any], run_length: int) -> CosineRestarts:
+    """``CosineRestarts`` whose cycles all end before the last ``cooldown`` units of the run."""
+    kw = dict(kwargs)
+    cooldown = kw.pop("cooldown", 0)
+    if cooldown:
+        fitting = len(_sgdr_cycle_ends(kw["T_0"], kw.get("T_mult", 1), run_length - cooldown))
+        if fitting == 0:
+            raise ValueError(
+                f"scheduler.kwargs.cooldown={cooldown} leaves {run_length - cooldown} units, less than one "
+                f"cycle (T_0={kw['T_0']}); shorten the cooldown or T_0"
+            )
+        kw["cycle_limit"] = fitting
+    return CosineRestarts(optimizer, **kw)
+
+
+def _absolute_milestones(name: str, kwargs: dict[str, Any], warmup: int, run_length: int) -> tuple[str, dict]:
+    """Step decay with warm-up: milestones count from the start of training, so the shifted main
+    schedule gets them minus ``warmup`` (``step`` becomes the equivalent ``multistep``)."""
+    if warmup == 0 or name not in ("step", "multistep"):
+        return name, kwargs
+    kw = dict(kwargs)
+    if name == "step":
+        size = kw.pop("step_size")
+        milestones = list(range(size, run_length, size))
+    else:
+        milestones = list(kw.pop("milestones"))
+    early = [m for m in milestones if m <= warmup]
+    if early:
+        key = "step_size" if name == "step" else "milestones"
+        raise ValueError(
+            f"scheduler.kwargs.{key} puts a decay at {early}, inside the warm-up "
+            f"(scheduler.warmup={warmup}); milestones count from the start of training, warm-up "
+            "included, so each must be > warmup"
+        )
+    kw["milestones"] = [m - warmup for m in milestones]
+    return "multistep", kw
 
 
 def _as_list(value: float | list[float], optimizer: Optimizer) -> list[float]:
@@ -304,8 +557,10 @@ def build_scheduler(
     """
     if total_steps < 1 or steps_per_epoch < 1:
         raise ValueError(
-            "build_scheduler needs total_steps >= 1 and steps_per_epoch >= 1, "
-            f"got total_steps={total_steps}, steps_per_epoch={steps_per_epoch}"
+            "the run has no optimizer steps to schedule "
+            f"(total_steps={total_steps}, steps_per_epoch={steps_per_epoch}): the training split gives "
+            "no batches within trainer.limit_train_batches/max_steps; e.g. lower data.init_args.batch_size "
+            "or raise trainer.limit_train_batches"
         )
     name = config.resolved_name
     if name == "constant" and config.warmup == 0:
@@ -316,13 +571,16 @@ def build_scheduler(
         raise ValueError(
             f"scheduler.warmup={config.warmup} must be shorter than the run ({run_length} {config.interval}s)"
         )
+    if name != "constant":
+        check_schedule_fits_run(name, config.kwargs, run_length - config.warmup, config.interval)
     if name == "constant":
         scheduler: Any = lrs.LinearLR(
             optimizer, start_factor=config.warmup_start_factor, end_factor=1.0, total_iters=config.warmup
         )
     else:
         steps_per_unit = 1 if per_epoch else steps_per_epoch
-        scheduler = _build_main(optimizer, name, config.kwargs, run_length - config.warmup, steps_per_unit)
+        main_name, kwargs = _absolute_milestones(name, config.kwargs, config.warmup, run_length)
+        scheduler = _build_main(optimizer, main_name, kwargs, run_length - config.warmup, steps_per_unit)
         if config.warmup > 0:
             scheduler = LinearWarmup(optimizer, scheduler, config.warmup, config.warmup_start_factor)
     out: dict[str, Any] = {"scheduler": scheduler, "interval": config.interval, "frequency": 1}

@@ -20,7 +20,13 @@ from lightning_tricks.recipes.models import (  # noqa: F401  (imported to regist
     torchvision_models,
     wide_resnet,
 )
-from lightning_tricks.recipes.models.layers import DropConnectLinear, get_classifier, make_norm
+from lightning_tricks.recipes.models.layers import (
+    DropConnectConv2d,
+    DropConnectLinear,
+    apply_drop_connect,
+    get_classifier,
+    make_norm,
+)
 from lightning_tricks.recipes.models.registry import (
     create_model,
     get_model_entry,
@@ -30,7 +36,9 @@ from lightning_tricks.recipes.models.registry import (
 )
 
 __all__ = [
+    "DropConnectConv2d",
     "DropConnectLinear",
+    "apply_drop_connect",
     "create_model",
     "get_classifier",
     "get_model_entry",

@@ -21,8 +21,11 @@ from lightning_tricks.recipes.models.layers import (
     check_choice,
     check_probability,
     conv3x3,
+    drop_path_rates,
     is_norm,
     kaiming_init,
+    make_drop_block,
+    make_drop_path,
     make_norm,
     pooled_classifier_head,
 )
@@ -51,11 +54,21 @@ class BasicBlock(nn.Module):
     """conv3x3-norm-ReLU-conv3x3-norm plus shortcut, then ReLU (post-activation).
 
     ``last_norm`` is the norm ending the residual branch (``None`` without normalisation), the
-    layer whose scale is zero-initialised by Goyal et al. (2017).
+    layer whose scale is zero-initialised by Goyal et al. (2017). ``drop_path`` is the probability of
+    dropping the residual branch (stochastic depth).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str, shortcut: str) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        norm: str,
+        shortcut: str,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
+        self.drop_path = make_drop_path(drop_path)
         bias = norm == "none"
         self.conv1 = conv3x3(in_channels, out_channels, stride, bias=bias)
         self.bn1 = make_norm(norm, out_channels)
@@ -75,7 +88,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x), inplace=True)
+        return F.relu(self.drop_path(out) + self.shortcut(x), inplace=True)
 
 
 class CifarResNet(nn.Module):
@@ -90,6 +103,10 @@ class CifarResNet(nn.Module):
             (1x1 projection when the shape changes).
         dropout: dropout probability before the classifier.
         drop_connect: DropConnect probability on the classifier weights.
+        drop_path: Stochastic depth: the last block's residual branch is dropped with this probability,
+            earlier ones linearly less (:func:`~lightning_tricks.recipes.models.layers.drop_path_rates`).
+        drop_block: DropBlock probability after the last two stages (Ghiasi et al. 2018 use ~0.1).
+        drop_block_size: DropBlock's square block side (7 on ImageNet's 14x14/7x7 maps; 3 suits CIFAR).
     """
 
     def __init__(
@@ -101,6 +118,9 @@ class CifarResNet(nn.Module):
         shortcut: str = "A",
         dropout: float = 0.0,
         drop_connect: float = 0.0,
+        drop_path: float = 0.0,
+        drop_block: float = 0.0,
+        drop_block_size: int = 3,
     ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
@@ -109,6 +129,8 @@ class CifarResNet(nn.Module):
         check_choice("shortcut", shortcut, SHORTCUTS)
         check_probability("dropout", dropout)
         n = (depth - 2) // 6
+        rates = iter(drop_path_rates(drop_path, 3 * n))
+        self.drop_block = make_drop_block(drop_block, drop_block_size)
         self.stem = nn.Sequential(
             conv3x3(in_channels, 16, bias=norm == "none"), make_norm(norm, 16), nn.ReLU(inplace=True)
         )
@@ -117,7 +139,8 @@ class CifarResNet(nn.Module):
         for width, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(n):
-                blocks.append(BasicBlock(channels, width, stride if i == 0 else 1, norm, shortcut))
+                stride_i = stride if i == 0 else 1
+                blocks.append(BasicBlock(channels, width, stride_i, norm, shortcut, next(rates)))
                 channels = width
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -127,7 +150,8 @@ class CifarResNet(nn.Module):
         kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        x = self.drop_block(self.layer2(self.layer1(self.stem(x))))
+        x = self.drop_block(self.layer3(x))
         return self.classifier(self.dropout(self.pool(x)))
 
 

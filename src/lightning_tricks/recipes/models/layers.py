@@ -11,11 +11,13 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import DropBlock2d, StochasticDepth
 
 CONV_NORMS: tuple[str, ...] = ("batch", "group", "layer", "none")
 """Normalisation choices for convolutional feature maps."""
@@ -106,16 +108,141 @@ class DropConnectLinear(nn.Linear):
 
     def sample_weight(self) -> torch.Tensor:
         """The weight used by the next forward pass: masked and rescaled in training mode."""
-        if not self.training or self.p == 0.0:
-            return self.weight
-        mask = torch.empty_like(self.weight).bernoulli_(1.0 - self.p)
-        return self.weight * mask / (1.0 - self.p)
+        return drop_connect_weight(self.weight, self.p, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.sample_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}"
+
+
+def drop_connect_weight(weight: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``weight`` with each entry dropped with probability ``p`` and the rest scaled by ``1 / (1 - p)``
+    in training; ``weight`` itself otherwise."""
+    if not training or p == 0.0:
+        return weight
+    mask = torch.empty_like(weight).bernoulli_(1.0 - p)
+    return weight * mask / (1.0 - p)
+
+
+class DropConnectConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with DropConnect on its kernel (a fresh mask per forward pass in training), as
+    :class:`DropConnectLinear`; only ``padding_mode="zeros"``.
+
+    Example::
+
+        conv = DropConnectConv2d(16, 32, 3, padding=1, p=0.2)
+    """
+
+    def __init__(self, *args: Any, p: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros":
+            raise ValueError(
+                f"DropConnectConv2d supports padding_mode='zeros' only, got {self.padding_mode!r}"
+            )
+        self.p = check_probability("drop_connect", p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = drop_connect_weight(self.weight, self.p, self.training)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"
+
+
+def _with_drop_connect(layer: nn.Module, p: float) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        new: nn.Module = DropConnectLinear(layer.in_features, layer.out_features, layer.bias is not None, p=p)
+    else:
+        new = DropConnectConv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            p=p,
+        )
+    new.load_state_dict(layer.state_dict())
+    return new.to(device=layer.weight.device, dtype=layer.weight.dtype).train(layer.training)
+
+
+def apply_drop_connect(model: nn.Module, p: float, layers: str | Sequence[str] = "all") -> list[str]:
+    """Put DropConnect with rate ``p`` on linear and conv layers of ``model``; return their names.
+
+    ``layers`` is ``"all"`` (every ``nn.Linear``/``nn.Conv2d``) or module names, each selecting that
+    layer or every linear/conv layer below it (``["layer3", "classifier"]``). Layers are replaced by
+    :class:`DropConnectLinear`/:class:`DropConnectConv2d` with the same weights and parameter names, so
+    checkpoints and initialisation see the same ``weight``/``bias``; layers that already drop connections
+    get the new rate.
+
+    Raises:
+        ValueError: ``p`` outside ``(0, 1)``, a name that is no module of ``model``, or a selection
+            without any linear/conv layer.
+
+    Example::
+
+        net = create_model("resnet20", num_classes=10)
+        apply_drop_connect(net, 0.1, ["layer3"])
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"drop_connect must satisfy 0 < drop_connect < 1 to apply it to layers; got {p}")
+    prefixes = None if layers == "all" else [layers] if isinstance(layers, str) else list(layers)
+    modules = dict(model.named_modules())
+    unknown = [name for name in prefixes or [] if name not in modules]
+    if unknown:
+        top = ", ".join(name for name in modules if name and "." not in name)
+        raise ValueError(f"drop_connect_layers names no module {unknown}; top-level modules: {top}")
+    chosen = [
+        name
+        for name, m in modules.items()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        and (prefixes is None or any(name == q or name.startswith(q + ".") for q in prefixes))
+    ]
+    if not chosen:
+        raise ValueError(f"drop_connect_layers={layers!r} selects no nn.Linear or nn.Conv2d layer")
+    for name in chosen:
+        parent_name, _, attr = name.rpartition(".")
+        layer = modules[name]
+        if isinstance(layer, (DropConnectLinear, DropConnectConv2d)):
+            layer.p = p
+        else:
+            setattr(modules[parent_name], attr, _with_drop_connect(layer, p))
+    return chosen
+
+
+def drop_path_rates(drop_path: float, num_blocks: int) -> list[float]:
+    """Stochastic depth's linear decay rule (Huang et al. 2016): block ``l`` of ``L`` (1-based, input to
+    output) drops its residual branch with probability ``drop_path * l / L``, the last one with ``drop_path``.
+
+    Example::
+
+        drop_path_rates(0.5, 4)  # [0.125, 0.25, 0.375, 0.5]
+    """
+    check_probability("drop_path", drop_path)
+    return [drop_path * (i + 1) / num_blocks for i in range(num_blocks)]
+
+
+def make_drop_path(p: float) -> nn.Module:
+    """DropPath for one residual branch: torchvision's ``StochasticDepth(p, "row")`` (each sample's branch
+    is zeroed with probability ``p`` and kept ones scaled by ``1 / (1 - p)`` in training; identity at
+    eval), or ``nn.Identity`` for ``p = 0``."""
+    return StochasticDepth(p, "row") if p > 0 else nn.Identity()
+
+
+def make_drop_block(p: float, block_size: int) -> nn.Module:
+    """torchvision's ``DropBlock2d(p, block_size)`` (Ghiasi et al. 2018), or ``nn.Identity`` for ``p = 0``.
+
+    Raises ``ValueError`` naming ``drop_block``/``drop_block_size`` when out of range.
+    """
+    check_probability("drop_block", p)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"drop_block_size must be an integer >= 1; got {block_size!r}")
+    return DropBlock2d(p, block_size) if p > 0 else nn.Identity()
 
 
 def make_classifier(in_features: int, num_classes: int, drop_connect: float = 0.0) -> nn.Linear:

@@ -22,8 +22,11 @@ from lightning_tricks.recipes.models.layers import (
     check_choice,
     check_probability,
     conv3x3,
+    drop_path_rates,
     is_norm,
     kaiming_init,
+    make_drop_block,
+    make_drop_path,
     make_norm,
     pooled_classifier_head,
 )
@@ -34,11 +37,21 @@ class PreActBlock(nn.Module):
     """norm-ReLU-conv3x3-norm-ReLU-conv3x3 plus identity (or 1x1 projection of the pre-activated input).
 
     ``last_norm`` is ``bn2``, the last norm of the residual branch: zeroing its scale (its bias
-    starts at zero) makes the branch output zero, so the block starts as the identity.
+    starts at zero) makes the branch output zero, so the block starts as the identity. ``drop_path`` is
+    the probability of dropping the residual branch (stochastic depth).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        norm: str,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
+        self.drop_path = make_drop_path(drop_path)
         bias = norm == "none"
         self.bn1 = make_norm(norm, in_channels)
         self.conv1 = conv3x3(in_channels, out_channels, stride, bias=bias)
@@ -55,14 +68,15 @@ class PreActBlock(nn.Module):
         identity = x if self.shortcut is None else self.shortcut(out)
         out = self.conv1(out)
         out = self.conv2(self.dropout(F.relu(self.bn2(out))))
-        return out + identity
+        return self.drop_path(out) + identity
 
 
 class _PreActNet(nn.Module):
     """3x3 stem, stages of :class:`PreActBlock`, final norm-ReLU, then pool, dropout and classifier.
 
     ``stages`` lists ``(width, num_blocks)``; the first stage keeps the resolution and each later
-    one halves it. Arguments are validated by the public subclasses.
+    one halves it. Arguments are validated by the public subclasses, except ``drop_path`` (linear decay
+    over all blocks) and ``drop_block`` (after the last two stages), validated here.
     """
 
     def __init__(
@@ -76,14 +90,19 @@ class _PreActNet(nn.Module):
         num_classes: int,
         head_dropout: float,
         drop_connect: float,
+        drop_path: float = 0.0,
+        drop_block: float = 0.0,
+        drop_block_size: int = 3,
     ) -> None:
         super().__init__()
+        rates = iter(drop_path_rates(drop_path, sum(n for _, n in stages)))
+        self.drop_block = make_drop_block(drop_block, drop_block_size)
         self.stem = conv3x3(in_channels, stem_width, bias=norm == "none")
         layers: list[nn.Module] = []
         channels = stem_width
         for i, (width, n) in enumerate(stages):
-            blocks = [PreActBlock(channels, width, 1 if i == 0 else 2, norm, block_dropout)]
-            blocks += [PreActBlock(width, width, 1, norm, block_dropout) for _ in range(n - 1)]
+            blocks = [PreActBlock(channels, width, 1 if i == 0 else 2, norm, block_dropout, next(rates))]
+            blocks += [PreActBlock(width, width, 1, norm, block_dropout, next(rates)) for _ in range(n - 1)]
             layers.append(nn.Sequential(*blocks))
             channels = width
         self.layers = nn.Sequential(*layers)
@@ -94,7 +113,12 @@ class _PreActNet(nn.Module):
         kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.final_norm(self.layers(self.stem(x))))
+        x = self.stem(x)
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            if i >= len(self.layers) - 2:
+                x = self.drop_block(x)
+        x = F.relu(self.final_norm(x))
         return self.classifier(self.dropout(self.pool(x)))
 
 
@@ -108,6 +132,9 @@ class PreActResNet(_PreActNet):
         norm: ``"batch"``, ``"group"``, ``"layer"`` or ``"none"``.
         dropout: dropout probability before the classifier.
         drop_connect: DropConnect probability on the classifier weights.
+        drop_path: Stochastic depth rate of the last block, linearly less for earlier ones.
+        drop_block: DropBlock probability after the last two stages.
+        drop_block_size: DropBlock's square block side.
     """
 
     def __init__(
@@ -118,6 +145,9 @@ class PreActResNet(_PreActNet):
         norm: str = "batch",
         dropout: float = 0.0,
         drop_connect: float = 0.0,
+        drop_path: float = 0.0,
+        drop_block: float = 0.0,
+        drop_block_size: int = 3,
     ) -> None:
         check_choice("norm", norm, CONV_NORMS)
         check_probability("dropout", dropout)
@@ -130,6 +160,9 @@ class PreActResNet(_PreActNet):
             num_classes=num_classes,
             head_dropout=dropout,
             drop_connect=drop_connect,
+            drop_path=drop_path,
+            drop_block=drop_block,
+            drop_block_size=drop_block_size,
         )
 
 

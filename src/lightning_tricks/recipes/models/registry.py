@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_tricks.recipes.models.layers import apply_drop_connect
+
 ModelFactory = Callable[..., nn.Module]
 
 
@@ -105,12 +107,31 @@ def get_model_entry(name: str) -> ModelEntry:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}") from None
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    drop_connect_layers: str | list[str] | None = None,
+    **kwargs,
+) -> nn.Module:
     """Build the model registered as ``name``.
 
     Keyword arguments the factory does not accept raise ``TypeError`` naming the model and the
     arguments it does accept, so a typo in YAML fails at start-up with a useful message.
+
+    ``drop_connect_layers`` (``"all"`` or module names) puts DropConnect with rate ``drop_connect`` on
+    those linear/conv layers instead of the classifier alone
+    (:func:`~lightning_tricks.recipes.models.layers.apply_drop_connect`).
+
+    Example::
+
+        create_model("resnet20", num_classes=10, drop_connect=0.1, drop_connect_layers=["layer3"])
     """
+    if drop_connect_layers is not None:
+        rate = kwargs.pop("drop_connect", 0.0)
+        net = create_model(name, num_classes, in_channels, **kwargs)
+        apply_drop_connect(net, rate, drop_connect_layers)
+        return net
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:

@@ -29,6 +29,9 @@ class WideResNet(_PreActNet):
         head_dropout: dropout probability before the classifier.
         drop_connect: DropConnect probability on the classifier weights.
         norm: ``"batch"``, ``"group"``, ``"layer"`` or ``"none"``.
+        drop_path: Stochastic depth rate of the last block, linearly less for earlier ones.
+        drop_block: DropBlock probability after the last two stages.
+        drop_block_size: DropBlock's square block side.
     """
 
     def __init__(
@@ -41,6 +44,9 @@ class WideResNet(_PreActNet):
         head_dropout: float = 0.0,
         drop_connect: float = 0.0,
         norm: str = "batch",
+        drop_path: float = 0.0,
+        drop_block: float = 0.0,
+        drop_block_size: int = 3,
     ) -> None:
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"depth must satisfy (depth - 4) % 6 == 0 with depth >= 10, got {depth}")
@@ -59,6 +65,9 @@ class WideResNet(_PreActNet):
             num_classes=num_classes,
             head_dropout=head_dropout,
             drop_connect=drop_connect,
+            drop_path=drop_path,
+            drop_block=drop_block,
+            drop_block_size=drop_block_size,
         )
 
 

@@ -1,0 +1,118 @@
+"""Resumable data order and random-number streams, saved in the DataModule's checkpoint state.
+
+Lightning checkpoints carry neither the sampler's position nor the global random-number streams
+(Lightning-AI/pytorch-lightning#17543), so a resumed run would replay an epoch's first batches and
+draw other augmentations and dropout masks. Two pieces close that gap:
+
+- :class:`ResumableSampler` is torch's :class:`~torch.utils.data.DistributedSampler` (permutation
+  seeded by ``seed + epoch``; Lightning calls ``set_epoch`` at every epoch start) that can start
+  its first pass at a given batch, so a run resumed mid-epoch continues the same permutation.
+- :func:`capture_rng_states` / :func:`restore_rng_states` copy the Python, NumPy, torch CPU and
+  CUDA streams as plain tensors and numbers (checkpoints stay ``weights_only``-loadable).
+
+Example::
+
+    sampler = ResumableSampler(50_000, batch_size=512, seed=0, epoch=3, start_batch=40)
+    first = next(iter(sampler))  # the first index of batch 40 of epoch 3's permutation
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+__all__ = ["ResumableSampler", "capture_rng_states", "restore_rng_states"]
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` over ``range(length)`` whose next pass may start at ``start_batch``.
+
+    One replica by default, so it also serves single-device runs; Lightning does not replace it
+    with its own distributed sampler because it already is one.
+
+    Args:
+        length: Number of items to order.
+        batch_size: Items per batch (the unit of ``start_batch``).
+        num_replicas: Ranks sharing the data (padded to equal shares, as ``DistributedSampler``).
+        rank: This rank.
+        shuffle: Draw a fresh permutation per epoch (``False``: ascending order).
+        seed: Base seed; epoch ``e`` uses ``seed + e``.
+        drop_last: Drop the tail that does not split evenly across replicas.
+        epoch: The epoch of the first pass.
+        start_batch: Batches of that pass already consumed (skipped once, then back to 0).
+
+    Example::
+
+        sampler = ResumableSampler(1000, batch_size=64, seed=0)
+        sampler.set_epoch(1)
+        order = list(sampler)  # a permutation of range(1000), different from epoch 0's
+    """
+
+    def __init__(
+        self,
+        length: int,
+        batch_size: int = 1,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        epoch: int = 0,
+        start_batch: int = 0,
+    ) -> None:
+        super().__init__(
+            range(length),
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.batch_size = batch_size
+        self.set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.start_batch = self.start_batch * self.batch_size, 0
+        indices = list(super().__iter__())
+        return iter(indices[skip:])
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """The Python, NumPy, torch CPU and (initialised) CUDA random streams, ``weights_only``-safe.
+
+    Example::
+
+        states = capture_rng_states()
+        torch.rand(3)
+        restore_rng_states(states)  # the next torch.rand(3) repeats
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Put back the streams saved by :func:`capture_rng_states` (CUDA only with the same device count)."""
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

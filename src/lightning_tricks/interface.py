@@ -1,0 +1,120 @@
+"""What the callbacks read from a LightningModule beyond Lightning's own API, declared in one place.
+
+Every member is optional: a module that lacks one still works with every callback, which then falls
+back to a generic behaviour and says so once (on rank 0). The recipe's
+:class:`~lightning_tricks.recipes.ImageClassifier` implements all of them; a user's own module can
+implement any subset to get the full checks.
+
+======================================  =========================================================
+member                                  read by (and what happens without it)
+======================================  =========================================================
+``data_loss(logits, targets)``          InitLossCheck, OverfitTinyBatch, TrainingDiagnostics:
+                                        the loss without penalties (fallback: cross-entropy).
+``penalty()``                           InitLossCheck: the regularization loss added to the data
+                                        loss (without it the crank-up check is skipped).
+``regularization_scaled(factor)``       InitLossCheck (crank-up check), OverfitTinyBatch and
+                                        TrainingDiagnostics (regularization off); fallback: only
+                                        dropout layers are switched off.
+``num_classes``                         InitLossCheck, OverfitTinyBatch: checked against the
+                                        logits' width (fallback: the width is trusted).
+======================================  =========================================================
+
+Example:
+
+    >>> import contextlib
+    >>> import lightning as L
+    >>> import torch.nn.functional as F
+    >>> from lightning_tricks.interface import ModuleInterface, missing_members
+    >>> class MyClassifier(L.LightningModule):
+    ...     num_classes = 10
+    ...
+    ...     def data_loss(self, logits, targets):
+    ...         return F.cross_entropy(logits, targets)
+    ...
+    ...     def penalty(self):
+    ...         return 1e-4 * sum(p.pow(2).sum() for p in self.parameters())
+    ...
+    ...     @contextlib.contextmanager
+    ...     def regularization_scaled(self, factor):
+    ...         yield  # scale your own penalty/dropout coefficients by `factor` here
+    >>> isinstance(MyClassifier(), ModuleInterface), missing_members(MyClassifier())
+    (True, [])
+    >>> missing_members(L.LightningModule())
+    ['data_loss', 'penalty', 'regularization_scaled', 'num_classes']
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+MEMBERS = ("data_loss", "penalty", "regularization_scaled", "num_classes")
+
+
+@runtime_checkable
+class ModuleInterface(Protocol):
+    """The optional members callbacks read from a LightningModule (see the module docstring).
+
+    Attributes:
+        num_classes: number of classes, the width of the logits.
+    """
+
+    num_classes: int
+
+    def data_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Mean loss of ``logits`` ``(N, C)`` against class indices ``(N,)`` or soft targets ``(N, C)``,
+        without penalties."""
+        ...
+
+    def penalty(self) -> Tensor:
+        """The regularization term the training loss adds to ``data_loss`` (e.g. L1/L2), a scalar."""
+        ...
+
+    def regularization_scaled(self, factor: float) -> AbstractContextManager[Any]:
+        """Context manager scaling every regularization (penalties, dropout, label smoothing) by
+        ``factor`` for its duration; ``0`` turns all of it off."""
+        ...
+
+
+def missing_members(module: Any, members: tuple[str, ...] = MEMBERS) -> list[str]:
+    """The members of :class:`ModuleInterface` that ``module`` does not implement, in declaration order.
+
+    Example:
+
+        >>> import torch
+        >>> missing_members(torch.nn.Linear(2, 2), ("data_loss", "num_classes"))
+        ['data_loss', 'num_classes']
+    """
+    missing = []
+    for name in members:
+        value = getattr(module, name, None)
+        if name == "num_classes":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = callable(value)
+        if not ok:
+            missing.append(name)
+    return missing
+
+
+def fallback_message(callback: str, module: Any, members: tuple[str, ...], consequence: str) -> str | None:
+    """One line telling the user which members ``module`` lacks and what ``callback`` does instead.
+
+    Returns ``None`` when nothing is missing.
+
+    Example:
+
+        >>> import torch
+        >>> print(fallback_message("InitLossCheck", torch.nn.Linear(2, 2), ("penalty",), "it is skipped"))
+        InitLossCheck: Linear does not implement `penalty` (see ...ModuleInterface), so it is skipped.
+    """
+    missing = missing_members(module, members)
+    if not missing:
+        return None
+    names = ", ".join(f"`{m}`" for m in missing)
+    return (
+        f"{callback}: {type(module).__name__} does not implement {names} (see "
+        f"lightning_tricks.interface.ModuleInterface), so {consequence}."
+    )

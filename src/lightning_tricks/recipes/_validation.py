@@ -1,0 +1,186 @@
+"""Range checks of the numeric keyword arguments the recipe hands to ``torch.optim``.
+
+torch accepts many values that silently ruin a run (``ExponentialLR(gamma=-1)`` flips the sign of the
+learning rate; ``StepLR(step_size=0)`` dies with ``ZeroDivisionError`` after the first epoch), so every
+value of ``scheduler.kwargs`` and ``optimizer.kwargs`` is checked here when the config is built, and the
+schedule's time arguments again against the run's length in :func:`check_schedule_fits_run`. Each error
+names the config key, the value, the allowed range and an example.
+
+Example::
+
+    check_scheduler_kwargs("step", {"step_size": 0})
+    # ValueError: scheduler.kwargs.step_size must be an integer >= 1, got 0;
+    #             e.g. scheduler.kwargs.step_size=30
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a keyword argument accepts: ``check(value)``, said as ``allowed``, with an ``example``."""
+
+    check: Callable[[Any], bool]
+    allowed: str
+    example: str
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(check: Callable[[float], bool]) -> Callable[[Any], bool]:
+    """A number, or a non-empty list of numbers (one per parameter group), each passing ``check``."""
+
+    def accepts(value: Any) -> bool:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return bool(values) and all(_number(v) and check(v) for v in values)
+
+    return accepts
+
+
+POSITIVE = Rule(_numbers(lambda v: v > 0), "a number > 0", "0.1")
+NON_NEGATIVE = Rule(_numbers(lambda v: v >= 0), "a number >= 0", "0.0")
+FRACTION_OPEN = Rule(_numbers(lambda v: 0 < v < 1), "a number in (0, 1)", "0.1")
+MOMENTUM = Rule(_numbers(lambda v: 0 <= v < 1), "a number in [0, 1)", "0.9")
+UNIT_CLOSED = Rule(_numbers(lambda v: 0 <= v <= 1), "a number in [0, 1]", "0.0")
+COUNT = Rule(lambda v: _integer(v) and v >= 1, "an integer >= 1", "10")
+COUNT_OR_ZERO = Rule(lambda v: _integer(v) and v >= 0, "an integer >= 0", "0")
+FLAG = Rule(lambda v: isinstance(v, bool), "true or false", "false")
+
+
+def _choice(*options: str) -> Rule:
+    return Rule(lambda v: v in options, f"one of {', '.join(map(repr, options))}", options[0])
+
+
+def _milestones(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(_integer(v) and v >= 1 for v in value)
+        and list(value) == sorted(set(value))
+    )
+
+
+MILESTONES = Rule(_milestones, "a non-empty increasing list of integers >= 1", "[30, 60, 90]")
+
+# Keyword arguments shared by several schedules, then the ones whose meaning depends on the schedule.
+_SCHEDULER_RULES: dict[str, Rule] = {
+    "gamma": Rule(POSITIVE.check, "a number > 0 (the lr is multiplied by it)", "0.1"),
+    "step_size": Rule(COUNT.check, COUNT.allowed, "30"),
+    "milestones": MILESTONES,
+    "decay_rate": NON_NEGATIVE,
+    "T_max": Rule(COUNT.check, COUNT.allowed, "100"),
+    "T_0": Rule(COUNT.check, COUNT.allowed, "10"),
+    "T_mult": Rule(COUNT.check, COUNT.allowed, "2"),
+    "eta_min": NON_NEGATIVE,
+    "base_lr": POSITIVE,
+    "max_lr": POSITIVE,
+    "step_size_up": Rule(COUNT.check, COUNT.allowed, "2000"),
+    "step_size_down": Rule(lambda v: v is None or COUNT.check(v), "null or an integer >= 1", "2000"),
+    "scale_mode": _choice("cycle", "iterations"),
+    "cycle_momentum": FLAG,
+    "base_momentum": MOMENTUM,
+    "max_momentum": MOMENTUM,
+    "total_steps": COUNT,
+    "pct_start": Rule(FRACTION_OPEN.check, FRACTION_OPEN.allowed, "0.3"),
+    "anneal_strategy": _choice("cos", "linear"),
+    "div_factor": Rule(POSITIVE.check, POSITIVE.allowed, "25.0"),
+    "final_div_factor": Rule(POSITIVE.check, POSITIVE.allowed, "10000.0"),
+    "three_phase": FLAG,
+    "factor": FRACTION_OPEN,
+    "patience": COUNT_OR_ZERO,
+    "threshold": Rule(NON_NEGATIVE.check, NON_NEGATIVE.allowed, "0.0001"),
+    "threshold_mode": _choice("rel", "abs"),
+    "cooldown": COUNT_OR_ZERO,
+    "min_lr": NON_NEGATIVE,
+    "eps": Rule(NON_NEGATIVE.check, NON_NEGATIVE.allowed, "1e-08"),
+}
+_SCHEDULER_RULES_BY_NAME: dict[tuple[str, str], Rule] = {
+    ("cyclic", "mode"): _choice("triangular", "triangular2", "exp_range"),
+    ("cyclic", "gamma"): Rule(lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]", "0.99994"),
+    ("plateau", "mode"): _choice("min", "max"),
+}
+
+_OPTIMIZER_RULES: dict[str, Rule] = {
+    "lr": POSITIVE,
+    "momentum": MOMENTUM,
+    "dampening": UNIT_CLOSED,
+    "weight_decay": NON_NEGATIVE,
+    "eps": Rule(POSITIVE.check, POSITIVE.allowed, "1e-08"),
+    "alpha": Rule(MOMENTUM.check, MOMENTUM.allowed, "0.99"),
+    "rho": Rule(MOMENTUM.check, MOMENTUM.allowed, "0.9"),
+    "lr_decay": NON_NEGATIVE,
+    "initial_accumulator_value": NON_NEGATIVE,
+    "increase": Rule(NON_NEGATIVE.check, NON_NEGATIVE.allowed, "0.05"),
+    "decrease": Rule(_numbers(lambda v: 0 < v <= 1), "a number in (0, 1]", "0.95"),
+    "min_gain": Rule(_numbers(lambda v: 0 < v <= 1), "a number in (0, 1]", "0.01"),
+    "max_gain": Rule(_numbers(lambda v: v >= 1), "a number >= 1", "100.0"),
+    "nesterov": FLAG,
+    "amsgrad": FLAG,
+    "centered": FLAG,
+    "maximize": FLAG,
+    "foreach": Rule(lambda v: v is None or isinstance(v, bool), "null, true or false", "null"),
+}
+
+
+def _betas(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(MOMENTUM.check(v) for v in value)
+
+
+_OPTIMIZER_RULES["betas"] = Rule(_betas, "two numbers in [0, 1)", "[0.9, 0.999]")
+
+
+def _check(prefix: str, name: str, value: Any, rule: Rule | None) -> None:
+    if rule is not None and not rule.check(value):
+        raise ValueError(
+            f"{prefix}.{name} must be {rule.allowed}, got {value!r}; e.g. {prefix}.{name}={rule.example}"
+        )
+
+
+def check_scheduler_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming ``scheduler.kwargs.<key>`` for a value torch would misuse."""
+    for key, value in kwargs.items():
+        rule = _SCHEDULER_RULES_BY_NAME.get((name, key), _SCHEDULER_RULES.get(key))
+        _check("scheduler.kwargs", key, value, rule)
+
+
+def check_schedule_fits_run(name: str, kwargs: dict[str, Any], run_length: int, interval: str) -> None:
+    """Refuse a step or multistep schedule that would never change the lr within the run.
+
+    ``run_length`` is the schedule's length in ``interval`` units after warm-up.
+    """
+    unit = f"{interval}s"
+    if name == "step" and kwargs["step_size"] >= run_length:
+        raise ValueError(
+            f"scheduler.kwargs.step_size={kwargs['step_size']} never triggers: the schedule lasts "
+            f"{run_length} {unit} after warm-up; e.g. scheduler.kwargs.step_size={max(1, run_length // 3)}"
+        )
+    if name == "multistep" and min(kwargs["milestones"]) >= run_length:
+        example = sorted({max(1, run_length // 2), max(1, 3 * run_length // 4)})
+        raise ValueError(
+            f"scheduler.kwargs.milestones={list(kwargs['milestones'])} never trigger: the schedule lasts "
+            f"{run_length} {unit} after warm-up; e.g. scheduler.kwargs.milestones={example}"
+        )
+
+
+def check_optimizer_kwargs(name: str, kwargs: dict[str, Any], accepted: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``optimizer.kwargs.<key>`` for an unknown or out-of-range value."""
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"optimizer.kwargs has {unknown} which optimizer.name={name!r} does not accept; "
+            f"valid: {sorted(accepted)}"
+        )
+    for key, value in kwargs.items():
+        _check("optimizer.kwargs", key, value, _OPTIMIZER_RULES.get(key))

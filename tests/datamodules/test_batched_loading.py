@@ -1,0 +1,167 @@
+"""Batched in-memory loading: exact epochs, seeded per-epoch order, and a resumable position."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import lightning as L
+import pytest
+import torch
+from helpers import quiet_trainer_kwargs
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tricks.datamodules import (
+    DigitsDataModule,
+    InMemoryImageDataModule,
+    ResumableSampler,
+    SyntheticDataModule,
+    TensorBatchLoader,
+)
+
+N, BATCH = 44, 8  # 6 batches per epoch, the last one partial
+
+
+class IndexImages(InMemoryImageDataModule):
+    """Image ``i`` is a 1x1 pixel holding the value ``i``, so a batch tells which rows it holds."""
+
+    num_classes, in_channels, image_size = 4, 1, 1
+
+    def load_splits(self):
+        images = torch.arange(N, dtype=torch.float32).view(N, 1, 1, 1)
+        return {"train": (images, torch.arange(N) % 4)}
+
+
+class RecordOrder(L.LightningModule):
+    """Records the row indices of every training batch and one draw of the global random stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(1, 4)
+        self.rows: list[list[int]] = []
+        self.draws: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self.rows.append(images.flatten().long().tolist())
+        self.draws.append(torch.rand(()).item())  # stands in for dropout masks and augmentation draws
+        return F.cross_entropy(self.layer(images.flatten(1)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAtStep(L.Callback):
+    """Ends ``fit`` with an error after ``step`` optimizer steps, the way a crashed run ends."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Interrupted
+
+
+def _fit(tmp_path, callbacks=(), ckpt_path=None, max_epochs=3) -> RecordOrder:
+    L.seed_everything(0, verbose=False)
+    model = RecordOrder()
+    kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True}
+    trainer = L.Trainer(max_epochs=max_epochs, callbacks=list(callbacks), **kwargs)
+    with contextlib.suppress(Interrupted):
+        trainer.fit(model, datamodule=IndexImages(batch_size=BATCH, normalize=False), ckpt_path=ckpt_path)
+    return model
+
+
+def test_every_index_exactly_once_per_epoch_in_a_new_order_each_epoch():
+    sampler = ResumableSampler(N, batch_size=BATCH, seed=3)
+    loader = TensorBatchLoader((torch.arange(N),), BATCH, sampler)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = [rows.tolist() for (rows,) in loader]
+        assert [len(b) for b in batches] == [8, 8, 8, 8, 8, 4] and len(loader) == 6
+        order = list(itertools.chain(*batches))
+        assert sorted(order) == list(range(N))
+        epochs.append(order)
+    assert len({tuple(order) for order in epochs}) == 3
+    # Same seed and epoch -> same order: the permutation torch's DistributedSampler draws.
+    sampler.set_epoch(1)
+    assert torch.cat([rows for (rows,) in loader]).tolist() == epochs[1]
+    expected = torch.randperm(N, generator=torch.Generator().manual_seed(3 + 1)).tolist()
+    assert epochs[1] == expected
+    other_seed = ResumableSampler(N, batch_size=BATCH, seed=4)
+    other_seed.set_epoch(1)
+    assert list(other_seed) != epochs[1]
+
+
+def test_ranks_share_an_epoch_without_overlap_beyond_the_padding():
+    shares = [list(ResumableSampler(N, BATCH, num_replicas=3, rank=r, seed=0)) for r in range(3)]
+    assert {len(s) for s in shares} == {15}  # ceil(44 / 3), as DistributedSampler pads
+    union = list(itertools.chain(*shares))
+    assert sorted(set(union)) == list(range(N)) and len(union) - N == 1
+
+
+def test_batches_equal_a_per_sample_dataloader_over_the_same_order():
+    images = torch.randint(0, 256, (N, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (N,))
+    batched = list(TensorBatchLoader((images, labels), BATCH, ResumableSampler(N, BATCH, seed=5)))
+    reference = DataLoader(
+        TensorDataset(images, labels), batch_size=BATCH, sampler=ResumableSampler(N, seed=5)
+    )
+    for (x, y), (ref_x, ref_y) in zip(batched, reference, strict=True):
+        assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
+
+
+def test_start_batch_skips_once_then_serves_whole_epochs():
+    sampler = ResumableSampler(N, batch_size=BATCH, seed=0, epoch=2, start_batch=4)
+    full = ResumableSampler(N, batch_size=BATCH, seed=0, epoch=2)
+    assert list(sampler) == list(full)[4 * BATCH :]
+    assert list(sampler) == list(full)
+
+
+def test_datamodule_trains_on_batched_loader_with_same_statistics():
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, TensorBatchLoader)
+    labels = torch.cat([y for _, y in loader])
+    assert torch.equal(labels.sort().values, dm._splits["train"].tensors[1].sort().values)
+
+
+@pytest.mark.parametrize("interrupt_step", [8, 6], ids=["mid_epoch", "epoch_end"])
+def test_resumed_run_sees_the_uninterrupted_order_and_random_stream(tmp_path, interrupt_step):
+    uninterrupted = _fit(tmp_path / "a")
+    epochs = [list(itertools.chain(*uninterrupted.rows[e * 6 : (e + 1) * 6])) for e in range(3)]
+    assert all(sorted(order) == list(range(N)) for order in epochs) and len(set(map(tuple, epochs))) == 3
+
+    folder = tmp_path / "b" / "ckpt"
+    checkpoints = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=-1, save_last=True)
+    interrupted = _fit(tmp_path / "b", [checkpoints, StopAtStep(interrupt_step)])
+    assert len(interrupted.rows) == interrupt_step
+    ckpt = next(folder.glob(f"*step={interrupt_step}.ckpt"))
+    state = torch.load(ckpt, weights_only=True)["IndexImages"]["data_order"]
+    assert state == {"epoch": interrupt_step // 6, "batches_consumed": interrupt_step % 6}
+
+    resumed = _fit(tmp_path / "b", ckpt_path=ckpt)
+    assert interrupted.rows + resumed.rows == uninterrupted.rows
+    assert interrupted.draws + resumed.draws == uninterrupted.draws
+
+
+def test_subclass_without_load_splits_fails_at_construction():
+    class NoSplits(InMemoryImageDataModule):
+        num_classes, in_channels, image_size = 2, 1, 4
+
+    with pytest.raises(TypeError, match=r"abstract method.*load_splits"):
+        NoSplits()
+
+
+def test_data_on_device_needs_the_batched_path():
+    with pytest.raises(ValueError, match=r"data_on_device=True.*augment_on_device=True"):
+        SyntheticDataModule(augment="flip", augment_on_device=False, data_on_device=True)
