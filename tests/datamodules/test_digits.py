@@ -90,3 +90,28 @@ def test_synthetic_data_is_seeded_uint8_and_class_dependent():
     within = torch.stack([images[labels == c].float().std(0).mean() for c in range(5)]).mean()
     between = torch.cdist(class_means.flatten(1), class_means.flatten(1)).max() / (3 * 16 * 16) ** 0.5
     assert between > 0.5 * within, "class patterns must be distinguishable from noise"
+
+
+def test_train_per_class_keeps_a_seeded_balanced_subset_and_the_other_splits():
+    def splits(**kwargs):
+        dm = DigitsDataModule(**kwargs)
+        return {name: tuple(t.clone() for t in tensors) for name, tensors in dm.load_splits().items()}
+
+    full, few, same, other = (
+        splits(),
+        splits(train_per_class=7),
+        splits(train_per_class=7),
+        splits(train_per_class=7, seed=1),
+    )
+    assert torch.bincount(few["train"][1]).tolist() == [7] * 10
+    for name in ("val", "test"):
+        assert torch.equal(few[name][0], full[name][0])
+    assert torch.equal(few["train"][0], same["train"][0])
+    assert not torch.equal(few["train"][0], other["train"][0])
+    # every kept image is a training image of the full split
+    flat_full = full["train"][0].flatten(1)
+    assert all((flat_full == img.flatten()).all(dim=1).any() for img in few["train"][0])
+    with pytest.raises(ValueError, match="train_per_class"):
+        DigitsDataModule(train_per_class=0)
+    with pytest.raises(ValueError, match="has only"):
+        DigitsDataModule(train_per_class=10_000).load_splits()

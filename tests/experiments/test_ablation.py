@@ -82,3 +82,16 @@ def test_runner_on_digits_matches_the_statistics_of_its_own_per_seed_results(tmp
     assert summary == summarize(config, per_variant)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == summary["rows"]
     assert (tmp_path / "out" / "ablation.png").stat().st_size > 0
+
+
+def test_shipped_ablation_and_search_files_fit_their_recipes():
+    from pathlib import Path
+
+    from lightning_tricks.experiments.search import SearchConfig
+
+    configs = Path(__file__).parents[2] / "configs"
+    ablation = AblationConfig.from_yaml(configs / "ablations" / "digits_few_labels.yaml")
+    ablation.check()  # every variant parses against the base recipe
+    assert ablation.variants[0].name == "baseline" and len(ablation.variants) >= 8
+    search = SearchConfig.from_yaml(configs / "search" / "digits_lr_wd.yaml")
+    search.validate_against([str(configs / "search" / "digits_mlp.yaml")])

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 import optuna
 import pytest
 import yaml
 from conftest import LR, RECIPE, WD
+from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 
@@ -129,3 +131,37 @@ def test_crashing_trial_is_recorded_failed_and_the_search_goes_on(tmp_path, reci
     study = optuna.load_study(study_name=run.stage_name("coarse"), storage=run.storage_url)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
     assert all("no_such_arg" in t.user_attrs["error"] for t in study.trials)
+
+
+class WandbProbe(Callback):
+    """Records the W&B run of each trial (name, group, config) while it trains."""
+
+    seen: ClassVar[list[tuple[str, str, dict]]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        run = trainer.logger.experiment
+        WandbProbe.seen.append((run.name, run.group, dict(run.config)))
+
+
+def test_every_trial_is_its_own_offline_wandb_run_in_the_study_group(tmp_path):
+    recipe = dict(RECIPE)
+    recipe["trainer"] = {
+        **RECIPE["trainer"],
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.WandbLogger",
+            "init_args": {"save_dir": str(tmp_path), "offline": True, "project": "search-test"},
+        },
+        "callbacks": [{"class_path": f"{__name__}.WandbProbe"}],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = _search(tmp_path, str(path), coarse={"n_trials": 2, "max_epochs": 1}, pruning=False)
+    WandbProbe.seen.clear()
+    run_search(run)
+    study = optuna.load_study(study_name=run.stage_name("coarse"), storage=run.storage_url)
+    assert [(name, group) for name, group, _ in WandbProbe.seen] == [
+        ("coarse-0", run.study_name),
+        ("coarse-1", run.study_name),
+    ]
+    for (_, _, config), trial in zip(WandbProbe.seen, study.trials, strict=True):
+        assert config[LR] == pytest.approx(trial.params[LR]) and config["trial"] == trial.number

@@ -122,3 +122,18 @@ def test_lr_range_test_turns_into_a_log_range_up_to_the_loss_minimum():
     assert lr_search_range(results, span=1e6)[0] == pytest.approx(1e-5)  # never below the sweep
     with pytest.raises(ValueError, match="at least 2"):
         lr_search_range(LRFinderResults(lrs=[0.1], losses=[1.0], smoothed=[1.0]))
+
+
+def test_console_command_dispatches_search_and_rejects_bad_input_with_status_2(tmp_path, recipe, capsys):
+    from lightning_tricks.cli import main
+
+    search = tmp_path / "search.yaml"
+    search.write_text(
+        "coarse: {n_trials: 2, max_epochs: 1}\nspace:\n  model.init_args.optimizer.lr: {choices: []}\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", "--config", recipe, "--search", str(search), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.init_args.optimizer.lr" in err and "empty or invalid choice list" in err
+    assert not (tmp_path / "out" / "trials.csv").exists()

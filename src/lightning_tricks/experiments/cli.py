@@ -50,15 +50,16 @@ def main(argv: Sequence[str]) -> None:
     _search_parser(sub)
     _ablate_parser(sub)
     args = parser.parse_args(list(argv))
-    if args.command == "search":
-        _search(args)
-    else:
-        _ablate(args)
+    try:
+        _search(args) if args.command == "search" else _ablate(args)
+    except ValueError as err:  # bad input: the message names the key and the fix, no traceback needed
+        parser.exit(2, f"lightning-tricks {args.command}: error: {err}\n")
 
 
 def _search(args: argparse.Namespace) -> None:
     from lightning_tricks.experiments.report import write_report
     from lightning_tricks.experiments.search import SearchConfig, SearchRun, run_search
+    from lightning_tricks.experiments.storage import open_storage
 
     if args.n_jobs < 1:
         raise SystemExit(f"--n-jobs must be >= 1, got {args.n_jobs}")
@@ -69,6 +70,7 @@ def _search(args: argparse.Namespace) -> None:
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     run = SearchRun(list(args.config), search, storage, name, out)
     wall_s = None
+    open_storage(storage)  # an unreachable URL fails before anything else
     if not args.report_only:
         search.validate_against(run.configs)
         wall_s = run_search(run, n_jobs=args.n_jobs)

@@ -71,7 +71,7 @@ def parse_recipe(configs: Sequence[str], overrides: Mapping[str, Any] | None = N
             recipe_args(configs, overrides),
             run=False,
             cli_class=_ParseOnlyCLI,
-            parser_kwargs={"exit_on_error": False},
+            exit_on_error=False,
         )
     except ArgumentError as err:
         detail = _innermost_reason(str(err))
@@ -168,6 +168,10 @@ class _TrialCLI(LightningTricksCLI):
     data_cache: ClassVar[dict[str, dict[str, Any]]] = {}
     hyperparameters: ClassVar[dict[str, Any]] = {}
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["save_config_callback"] = None  # trials would overwrite one another's config.yaml
+        super().__init__(*args, **kwargs)
+
     def before_fit(self) -> None:
         for logger in self.trainer.loggers:
             if self.hyperparameters:
@@ -222,7 +226,6 @@ def run_recipe(
             args,
             cli_class=_TrialCLI,
             trainer_defaults={"callbacks": [recorder, *callbacks]},
-            save_config_callback=None,  # trials would overwrite one another's config.yaml
         )
     except Exception as exc:  # the caller records it (a crashed trial), the search goes on
         error = exc
