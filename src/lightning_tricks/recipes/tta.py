@@ -10,6 +10,9 @@ Modes:
   ``test_center_crop=False`` so test batches are ``resize_size`` squares (256 for 224 crops).
 * ``multi_scale``: the image resized to several sides, each also mirrored. The model must accept
   any input size (global pooling), as CNN classifiers do.
+* ``flip_translate``: the image and the image shifted by one pixel up-left and down-right
+  (reflect-padded, same size), each also mirrored (6 views; airbench's level-2 TTA, here with
+  equal weights on the probabilities).
 
 Example::
 
@@ -25,7 +28,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-TTA_MODES = ("hflip", "ten_crop", "multi_scale")
+TTA_MODES = ("hflip", "ten_crop", "multi_scale", "flip_translate")
+TRANSLATE_SHIFT = 1  # pixels, flip_translate
 DEFAULT_CROP_FRACTION = 0.875  # 224 / 256, the ImageNet evaluation ratio
 DEFAULT_SCALE_FACTORS = (0.875, 1.0, 1.125)  # 224, 256, 288 for 256-pixel test images
 
@@ -36,6 +40,9 @@ def _views(
     if mode == "hflip":
         yield images
         yield images.flip(-1)
+        return
+    if mode == "flip_translate":
+        yield from _flip_translate_views(images, TRANSLATE_SHIFT)
         return
     side = min(images.shape[-2:])
     if mode == "ten_crop":
@@ -51,6 +58,15 @@ def _views(
         resized = images if size == side else TF.resize(images, [size], antialias=True)
         yield resized
         yield resized.flip(-1)
+
+
+def _flip_translate_views(images: Tensor, shift: int) -> Iterator[Tensor]:
+    height, width = images.shape[-2:]
+    padded = torch.nn.functional.pad(images, (shift,) * 4, mode="reflect")
+    for offset in (shift, 0, 2 * shift):  # unshifted, then by one pixel each way along both axes
+        view = padded[..., offset : offset + height, offset : offset + width]
+        yield view
+        yield view.flip(-1)
 
 
 def plain_view(images: Tensor, mode: str, crop_size: int | None = None) -> Tensor:
@@ -82,7 +98,7 @@ def tta_probabilities(
         forward: Maps a ``(N, C, H, W)`` float batch to ``(N, num_classes)`` logits (a model or
             a LightningModule).
         images: Preprocessed ``(N, C, H, W)`` float batch.
-        mode: ``"hflip"``, ``"ten_crop"`` or ``"multi_scale"``.
+        mode: ``"hflip"``, ``"ten_crop"``, ``"multi_scale"`` or ``"flip_translate"``.
         crop_size: ``ten_crop`` crop side (default ``round(0.875 * short side)``: 224 for 256).
         scales: ``multi_scale`` short sides (default 0.875, 1.0, 1.125 times the short side).
 

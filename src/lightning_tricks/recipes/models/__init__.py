@@ -2,7 +2,8 @@
 
 Importing this package registers every family: ``linear``, ``mlp``, ``small_cnn``, the CIFAR
 ResNets ``resnet20/32/44/56/110``, ``preact_resnet18``, ``wide_resnet``/``wrn_28_10``/``wrn_16_8``
-and the torchvision ``resnet18/34/50`` and ``mobilenet_v3_small``.
+the torchvision ``resnet18/34/50`` and ``mobilenet_v3_small``, and ``airbench`` (patch-whitening
+first layer, see :mod:`~lightning_tricks.recipes.models.airbench`).
 
 Example::
 
@@ -13,6 +14,7 @@ Example::
 """
 
 from lightning_tricks.recipes.models import (  # noqa: F401  (imported to register the models)
+    airbench,
     cifar_resnet,
     cnn,
     mlp,

@@ -1,0 +1,93 @@
+"""The airbench-style network: patch whitening, identity-initialised convs, scale-free BatchNorm, TTA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_tricks.recipes import ImageClassifier
+from lightning_tricks.recipes.models import create_model
+from lightning_tricks.recipes.tta import tta_probabilities
+
+
+def small_airbench(**kwargs) -> nn.Module:
+    return create_model("airbench", num_classes=5, widths=(8, 16, 16), **kwargs)
+
+
+def test_whitening_filters_equal_an_independent_eigendecomposition_of_the_patches():
+    torch.manual_seed(0)
+    # Correlated channels, so the eigenvalues are well separated and far from eps.
+    images = torch.randn(6, 3, 9, 9) + 0.5 * torch.randn(6, 1, 9, 9)
+    net = small_airbench(whitening_size=2, whitening_eps=1e-3)
+    net.init_whitening(images)
+
+    x = images.double().numpy()
+    rows = [
+        x[n, :, i : i + 2, j : j + 2].reshape(-1)  # (c, y, x) order, as conv weights are laid out
+        for n in range(x.shape[0])
+        for i in range(8)
+        for j in range(8)
+    ]
+    patches = np.stack(rows)
+    eigenvalues, eigenvectors = np.linalg.eigh(patches.T @ patches / len(patches))
+    order = np.argsort(eigenvalues)[::-1]
+    expected = (eigenvectors[:, order] / np.sqrt(eigenvalues[order] + 1e-3)).T  # (12, 12), one filter a row
+
+    weight = net.whiten.weight.detach().double().numpy().reshape(24, 12)
+    first, second = weight[:12], weight[12:]
+    np.testing.assert_allclose(second, -first)
+    signs = np.sign((first * expected).sum(axis=1))  # eigenvectors are defined up to sign
+    np.testing.assert_allclose(first * signs[:, None], expected, rtol=1e-4, atol=1e-5)
+    assert bool(net.whitening_initialized)
+    assert not net.whiten.weight.requires_grad and net.whiten.bias.requires_grad
+
+
+def test_convs_start_as_identity_and_batchnorm_has_no_learned_scale():
+    net = small_airbench()
+    block = net.blocks[1]  # 8 -> 16 channels
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        out = block.conv1(x)
+    torch.testing.assert_close(out[:, :8], x)  # Dirac filters pass the input channels through
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 6
+    assert all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+
+
+def test_bad_whitening_input_fails_early():
+    net = small_airbench()
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        net.init_whitening(torch.randn(4, 1, 8, 8))
+
+
+def test_flip_translate_tta_is_the_mean_over_six_views_computed_by_hand():
+    torch.manual_seed(0)
+    net = small_airbench().eval()
+    images = torch.randn(4, 3, 12, 12)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = [images, padded[..., :12, :12], padded[..., 2:, 2:]]
+    # Independent check of the shift: the down-right view's pixel (0, 0) is the image's (1, 1).
+    torch.testing.assert_close(shifted[2][..., 0, 0], images[..., 1, 1])
+    views = [v for s in shifted for v in (s, s.flip(-1))]
+    with torch.no_grad():
+        expected = torch.stack([net(v).softmax(1) for v in views]).mean(0)
+    torch.testing.assert_close(tta_probabilities(net, images, "flip_translate"), expected)
+
+
+def test_classifier_initialises_whitening_from_the_first_training_batch_only():
+    torch.manual_seed(0)
+    model = ImageClassifier("airbench", num_classes=5, model_kwargs={"widths": (8, 16, 16)})
+    first, second = torch.randn(8, 3, 10, 10), torch.randn(8, 3, 10, 10)
+    reference = small_airbench()
+    reference.init_whitening(first)
+
+    class _Trainer:
+        world_size = 1
+
+    model._trainer = _Trainer()  # the hook only reads world_size
+    model.on_train_batch_start((first, torch.zeros(8, dtype=torch.long)), 0)
+    model.on_train_batch_start((second, torch.zeros(8, dtype=torch.long)), 1)
+    torch.testing.assert_close(model.net.whiten.weight, reference.whiten.weight)
