@@ -46,6 +46,8 @@ from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
 from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
 
+#: Modes of ``torch.compile`` accepted by ``ImageClassifier(compile=...)``.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Param-group key holding the global batch size the group's lr is scaled for (linear scaling rule).
 LR_BATCH_KEY = "lr_global_batch_size"
 # Modules whose drop probability ``p`` is regularisation that ``regularization_scaled(0)`` turns off.
@@ -83,11 +85,21 @@ class ImageClassifier(L.LightningModule):
         scheduler: LR schedule, its interval, and a linear warm-up that composes with it.
         regularization: L1/L2 penalties, label smoothing (two conventions), dropout, DropConnect.
         init: Weight initialisation scheme applied to the freshly built model.
-        tta: Test-time augmentation for test/predict (``"hflip"``, ``"ten_crop"``, ``"multi_scale"``);
-            logged as ``test/acc_tta`` beside the plain ``test/acc``.
+        tta: Test-time augmentation for test/predict (``"hflip"``, ``"ten_crop"``, ``"multi_scale"``,
+            ``"flip_translate"``); logged as ``test/acc_tta`` beside the plain ``test/acc``.
         on_nonfinite_loss: On a NaN/inf training loss, ``"stop"`` the run with a message naming the
             step, the loss, the last finite loss and the likely cause (default), or ``"skip"`` that
             step with a warning; either way the weights never see it.
+        channels_last: Keep the network's weights and its input batches in the ``channels_last``
+            memory format (faster convolutions on tensor-core GPUs; results are unchanged).
+        compile: ``torch.compile`` the network with this mode (``"default"``, ``"reduce-overhead"``,
+            ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``), or ``None`` (off). Compiling happens
+            on the first batch of each new input shape and costs seconds to minutes (see README);
+            the checkpoint layout is unchanged.
+
+    A network with an ``init_whitening(images)`` method (the ``airbench`` model) gets it called on
+    the first training batch of a fresh run (rank 0's batch, broadcast to all ranks), so its
+    patch-whitening layer comes from the training data as the DataModule delivers it.
     """
 
     def __init__(
@@ -102,8 +114,15 @@ class ImageClassifier(L.LightningModule):
         init: InitConfig | None = None,
         tta: str | None = None,
         on_nonfinite_loss: str = "stop",
+        channels_last: bool = False,
+        compile: str | None = None,
     ) -> None:
         super().__init__()
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(
+                f"compile must be None (off) or one of {', '.join(COMPILE_MODES)}, got {compile!r}"
+            )
+        self.channels_last = channels_last
         self.nonfinite_guard = NonFiniteLossGuard(on_nonfinite_loss)
         self.optimizer_config: OptimizerConfig = _as_config(optimizer, OptimizerConfig)
         self.scheduler_config: SchedulerConfig = _as_config(scheduler, SchedulerConfig)
@@ -130,6 +149,11 @@ class ImageClassifier(L.LightningModule):
             model, num_classes=num_classes, in_channels=in_channels, **self._model_kwargs(model_kwargs)
         )
         initialize(self.net, self.init_config)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if compile is not None:
+            self.net.compile(mode=compile)  # in place: parameter names and state_dict keys unchanged
+        self._whitening_pending = hasattr(self.net, "init_whitening")
         self._regularization_scale = 1.0
         top_k = min(5, num_classes)
         for stage in ("train", "val", "test"):
@@ -158,6 +182,8 @@ class ImageClassifier(L.LightningModule):
         return kwargs
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
     # -- backbone / head split (read by Lightning's BackboneFinetuning and BaseFinetuning) ------
@@ -239,6 +265,20 @@ class ImageClassifier(L.LightningModule):
         # (saved before Lightning resets them); a mid-epoch resume skips this hook and keeps its sums.
         self.train_loss.reset()
         self.train_acc.reset()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Initialise a patch-whitening first layer from the first training batch of a fresh run."""
+        if not self._whitening_pending:
+            return
+        self._whitening_pending = False  # checked once per process: no per-step device sync
+        net = self.net
+        if bool(getattr(net, "whitening_initialized", False)):
+            return  # restored from a checkpoint
+        net.init_whitening(batch[0])
+        weight = net.whiten.weight if hasattr(net, "whiten") else None
+        if weight is not None and self.trainer.world_size > 1:
+            weight.data.copy_(self.trainer.strategy.broadcast(weight.data, src=0))
+        rank_zero_info(f"Initialised the patch-whitening layer from {len(batch[0])} training images")
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, targets = batch

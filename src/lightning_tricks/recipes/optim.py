@@ -65,6 +65,11 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+#: Parameter kinds that ``OptimizerConfig.lr_multipliers`` can give their own learning rate, in
+#: matching priority.
+LR_MULTIPLIER_KINDS: tuple[str, ...] = ("norm_bias", "norm", "bias")
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     """Which optimizer to build and with which hyper-parameters.
@@ -87,6 +92,11 @@ class OptimizerConfig:
         base_batch_size: Batch size ``lr`` was tuned for; with it the linear scaling rule
             ``lr * global_batch_size / base_batch_size`` is applied (Goyal et al., 2017).
         kwargs: Extra keyword arguments for the optimizer class; they override the fields above.
+        lr_multipliers: Per-parameter-kind learning-rate factors, each kind in its own param group:
+            ``norm_bias`` (biases of normalization layers), ``norm`` (all normalization parameters),
+            ``bias`` (every parameter named ``bias``). The first matching kind in
+            :data:`LR_MULTIPLIER_KINDS` order wins. Schedules scale each group's lr, so the ratio holds
+            throughout; weight decay coefficients are unchanged. Example (airbench): ``{norm_bias: 64}``.
 
     Example::
 
@@ -103,6 +113,7 @@ class OptimizerConfig:
     exclude_norm_and_bias_from_decay: bool = True
     base_batch_size: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZER_NAMES:
@@ -130,6 +141,16 @@ class OptimizerConfig:
                 "set it to the batch size the lr was tuned for, or None to disable the scaling rule"
             )
         check_optimizer_kwargs(self.name, self.kwargs, optimizer_arguments(self.name))
+        for kind, factor in self.lr_multipliers.items():
+            if kind not in LR_MULTIPLIER_KINDS:
+                raise ValueError(
+                    f"optimizer.lr_multipliers has unknown kind {kind!r}; "
+                    f"valid kinds: {', '.join(LR_MULTIPLIER_KINDS)}"
+                )
+            if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+                raise ValueError(
+                    f"optimizer.lr_multipliers.{kind} must be a positive number, got {factor!r}; e.g. 64"
+                )
 
     def _resolve_defaults(self) -> None:
         """Fill ``lr``/``momentum``/``eps`` left at ``None`` from :data:`OPTIMIZER_DEFAULTS`; reject the ones
@@ -249,7 +270,51 @@ def build_optimizer(
         "delta_bar_delta": (DeltaBarDelta, {"momentum": config.momentum, "weight_decay": wd}),
     }
     cls, defaults = factories[config.name]
+    if config.lr_multipliers:
+        groups = apply_lr_multipliers(model, groups, lr, config.lr_multipliers)
     return cls(groups, lr=lr, **{**defaults, **config.kwargs})
+
+
+def parameter_kinds(model: nn.Module) -> dict[int, set[str]]:
+    """``id(param) -> kinds`` of :data:`LR_MULTIPLIER_KINDS` that each parameter of ``model`` belongs to."""
+    kinds: dict[int, set[str]] = {}
+    for module in model.modules():
+        norm = isinstance(module, NORM_LAYER_TYPES)
+        for name, param in module.named_parameters(recurse=False):
+            found = kinds.setdefault(id(param), set())
+            if norm:
+                found.add("norm")
+            if name == "bias":
+                found.add("bias")
+            if norm and name == "bias":
+                found.add("norm_bias")
+    return kinds
+
+
+def apply_lr_multipliers(
+    model: nn.Module, groups: list[dict[str, Any]], lr: float, multipliers: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Split ``groups`` so each parameter kind in ``multipliers`` has its own group with
+    ``lr * factor`` (other group settings kept); empty groups are dropped.
+
+    Example::
+
+        groups = apply_lr_multipliers(model, param_groups(model, 5e-4), 0.1, {"norm_bias": 64})
+    """
+    kinds = parameter_kinds(model)
+    ordered = [kind for kind in LR_MULTIPLIER_KINDS if kind in multipliers]
+    result: list[dict[str, Any]] = []
+    for group in groups:
+        buckets: dict[str | None, list[nn.Parameter]] = {kind: [] for kind in [None, *ordered]}
+        for param in group["params"]:
+            owned = kinds.get(id(param), set())
+            buckets[next((kind for kind in ordered if kind in owned), None)].append(param)
+        for kind, params in buckets.items():
+            if not params:
+                continue
+            extra = {} if kind is None else {"lr": lr * multipliers[kind], "lr_multiplier_kind": kind}
+            result.append({**group, "params": params, **extra})
+    return result
 
 
 class DeltaBarDelta(torch.optim.Optimizer):
