@@ -29,7 +29,7 @@ def seen_metrics(cli) -> set[str]:
 
 def test_every_config_is_covered_here():
     covered = {"digits", "digits_babysit", "cifar10_resnet56", "cifar100_wrn", "cifar10_resnet18_ema"}
-    covered |= {"cifar10_resnet56_snapshot", "imagenet_resnet50"}
+    covered |= {"cifar10_resnet56_snapshot", "imagenet_resnet50", "cifar10_speedrun"}
     assert {path.stem for path in CONFIGS.glob("*.yaml")} == covered
 
 
@@ -113,3 +113,43 @@ def test_babysit_config_runs_every_check_and_learns(tmp_path):
     applied = finder.results.suggestions[finder.suggestion]
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(applied)
     assert cli.trainer.callback_metrics["test/acc"].item() > 0.8
+
+
+def test_speedrun_config_trains_and_its_tta_is_the_mean_over_six_views(tmp_path, monkeypatch):
+    import torch
+
+    write_cifar10(tmp_path, per_batch=20, n_test=16)
+    accept_checksums(monkeypatch, tmp_path)
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / 'cifar10_speedrun.yaml'}",
+            *QUICK_TRAINER,
+            "--trainer.limit_train_batches=3",
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--data.init_args.data_dir={tmp_path}",
+            "--data.init_args.download=false",
+            "--data.init_args.batch_size=16",
+            "--model.init_args.model_kwargs={widths: [8, 16, 16]}",
+        ]
+    )
+    model = cli.model
+    assert cli.trainer.global_step == 3
+    assert "test/acc_tta" in seen_metrics(cli)
+    assert bool(model.net.whitening_initialized)
+    groups = cli.trainer.optimizers[0].param_groups
+    biases = {id(m.bias) for m in model.net.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    (bias_group,) = [g for g in groups if {id(p) for p in g["params"]} == biases]
+    assert bias_group["initial_lr"] == pytest.approx(
+        64 * max(g["initial_lr"] for g in groups if g is not bias_group)
+    )
+
+    images = next(iter(cli.datamodule.test_dataloader()))[0][:4]
+    images = cli.datamodule.normalize_images(images)
+    model.eval()
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = [images, padded[..., :32, :32], padded[..., 2:, 2:]]
+    with torch.no_grad():
+        expected = torch.stack([model(v).softmax(1) for s in shifted for v in (s, s.flip(-1))]).mean(0)
+        torch.testing.assert_close(model.predict_step(images, 0), expected)
