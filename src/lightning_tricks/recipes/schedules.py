@@ -165,7 +165,6 @@ class SchedulerConfig:
         rate = self.kwargs.get("decay_rate", 0.0)
         if not rate >= 0:
             raise ValueError(f"scheduler.kwargs.decay_rate must be >= 0, got {rate}")
-        _check_restart_kwargs(name, self.kwargs)
         check_scheduler_kwargs(name, self.kwargs)
 
     @property
@@ -175,22 +174,6 @@ class SchedulerConfig:
         if self.name is None or self.name.lower() in ("none", "null"):
             return "constant"
         return self.name
-
-
-def _check_restart_kwargs(name: str, kwargs: dict[str, Any]) -> None:
-    """Validate the options of ``snapshot`` and the SGDR options of ``cosine_restarts``."""
-    cycles = kwargs.get("cycles", 1)
-    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
-        raise ValueError(f"scheduler.kwargs.cycles must be an integer >= 1, got {cycles!r}; e.g. 5")
-    decay = kwargs.get("cycle_decay", 1.0)
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-        raise ValueError(
-            f"scheduler.kwargs.cycle_decay must be in (0, 1], got {decay!r}; 1 keeps every peak at the "
-            "base lr"
-        )
-    cooldown = kwargs.get("cooldown", 0)
-    if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
-        raise ValueError(f"scheduler.kwargs.cooldown must be an integer >= 0, got {cooldown!r}; 0 for none")
 
 
 class InverseTimeDecay:
@@ -472,7 +455,9 @@ def _build_main(
         return lrs.LambdaLR(optimizer, InverseTimeDecay(kw.pop("decay_rate")))
     if name == "snapshot":
         return SnapshotCosine(optimizer, run_length, kw.pop("cycles"), **kw)
-    if name == "cosine_restarts" and ("cycle_decay" in kw or "cooldown" in kw):
+    fractional_mult = not float(kw.get("T_mult", 1)).is_integer()
+    if name == "cosine_restarts" and ("cycle_decay" in kw or "cooldown" in kw or fractional_mult):
+        # torch's CosineAnnealingWarmRestarts has no peak decay or cooldown and needs an integer T_mult
         return _sgdr(optimizer, kw, run_length)
     if name == "cosine":
         kw.setdefault("T_max", run_length)
