@@ -142,3 +142,16 @@ def test_tta_is_logged_beside_plain_accuracy_on_the_plain_view(mode):
         )
     assert logged["test/acc"].compute() == pytest.approx(plain_acc.item())
     assert logged["test/acc_tta"].compute() == pytest.approx(tta_acc.item())
+
+
+def test_epoch_training_accuracy_counts_every_batch_of_the_epoch():
+    torch.manual_seed(0)
+    model = make_classifier()
+    model.log = lambda *args, **kwargs: None
+    batches = [(torch.randn(5, 1, 8, 8), torch.randint(10, (5,))) for _ in range(3)]
+    correct = 0
+    for i, (images, targets) in enumerate(batches):
+        with torch.no_grad():
+            correct += (model(images).argmax(1) == targets).sum().item()
+        model.training_step((images, targets), i)
+    assert model.train_acc.compute().item() == pytest.approx(correct / 15)

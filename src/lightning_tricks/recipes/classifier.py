@@ -292,7 +292,9 @@ class ImageClassifier(L.LightningModule):
             return None  # "skip": Lightning skips backward and the optimizer step
         if reg is not None:
             self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
-        self.train_acc(logits.detach(), self._hard_targets(targets))
+        # update(), not forward: the accuracy is logged per epoch only, so the per-batch value that
+        # forward computes (a state copy and a compute per step) would be thrown away.
+        self.train_acc.update(logits.detach(), self._hard_targets(targets))
         self.train_loss(loss.detach(), len(images))  # weighted by batch size, as Lightning's own mean
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
