@@ -42,6 +42,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_tricks._io import atomic_save
+from lightning_tricks.callbacks._requirements import require
 from lightning_tricks.evaluation import evaluate_prediction_average
 from lightning_tricks.recipes.schedules import scheduler_cycle_ends
 
@@ -186,6 +187,13 @@ class SnapshotEnsemble(Callback):
                 f"SnapshotEnsemble: the checkpoint references snapshot files that do not exist: {missing}. "
                 "Resume on a machine that sees the run's snapshot folder, or start a fresh run"
             )
+        require(
+            "SnapshotEnsemble",
+            trainer,
+            pl_module,
+            why="it places the snapshots at the cycle ends of one optimizer's LR schedule",
+            single_optimizer=True,
+        )
         if not trainer.lr_scheduler_configs:
             raise MisconfigurationException(
                 "SnapshotEnsemble takes snapshots at the restarts of the LR schedule, but "
