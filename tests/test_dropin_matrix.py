@@ -296,6 +296,23 @@ def test_diagnostics_probe_measures_the_loss_computed_here(tmp_path, scenario):
     assert diagnostics.init["num_classes"] == CLASSES
 
 
+class ValLosses(L.Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.values.append(float(trainer.callback_metrics["val_loss"]))
+
+
+def test_diagnostics_read_val_loss_beside_the_twins_other_callbacks_log(tmp_path):
+    """EMA and SnapshotEnsemble log ``val_loss_ema``/``val_loss_ensemble``: ``val_loss`` is still the one."""
+    diagnostics, recorded = TrainingDiagnostics(), ValLosses()
+    ema = EMA(decay=0.5, warmup=None)
+    snapshots = SnapshotEnsemble(cycles=1, dirpath=str(tmp_path / "snapshots"))
+    fit(tmp_path, "a_own_names", [ema, snapshots, recorded, diagnostics], restarts=True)
+    assert diagnostics.val_losses == pytest.approx(recorded.values) and len(recorded.values) == 2
+
+
 @pytest.mark.parametrize("scenario", ALL)
 def test_momentum_schedule_sets_the_ramp_computed_here(tmp_path, scenario):
     start, end, ramp = 0.8, 0.9, 2
