@@ -176,11 +176,11 @@ class EpochMomentum(L.Callback):
             self.seen.append([g["betas"][0] for opt in trainer.optimizers for g in opt.param_groups])
 
 
-def fit(tmp_path, scenario: str, callbacks, max_epochs: int = 2, compiled: bool = False, **module_kwargs):
+def fit(tmp_path, scenario: str, callbacks, max_epochs=2, compiled=False, net=None, **module_kwargs):
     options = dict(SCENARIOS[scenario])
     precision = options.pop("precision", "32-true")
     torch.manual_seed(0)
-    model = UserNet(**options, **module_kwargs)
+    model = (net or UserNet)(**options, **module_kwargs)
     initial = copy.deepcopy(model)
     if compiled:
         model = torch.compile(model)
@@ -196,11 +196,11 @@ def fit(tmp_path, scenario: str, callbacks, max_epochs: int = 2, compiled: bool 
     return trainer, model, initial
 
 
-def refused(tmp_path, scenario, callback, match, **module_kwargs):
+def refused(tmp_path, scenario, callback, match, **fit_kwargs):
     """Assert ``fit`` raises ``ValueError(match)`` before any training batch."""
     steps = StepWeights()
     with pytest.raises(ValueError, match=match) as error:
-        fit(tmp_path, scenario, [callback, steps], **module_kwargs)
+        fit(tmp_path, scenario, [callback, steps], **fit_kwargs)
     assert steps.first is None  # no training step ran
     return error
 
@@ -239,6 +239,31 @@ def test_snapshot_ensemble_refuses_two_optimizers(tmp_path):
     refused(
         tmp_path, "e_two_optimizers", snapshots, "SnapshotEnsemble needs exactly one optimizer.*returned 2"
     )
+
+
+class Regressor(UserNet):
+    """Not a classifier: one output per sample, trained with the squared error."""
+
+    def forward(self, x):
+        return self.head(self.body(x))[:, 0]
+
+    def _loss_acc(self, batch):
+        x, y = batch
+        loss = F.mse_loss(self(x), y.float())
+        return loss, -loss
+
+
+def test_snapshot_ensemble_refuses_a_model_that_is_not_a_classifier(tmp_path):
+    snapshots = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snapshots"))
+    error = refused(
+        tmp_path,
+        "a_own_names",
+        snapshots,
+        "SnapshotEnsemble needs a classifier",
+        net=Regressor,
+        restarts=True,
+    )
+    assert "shape (16,)" in str(error.value) and "logits_of" in str(error.value)
 
 
 @pytest.mark.parametrize("scenario", AUTOMATIC)

@@ -42,7 +42,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_tricks._io import atomic_save
-from lightning_tricks.callbacks._requirements import require
+from lightning_tricks.callbacks._requirements import require, require_classifier
 from lightning_tricks.evaluation import evaluate_prediction_average
 from lightning_tricks.recipes.schedules import scheduler_cycle_ends
 
@@ -247,6 +247,9 @@ class SnapshotEnsemble(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        require_classifier(
+            "SnapshotEnsemble", trainer, pl_module, why="it averages the snapshots' softmax probabilities"
+        )
         # Runs after the training state is restored.
         self._last_handled = trainer.global_step if self._unit == "step" else trainer.current_epoch
 
