@@ -302,6 +302,27 @@ def test_init_loss_check_measures_the_loss_computed_here(tmp_path, scenario):
     assert check.expected == pytest.approx(math.log(CLASSES))
 
 
+class OwnKeys(UserNet):
+    """Dict batches under keys no default knows; the module says where inputs and targets are."""
+
+    def split_batch(self, batch):
+        return batch["pixels"], batch["cls"]
+
+    def _loss_acc(self, batch):
+        return super()._loss_acc(self.split_batch(batch))
+
+
+def test_init_loss_check_uses_the_module_split_batch_hook(tmp_path):
+    x, y = tensors()
+    data = DataLoader([{"pixels": a, "cls": b} for a, b in zip(x, y, strict=True)], batch_size=BATCH)
+    torch.manual_seed(0)
+    model = OwnKeys()
+    expected = initial_loss(model, 2)
+    check = InitLossCheck(num_batches=2, on_fail="raise")
+    L.Trainer(max_epochs=1, callbacks=[check], **quiet_trainer_kwargs(tmp_path)).fit(model, data)
+    assert check.skip_reason is None and check.measured == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("scenario", ALL)
 def test_overfit_tiny_batch_fits_and_leaves_the_weights(tmp_path, scenario):
     check = OverfitTinyBatch(num_samples=8, max_steps=150, on_fail="raise")
