@@ -22,8 +22,8 @@ def section_blocks(heading: str, language: str) -> list[str]:
 
 
 def test_readme_yaml_recipe_builds_every_class(tmp_path):
-    block = section_blocks("YAML", "yaml")[0]
-    config = yaml.safe_load(block)
+    configs = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", README, flags=re.S)]
+    (config,) = [config for config in configs if "model" in config]  # the others are fragments
     config["data"]["init_args"]["data_dir"] = str(tmp_path)
     path = tmp_path / "readme.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -45,6 +45,7 @@ from lightning_tricks._io import atomic_save
 from lightning_tricks.callbacks._requirements import require, require_classifier
 from lightning_tricks.evaluation import evaluate_prediction_average
 from lightning_tricks.recipes.schedules import scheduler_cycle_ends
+from lightning_tricks.records import run_dir
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ class SnapshotEnsemble(Callback):
         ensemble_size: Number ``k`` of last snapshots averaged at evaluation, ``1 <= k <= cycles``;
             ``None`` for all of them.
         reset_momentum: Clear the optimizer state (momentum buffers, Adam moments) at each restart.
-        dirpath: Folder for snapshot files; defaults to ``trainer.log_dir/checkpoints``.
+        dirpath: Folder for snapshot files; defaults to ``checkpoints`` in the run's own folder
+            (:func:`lightning_tricks.run_dir`: the logger's versioned folder, or the W&B run's).
 
     Raises:
         ValueError: On a bad argument.
@@ -175,8 +177,8 @@ class SnapshotEnsemble(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Nothing here builds a dataloader: the checkpoint is restored only after setup.
         if self.dirpath is None:
-            # trainer.log_dir broadcasts, so every rank must call it.
-            self.dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+            # run_dir broadcasts, so every rank must call it; each run (W&B included) has its own folder.
+            self.dirpath = os.path.join(run_dir(trainer), "checkpoints")
         self.dirpath = os.path.abspath(self.dirpath)
 
     @override

@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 from scipy import stats as scipy_stats
 
+from lightning_tricks._io import atomic_savefig
 from lightning_tricks.experiments.recipe import parse_recipe, run_recipe
 from lightning_tricks.experiments.report import format_table, write_atomic
 
@@ -248,7 +249,5 @@ def _plot(summary: Mapping[str, Any], path: Path) -> None:
     right.set_xlabel(f"paired Δ vs {summary['base']}, {round(summary['confidence'] * 100)}% CI")
     left.invert_yaxis()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,17 +24,16 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from lightning_tricks._io import atomic_savefig, atomic_write_bytes
 from lightning_tricks.experiments.recipe import parse_recipe
 from lightning_tricks.experiments.search import STAGES, SearchRun, best_trials
 from lightning_tricks.experiments.storage import open_storage
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and ``os.replace`` so readers never see half a file."""
+    """Write ``text`` atomically (readers never see half a file), creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(text.encode(), path)
 
 
 def trial_rows(study: optuna.Study, stage: str) -> list[dict[str, Any]]:
@@ -83,9 +81,7 @@ def _save_plot(axes: Any, path: Path) -> None:
     fig = first.figure
     fig.set_size_inches(max(6.0, 4.0 * (axes.size if hasattr(axes, "size") else 1)), 4.0)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
 
 

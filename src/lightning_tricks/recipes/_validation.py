@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -82,7 +84,9 @@ _SCHEDULER_RULES: dict[str, Rule] = {
     "decay_rate": NON_NEGATIVE,
     "T_max": Rule(COUNT.check, COUNT.allowed, "100"),
     "T_0": Rule(COUNT.check, COUNT.allowed, "10"),
-    "T_mult": Rule(COUNT.check, COUNT.allowed, "2"),
+    "T_mult": Rule(_numbers(lambda v: v >= 1), "a number >= 1 (cycle length multiplier)", "2"),
+    "cycles": COUNT,
+    "cycle_decay": Rule(_numbers(lambda v: 0 < v <= 1), "a number in (0, 1]; 1 keeps every peak", "1.0"),
     "eta_min": NON_NEGATIVE,
     "base_lr": POSITIVE,
     "max_lr": POSITIVE,
@@ -156,19 +160,21 @@ def check_scheduler_kwargs(name: str, kwargs: dict[str, Any]) -> None:
 
 
 def check_schedule_fits_run(name: str, kwargs: dict[str, Any], run_length: int, interval: str) -> None:
-    """Refuse a step or multistep schedule that would never change the lr within the run.
+    """Warn (rank 0) about a step or multistep schedule that would never change the lr within the run.
 
+    A warning, not an error, so that a shortened run of a shipped config (a smoke test of a paper's
+    recipe) stays runnable; the same choice as for switch epochs and snapshot cycles beyond the run.
     ``run_length`` is the schedule's length in ``interval`` units after warm-up.
     """
     unit = f"{interval}s"
     if name == "step" and kwargs["step_size"] >= run_length:
-        raise ValueError(
+        rank_zero_warn(
             f"scheduler.kwargs.step_size={kwargs['step_size']} never triggers: the schedule lasts "
             f"{run_length} {unit} after warm-up; e.g. scheduler.kwargs.step_size={max(1, run_length // 3)}"
         )
     if name == "multistep" and min(kwargs["milestones"]) >= run_length:
         example = sorted({max(1, run_length // 2), max(1, 3 * run_length // 4)})
-        raise ValueError(
+        rank_zero_warn(
             f"scheduler.kwargs.milestones={list(kwargs['milestones'])} never trigger: the schedule lasts "
             f"{run_length} {unit} after warm-up; e.g. scheduler.kwargs.milestones={example}"
         )

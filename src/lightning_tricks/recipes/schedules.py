@@ -165,7 +165,6 @@ class SchedulerConfig:
         rate = self.kwargs.get("decay_rate", 0.0)
         if not rate >= 0:
             raise ValueError(f"scheduler.kwargs.decay_rate must be >= 0, got {rate}")
-        _check_restart_kwargs(name, self.kwargs)
         check_scheduler_kwargs(name, self.kwargs)
 
     @property
@@ -175,22 +174,6 @@ class SchedulerConfig:
         if self.name is None or self.name.lower() in ("none", "null"):
             return "constant"
         return self.name
-
-
-def _check_restart_kwargs(name: str, kwargs: dict[str, Any]) -> None:
-    """Validate the options of ``snapshot`` and the SGDR options of ``cosine_restarts``."""
-    cycles = kwargs.get("cycles", 1)
-    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
-        raise ValueError(f"scheduler.kwargs.cycles must be an integer >= 1, got {cycles!r}; e.g. 5")
-    decay = kwargs.get("cycle_decay", 1.0)
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-        raise ValueError(
-            f"scheduler.kwargs.cycle_decay must be in (0, 1], got {decay!r}; 1 keeps every peak at the "
-            "base lr"
-        )
-    cooldown = kwargs.get("cooldown", 0)
-    if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
-        raise ValueError(f"scheduler.kwargs.cooldown must be an integer >= 0, got {cooldown!r}; 0 for none")
 
 
 class InverseTimeDecay:
@@ -317,7 +300,8 @@ class CosineRestarts(lrs.LRScheduler):
     Args:
         optimizer: The optimizer whose param-group lrs are scheduled.
         T_0: Length of the first cycle, ``>= 1``.
-        T_mult: Cycle length multiplier, ``>= 1`` (may be fractional, as timm's ``cycle_mul``).
+        T_mult: Cycle length multiplier, ``>= 1`` (may be fractional here, as timm's ``cycle_mul``; the
+            recipe's ``scheduler.kwargs.T_mult`` is an integer, as torch's).
         eta_min: Lowest lr, ``>= 0``.
         cycle_decay: Peak lr factor per restart, in ``(0, 1]``.
         cycle_limit: Number of cycles before the cooldown at ``eta_min``; ``None`` for no limit.
@@ -432,10 +416,24 @@ class SnapshotCosine(lrs.CosineAnnealingWarmRestarts):
         return [e for e in ends if e <= limit]
 
 
+# Schedules that never restart (OneCycleLR's single cycle ends with the run, not with a restart).
+_ONE_SHOT = (
+    lrs.StepLR,
+    lrs.MultiStepLR,
+    lrs.ExponentialLR,
+    lrs.ConstantLR,
+    lrs.LinearLR,
+    lrs.PolynomialLR,
+    lrs.OneCycleLR,
+    lrs.ReduceLROnPlateau,
+)
+
+
 def scheduler_cycle_ends(scheduler: Any, limit: int) -> list[int] | None:
     """Scheduler steps after which ``scheduler``'s cycles end, up to ``limit``; ``None`` if it cannot tell.
 
-    Knows torch's ``CosineAnnealingWarmRestarts`` and every scheduler with a ``cycle_ends(limit)`` method
+    Knows torch's ``CosineAnnealingWarmRestarts``, the schedules that never restart (step decays, exponential,
+    one-cycle, plateau: ``[]``) and every scheduler with a ``cycle_ends(limit)`` method
     (:class:`CosineRestarts`, :class:`SnapshotCosine`, :class:`LinearWarmup` around one of them).
 
     Example::
@@ -444,6 +442,8 @@ def scheduler_cycle_ends(scheduler: Any, limit: int) -> list[int] | None:
     """
     if hasattr(scheduler, "cycle_ends"):
         return scheduler.cycle_ends(limit)
+    if isinstance(scheduler, _ONE_SHOT):
+        return []  # no cycle ends: the lr never restarts
     if isinstance(scheduler, lrs.CosineAnnealingWarmRestarts):
         ends, end, length = [], scheduler.T_0, scheduler.T_0
         while end <= limit:
@@ -472,7 +472,9 @@ def _build_main(
         return lrs.LambdaLR(optimizer, InverseTimeDecay(kw.pop("decay_rate")))
     if name == "snapshot":
         return SnapshotCosine(optimizer, run_length, kw.pop("cycles"), **kw)
-    if name == "cosine_restarts" and ("cycle_decay" in kw or "cooldown" in kw):
+    fractional_mult = not float(kw.get("T_mult", 1)).is_integer()
+    if name == "cosine_restarts" and ("cycle_decay" in kw or "cooldown" in kw or fractional_mult):
+        # torch's CosineAnnealingWarmRestarts has no peak decay or cooldown and needs an integer T_mult
         return _sgdr(optimizer, kw, run_length)
     if name == "cosine":
         kw.setdefault("T_max", run_length)
