@@ -155,3 +155,19 @@ def test_epoch_training_accuracy_counts_every_batch_of_the_epoch():
             correct += (model(images).argmax(1) == targets).sum().item()
         model.training_step((images, targets), i)
     assert model.train_acc.compute().item() == pytest.approx(correct / 15)
+
+
+def test_tta_reads_dict_batches_through_the_adapter():
+    torch.manual_seed(0)
+    model = ImageClassifier("small_cnn", num_classes=3, in_channels=3, tta="hflip").eval()
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        expected = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)) / 2
+    predicted = model.predict_step({"image": images, "label": targets}, 0)
+    torch.testing.assert_close(predicted, expected)
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    model.test_step({"image": images, "label": targets}, 0)
+    assert logged["test/acc_tta"].compute() == pytest.approx(
+        (expected.argmax(1) == targets).float().mean().item()
+    )

@@ -38,6 +38,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_tricks import adapters
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes.init import InitConfig, initialize
 from lightning_tricks.recipes.models import DropConnectConv2d, DropConnectLinear, create_model, get_classifier
@@ -274,11 +275,12 @@ class ImageClassifier(L.LightningModule):
         net = self.net
         if bool(getattr(net, "whitening_initialized", False)):
             return  # restored from a checkpoint
-        net.init_whitening(batch[0])
+        images = adapters.inputs_of(batch, self)
+        net.init_whitening(images)
         weight = net.whiten.weight if hasattr(net, "whiten") else None
         if weight is not None and self.trainer.world_size > 1:
             weight.data.copy_(self.trainer.strategy.broadcast(weight.data, src=0))
-        rank_zero_info(f"Initialised the patch-whitening layer from {len(batch[0])} training images")
+        rank_zero_info(f"Initialised the patch-whitening layer from {len(images)} training images")
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, targets = batch
@@ -321,7 +323,7 @@ class ImageClassifier(L.LightningModule):
             return
         from lightning_tricks.recipes.tta import plain_view, tta_probabilities
 
-        images, targets = batch
+        images, targets = adapters.split_batch(batch, self)
         self._evaluate((plain_view(images, self.tta), targets), "test")
         probs = tta_probabilities(self, images, self.tta)
         self.test_acc_tta(probs, self._hard_targets(targets))
@@ -329,7 +331,7 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities (averaged over test-time views when ``tta`` is set)."""
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = adapters.inputs_of(batch, self)
         if self.tta is not None:
             from lightning_tricks.recipes.tta import tta_probabilities
 
