@@ -399,7 +399,7 @@ class SmoothedEarlyStopping(EarlyStopping):
                 # best weights must not cost accelerator memory.
                 from lightning_tricks.callbacks.final_weights import weights_measured_by  # imports us
 
-                weights = weights_measured_by(trainer, self.raw_monitor)
+                weights = weights_measured_by(trainer, self.monitor)
                 self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
 
     def _training_loss(self, trainer: pl.Trainer, returned: Tensor | None) -> Tensor | None:

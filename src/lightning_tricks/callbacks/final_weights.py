@@ -116,19 +116,19 @@ def check_final_weights(trainer: pl.Trainer, caller: pl.Callback) -> None:
     restorer = restorers[0]
     if _swas(trainer):
         raise ValueError(
-            f"SmoothedEarlyStopping(monitor={restorer.raw_monitor!r}, restore_best_weights=True) and "
+            f"SmoothedEarlyStopping(monitor={restorer.monitor!r}, restore_best_weights=True) and "
             "StochasticWeightAveraging both write the final weights, in an order set by the callback "
             "list. Use one of them."
         )
-    ema = measuring_ema(trainer, restorer.raw_monitor)
+    ema = measuring_ema(trainer, restorer.monitor)
     averaging = [e for e in _emas(trainer) if e.copy_average_at_end and e is not ema]
     if averaging:
         suffix = averaging[0].suffix
         rank_zero_warn(
-            f"SmoothedEarlyStopping(monitor={restorer.raw_monitor!r}, restore_best_weights=True) will "
+            f"SmoothedEarlyStopping(monitor={restorer.monitor!r}, restore_best_weights=True) will "
             f"restore the {'raw' if ema is None else ema.weights_name} weights of its best epoch at the end "
             f"of fit, so EMA(suffix={suffix!r})'s average will not be the final model (checkpoints keep it). "
-            f"Monitor an EMA metric such as {restorer.raw_monitor + suffix!r} to restore the EMA's best "
+            f"Monitor an EMA metric such as {restorer.monitor + suffix!r} to restore the EMA's best "
             "weights, or set EMA(copy_average_at_end=False)."
         )
 
@@ -162,7 +162,7 @@ def describe_final_weights(trainer: pl.Trainer) -> str:
     """
     restorer = pending_restore(trainer)
     if restorer is not None:
-        ema = measuring_ema(trainer, restorer.raw_monitor)
+        ema = measuring_ema(trainer, restorer.monitor)
         which = "raw" if ema is None else f"{ema.weights_name.upper()} ({ema.weights_name!r})"
         text = (
             f"the {which} weights of epoch {restorer.best_epoch}, restored by SmoothedEarlyStopping "
