@@ -446,7 +446,7 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 
 
 def test_two_instances_need_distinct_suffixes(tmp_path):
-    with pytest.raises(Exception, match="own `suffix`"):
+    with pytest.raises(ValueError, match="own `suffix`"):
         fit(tmp_path, PlainClassifier(), [EMA(decay=0.9), EMA(decay=0.99)], max_epochs=1)
 
 
