@@ -129,7 +129,7 @@ class PlainProgressBar(ProgressBar):
         total = self.total_train_batches
         step = f"step {batch_idx + 1}/{total}" if total != float("inf") else f"step {batch_idx + 1}"
         rate = (batch_idx + 1) / max(now - self._epoch_start, 1e-9)
-        self.print(self._line(trainer, pl_module, step, f"{rate:.1f} batches/s"))
+        self.print(self._line(trainer, pl_module, step, f"{rate:.3g} batches/s"))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = time.monotonic() - self._epoch_start

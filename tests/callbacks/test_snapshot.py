@@ -278,11 +278,11 @@ def test_warmup_composes_with_restarts_and_snapshots_land_on_true_restarts(tmp_p
 def test_sgdr_peak_decay_snapshots_at_timm_restarts(tmp_path):
     timm_scheduler = pytest.importorskip("timm.scheduler")
     schedule = {"name": "cosine_restarts", "interval": "step", "warmup": 2}
-    schedule["kwargs"] = {"T_0": 5, "T_mult": 1.5, "cycle_decay": 0.5, "cooldown": 4}
+    schedule["kwargs"] = {"T_0": 5, "T_mult": 2, "cycle_decay": 0.5, "cooldown": 4}
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    # the cooldown of 4 leaves 24 - 2 - 4 = 18 steps: the cycles of 5 and 7.5 fit, the third does not
+    # the cooldown of 4 leaves 24 - 2 - 4 = 18 steps: the cycles of 5 and 10 fit, the third does not
     ref = timm_scheduler.CosineLRScheduler(
-        opt, t_initial=5, cycle_mul=1.5, cycle_decay=0.5, cycle_limit=2, warmup_t=2, warmup_lr_init=0.001,
+        opt, t_initial=5, cycle_mul=2, cycle_decay=0.5, cycle_limit=2, warmup_t=2, warmup_lr_init=0.001,
         warmup_prefix=True, t_in_epochs=False,
     )  # fmt: skip
     expected_lrs = [ref._get_lr(t)[0] for t in range(TOTAL)]
@@ -292,7 +292,7 @@ def test_sgdr_peak_decay_snapshots_at_timm_restarts(tmp_path):
     assert probe.lrs == pytest.approx(expected_lrs, rel=1e-12, abs=1e-15)
     assert restarts == [7]
     # snapshots at the restart and at the start of the cooldown (the end of the second cycle)
-    assert snap.snapshot_steps == [7, 15] and probe.lrs[15:] == pytest.approx([0.0] * 9)
+    assert snap.snapshot_steps == [7, 17] and probe.lrs[17:] == pytest.approx([0.0] * 7)
 
 
 @pytest.mark.parametrize(

@@ -142,3 +142,19 @@ def test_tta_is_logged_beside_plain_accuracy_on_the_plain_view(mode):
         )
     assert logged["test/acc"].compute() == pytest.approx(plain_acc.item())
     assert logged["test/acc_tta"].compute() == pytest.approx(tta_acc.item())
+
+
+def test_tta_reads_dict_batches_through_the_adapter():
+    torch.manual_seed(0)
+    model = ImageClassifier("small_cnn", num_classes=3, in_channels=3, tta="hflip").eval()
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        expected = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)) / 2
+    predicted = model.predict_step({"image": images, "label": targets}, 0)
+    torch.testing.assert_close(predicted, expected)
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    model.test_step({"image": images, "label": targets}, 0)
+    assert logged["test/acc_tta"].compute() == pytest.approx(
+        (expected.argmax(1) == targets).float().mean().item()
+    )

@@ -274,8 +274,8 @@ def test_snapshot_schedule_that_cannot_fit_names_the_key() -> None:
     ("kwargs", "limit"),
     [
         ({"T_0": 4, "T_mult": 2, "cycle_decay": 0.5}, None),
-        # 40 - 2 warm-up - 10 cooldown = 28: cycles of 3, 4.5, 6.75, 10.125 end at 3, 7.5, 14.25, 24.375
-        ({"T_0": 3, "T_mult": 1.5, "eta_min": 0.01, "cycle_decay": 0.8, "cooldown": 10}, 4),
+        # 40 - 2 warm-up - 10 cooldown = 28: cycles of 3, 6, 12 end at 3, 9, 21 (the next at 45)
+        ({"T_0": 3, "T_mult": 2, "eta_min": 0.01, "cycle_decay": 0.8, "cooldown": 10}, 3),
         # 40 - 2 - 3 = 35: seven cycles of 5
         ({"T_0": 5, "cooldown": 3}, 7),
         # a fractional T_mult alone (torch's class needs an integer): cycles of 4, 6, 9, 13.5 in 38 steps

@@ -35,8 +35,8 @@ def probe_initialization(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
             probe = probe_initialization(trainer, pl_module)
     """
     batches = draw_batches(trainer, num_batches=1)
-    pair = split_batch(batches[0]) if batches else None
-    if pair is None:
+    pair = split_batch(batches[0], pl_module) if batches else None
+    if not isinstance(pair, tuple):
         return {}
     x, y = pair
     order: list[str] = []

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_tricks import adapters
 from lightning_tricks.callbacks.sanity import SanityCheckError
 from lightning_tricks.interface import fallback_message
 from lightning_tricks.recipes.models.layers import dropout_disabled
@@ -127,16 +128,31 @@ def classifier_forward(
 ) -> tuple[Any, str | None]:
     """Run ``module(inputs)`` in the training precision context and check it is a C-class classifier.
 
+    The logits are read from the output through :func:`lightning_tricks.adapters.logits_of` (a logits
+    Tensor, a tuple whose first element is one, a dict with ``logits``, or the module's ``logits_of``).
+
     Returns:
-        The model output, and ``None`` when ``(output, targets)`` is a classification cross-entropy
+        The logits, and ``None`` when ``(logits, targets)`` is a classification cross-entropy
         problem, otherwise why it is not.
     """
     with trainer.precision_plugin.train_step_context():
-        logits = module(inputs)
+        output = module(inputs)
+    try:
+        logits = adapters.logits_of(output, module)
+    except ValueError as err:
+        return output, f"the loss is not a classification cross-entropy: {err}"
     reason = classification_skip_reason(module, logits, targets)
     if reason is not None:
         reason = f"the loss is not a classification cross-entropy: {reason}"
     return logits, reason
+
+
+def split_batch(batch: Any, module: nn.Module) -> tuple[Any, Any] | str:
+    """``(inputs, targets)`` of a batch through :func:`lightning_tricks.adapters.split_batch`, or why not."""
+    try:
+        return adapters.split_batch(batch, module)
+    except ValueError as err:
+        return str(err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,13 +169,6 @@ def first_train_loader(trainer: pl.Trainer) -> Any:
         return loaders
     values = list(loaders.values()) if isinstance(loaders, dict) else list(loaders)
     return values[0] if values else None
-
-
-def split_batch(batch: Any) -> tuple[Any, Any] | None:
-    """``(inputs, targets)`` from a ``(inputs, targets, ...)`` batch, ``None`` for other layouts."""
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    return None
 
 
 def draw_batches(
@@ -181,8 +190,8 @@ def draw_batches(
     for batch in loader:
         batch = trainer.strategy.batch_to_device(batch)
         batches.append(batch)
-        pair = split_batch(batch)
-        if pair is not None and isinstance(pair[0], Tensor):
+        pair = split_batch(batch, trainer.lightning_module)
+        if isinstance(pair, tuple) and isinstance(pair[0], Tensor):
             seen += pair[0].shape[0]
         if num_batches is not None and len(batches) >= num_batches:
             break

@@ -44,11 +44,12 @@ _MIN_FLAT_POINTS = 4  # detect_flat judges curves of at least this many points
 
 def find_validation_loss(metrics: Any) -> str | None:
     """The one logged name that reads as a validation loss (``val/loss``, ``val_loss``, ``valid_loss``,
-    ...), or ``None`` when there is none or more than one.
+    ...), or ``None`` when there is none or more than one. Suffixed twins that other callbacks log
+    (``val_loss_ema``, ``val/loss_ensemble``) do not count beside the name they extend.
 
     Example::
 
-        >>> find_validation_loss({"val_loss": 0.3, "val_acc": 0.9, "train_loss": 0.2})
+        >>> find_validation_loss({"val_loss": 0.3, "val_acc": 0.9, "train_loss": 0.2, "val_loss_ema": 0.2})
         'val_loss'
     """
     names = [
@@ -58,6 +59,7 @@ def find_validation_loss(metrics: Any) -> str | None:
         and "loss" in words
         and not n.endswith(("_step", "_epoch"))
     ]
+    names = [n for n in names if not any(n.startswith(f"{other}_") for other in names)]
     return names[0] if len(names) == 1 else None
 
 

@@ -156,9 +156,9 @@ class InitLossCheck(Callback):
         first: tuple[Any, Any] | None = None
         with regularization_off(pl_module):
             for batch in batches:
-                pair = split_batch(batch)
-                if pair is None:
-                    m.skip_reason = f"batches are {type(batch).__name__}, not (inputs, targets) pairs"
+                pair = split_batch(batch, pl_module)
+                if isinstance(pair, str):
+                    m.skip_reason = pair
                     return m
                 x, y = pair
                 logits, m.skip_reason = classifier_forward(trainer, pl_module, x, y)

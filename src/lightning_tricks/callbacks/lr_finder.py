@@ -31,6 +31,7 @@ from lightning_tricks.callbacks._lr_suggestions import (
     suggest_all,
     suggest_indices,
 )
+from lightning_tricks.callbacks._requirements import require
 from lightning_tricks.callbacks._training_state import preserved_training_state
 from lightning_tricks.records import run_dir
 
@@ -254,16 +255,14 @@ class LRFinder(LearningRateFinder):
         if trainer.fast_dev_run:
             rank_zero_warn("LRFinder: skipped because `fast_dev_run` is enabled.")
             return
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                "LRFinder needs automatic optimization; this module sets `automatic_optimization=False`."
-                " Remove LRFinder from the callbacks or run the range test by hand."
-            )
-        if len(trainer.optimizers) != 1:
-            raise ValueError(
-                "LRFinder needs exactly one optimizer, `configure_optimizers` returned"
-                f" {len(trainer.optimizers)}."
-            )
+        require(
+            "LRFinder",
+            trainer,
+            pl_module,
+            why="the range test steps the optimizer through the training loop at rising learning rates",
+            automatic_optimization=True,
+            single_optimizer=True,
+        )
         hparam = _find_lr_name(pl_module, self.attr_name) if self.apply else None
         if self.apply and self.attr_name and hparam is None:
             raise ValueError(

@@ -19,6 +19,7 @@ from lightning_tricks.callbacks._monitor import (
     resolve_mode,
 )
 from lightning_tricks.callbacks._plateau import PlateauDetector
+from lightning_tricks.callbacks._requirements import require
 
 
 def adam_equivalent_sgd_lr(optimizer: Optimizer, group: dict[str, Any], momentum: float) -> float | None:
@@ -195,10 +196,13 @@ class OptimizerSwitch(pl.Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(trainer.optimizers) != 1:
-            raise ValueError(
-                f"OptimizerSwitch supports exactly one optimizer, got {len(trainer.optimizers)}."
-            )
+        require(
+            "OptimizerSwitch",
+            trainer,
+            pl_module,
+            why="it replaces the one optimizer by SGD mid-run",
+            single_optimizer=True,
+        )
         if self.switched and not isinstance(trainer.optimizers[0], SGD):
             # resuming after the switch: rebuild SGD before Lightning loads the optimizer state
             self._install_sgd(trainer, self.sgd_lrs, self.lr_ratios)

@@ -144,10 +144,16 @@ class OverfitTinyBatch(Callback):
             report_failure(f"OverfitTinyBatch failed: {failure}", self.on_fail)
 
     def _samples(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
-        pairs = [split_batch(b) for b in draw_batches(trainer, num_samples=self.num_samples)]
+        pairs = [
+            split_batch(b, trainer.lightning_module)
+            for b in draw_batches(trainer, num_samples=self.num_samples)
+        ]
         if not pairs:
             raise _Skip("there is no training data")
-        if any(p is None or not isinstance(p[0], Tensor) for p in pairs):
+        reason = next((p for p in pairs if isinstance(p, str)), None)
+        if reason is not None:
+            raise _Skip(reason)
+        if not all(isinstance(p[0], Tensor) and isinstance(p[1], Tensor) for p in pairs):
             raise _Skip("batches are not (inputs, targets) tensor pairs")
         x = torch.cat([p[0] for p in pairs])[: self.num_samples]
         y = torch.cat([p[1] for p in pairs])[: self.num_samples]
@@ -189,8 +195,8 @@ class OverfitTinyBatch(Callback):
                     if step < self.max_steps:
                         optimizer.step(closure)
                     else:
-                        with torch.no_grad(), trainer.precision_plugin.train_step_context():
-                            logits = pl_module(x)
+                        with torch.no_grad():
+                            logits, _ = classifier_forward(trainer, pl_module, x, y)
                         record["loss"] = data_loss(pl_module, logits, y)
                         record["correct"] = logits.argmax(1) == hard
                 except _NoGradient:

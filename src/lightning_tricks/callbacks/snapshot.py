@@ -41,8 +41,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_tricks._io import atomic_save
+from lightning_tricks.callbacks._requirements import require, require_classifier
 from lightning_tricks.evaluation import evaluate_prediction_average
 from lightning_tricks.recipes.schedules import scheduler_cycle_ends
+from lightning_tricks.records import run_dir
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ class SnapshotEnsemble(Callback):
         ensemble_size: Number ``k`` of last snapshots averaged at evaluation, ``1 <= k <= cycles``;
             ``None`` for all of them.
         reset_momentum: Clear the optimizer state (momentum buffers, Adam moments) at each restart.
-        dirpath: Folder for snapshot files; defaults to ``trainer.log_dir/checkpoints``.
+        dirpath: Folder for snapshot files; defaults to ``checkpoints`` in the run's own folder
+            (:func:`lightning_tricks.run_dir`: the logger's versioned folder, or the W&B run's).
 
     Raises:
         ValueError: On a bad argument, and at ``on_fit_start`` when no LR scheduler is configured or the
@@ -173,8 +176,8 @@ class SnapshotEnsemble(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Nothing here builds a dataloader: the checkpoint is restored only after setup.
         if self.dirpath is None:
-            # trainer.log_dir broadcasts, so every rank must call it.
-            self.dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+            # run_dir broadcasts, so every rank must call it; each run (W&B included) has its own folder.
+            self.dirpath = os.path.join(run_dir(trainer), "checkpoints")
         self.dirpath = os.path.abspath(self.dirpath)
 
     @override
@@ -185,6 +188,13 @@ class SnapshotEnsemble(Callback):
                 f"SnapshotEnsemble: the checkpoint references snapshot files that do not exist: {missing}. "
                 "Resume on a machine that sees the run's snapshot folder, or start a fresh run"
             )
+        require(
+            "SnapshotEnsemble",
+            trainer,
+            pl_module,
+            why="it places the snapshots at the cycle ends of one optimizer's LR schedule",
+            single_optimizer=True,
+        )
         if not trainer.lr_scheduler_configs:
             raise ValueError(
                 "SnapshotEnsemble takes snapshots at the restarts of the LR schedule, but "
@@ -236,6 +246,9 @@ class SnapshotEnsemble(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        require_classifier(
+            "SnapshotEnsemble", trainer, pl_module, why="it averages the snapshots' softmax probabilities"
+        )
         # Runs after the training state is restored.
         self._last_handled = trainer.global_step if self._unit == "step" else trainer.current_epoch
 

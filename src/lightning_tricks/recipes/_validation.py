@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -158,19 +160,21 @@ def check_scheduler_kwargs(name: str, kwargs: dict[str, Any]) -> None:
 
 
 def check_schedule_fits_run(name: str, kwargs: dict[str, Any], run_length: int, interval: str) -> None:
-    """Refuse a step or multistep schedule that would never change the lr within the run.
+    """Warn (rank 0) about a step or multistep schedule that would never change the lr within the run.
 
+    A warning, not an error, so that a shortened run of a shipped config (a smoke test of a paper's
+    recipe) stays runnable; the same choice as for switch epochs and snapshot cycles beyond the run.
     ``run_length`` is the schedule's length in ``interval`` units after warm-up.
     """
     unit = f"{interval}s"
     if name == "step" and kwargs["step_size"] >= run_length:
-        raise ValueError(
+        rank_zero_warn(
             f"scheduler.kwargs.step_size={kwargs['step_size']} never triggers: the schedule lasts "
             f"{run_length} {unit} after warm-up; e.g. scheduler.kwargs.step_size={max(1, run_length // 3)}"
         )
     if name == "multistep" and min(kwargs["milestones"]) >= run_length:
         example = sorted({max(1, run_length // 2), max(1, 3 * run_length // 4)})
-        raise ValueError(
+        rank_zero_warn(
             f"scheduler.kwargs.milestones={list(kwargs['milestones'])} never trigger: the schedule lasts "
             f"{run_length} {unit} after warm-up; e.g. scheduler.kwargs.milestones={example}"
         )

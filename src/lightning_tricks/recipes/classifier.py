@@ -38,6 +38,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_tricks import adapters
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes.init import InitConfig, initialize
 from lightning_tricks.recipes.models import create_model, get_classifier
@@ -265,7 +266,7 @@ class ImageClassifier(L.LightningModule):
             return
         from lightning_tricks.recipes.tta import plain_view, tta_probabilities
 
-        images, targets = batch
+        images, targets = adapters.split_batch(batch, self)
         self._evaluate((plain_view(images, self.tta), targets), "test")
         probs = tta_probabilities(self, images, self.tta)
         self.test_acc_tta(probs, self._hard_targets(targets))
@@ -273,7 +274,7 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities (averaged over test-time views when ``tta`` is set)."""
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = adapters.inputs_of(batch, self)
         if self.tta is not None:
             from lightning_tricks.recipes.tta import tta_probabilities
 

@@ -122,16 +122,22 @@ class OptimizerConfig:
                 "set it to the batch size the lr was tuned for, or None to disable the scaling rule"
             )
         check_optimizer_kwargs(self.name, self.kwargs, optimizer_arguments(self.name))
+        self._reject_foreign_options()
 
     def _resolve_defaults(self) -> None:
-        """Fill ``lr``/``momentum``/``eps`` left at ``None`` from :data:`OPTIMIZER_DEFAULTS`; reject the ones
-        the optimizer does not have (a silently ignored momentum is a different experiment)."""
+        """Fill ``lr``/``momentum``/``eps`` left at ``None`` from :data:`OPTIMIZER_DEFAULTS`."""
         defaults = OPTIMIZER_DEFAULTS[self.name]
         for key in ("lr", "momentum", "eps"):
-            value = getattr(self, key)
-            if value is None and key in defaults:
+            if getattr(self, key) is None and key in defaults:
                 object.__setattr__(self, key, defaults[key])  # frozen: set once, while constructing
-            elif value and key not in defaults:
+
+    def _reject_foreign_options(self) -> None:
+        """Reject momentum/eps the optimizer does not have (a silently ignored momentum is a different
+        experiment)."""
+        defaults = OPTIMIZER_DEFAULTS[self.name]
+        for key in ("momentum", "eps"):
+            value = getattr(self, key)
+            if value and key not in defaults:
                 users = [n for n, d in OPTIMIZER_DEFAULTS.items() if key in d]
                 raise ValueError(
                     f"optimizer.{key}={value} does not apply to optimizer.name={self.name!r}; it is used by "

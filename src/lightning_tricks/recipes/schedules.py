@@ -300,7 +300,8 @@ class CosineRestarts(lrs.LRScheduler):
     Args:
         optimizer: The optimizer whose param-group lrs are scheduled.
         T_0: Length of the first cycle, ``>= 1``.
-        T_mult: Cycle length multiplier, ``>= 1`` (may be fractional, as timm's ``cycle_mul``).
+        T_mult: Cycle length multiplier, ``>= 1`` (may be fractional here, as timm's ``cycle_mul``; the
+            recipe's ``scheduler.kwargs.T_mult`` is an integer, as torch's).
         eta_min: Lowest lr, ``>= 0``.
         cycle_decay: Peak lr factor per restart, in ``(0, 1]``.
         cycle_limit: Number of cycles before the cooldown at ``eta_min``; ``None`` for no limit.
@@ -415,10 +416,24 @@ class SnapshotCosine(lrs.CosineAnnealingWarmRestarts):
         return [e for e in ends if e <= limit]
 
 
+# Schedules that never restart (OneCycleLR's single cycle ends with the run, not with a restart).
+_ONE_SHOT = (
+    lrs.StepLR,
+    lrs.MultiStepLR,
+    lrs.ExponentialLR,
+    lrs.ConstantLR,
+    lrs.LinearLR,
+    lrs.PolynomialLR,
+    lrs.OneCycleLR,
+    lrs.ReduceLROnPlateau,
+)
+
+
 def scheduler_cycle_ends(scheduler: Any, limit: int) -> list[int] | None:
     """Scheduler steps after which ``scheduler``'s cycles end, up to ``limit``; ``None`` if it cannot tell.
 
-    Knows torch's ``CosineAnnealingWarmRestarts`` and every scheduler with a ``cycle_ends(limit)`` method
+    Knows torch's ``CosineAnnealingWarmRestarts``, the schedules that never restart (step decays, exponential,
+    one-cycle, plateau: ``[]``) and every scheduler with a ``cycle_ends(limit)`` method
     (:class:`CosineRestarts`, :class:`SnapshotCosine`, :class:`LinearWarmup` around one of them).
 
     Example::
@@ -427,6 +442,8 @@ def scheduler_cycle_ends(scheduler: Any, limit: int) -> list[int] | None:
     """
     if hasattr(scheduler, "cycle_ends"):
         return scheduler.cycle_ends(limit)
+    if isinstance(scheduler, _ONE_SHOT):
+        return []  # no cycle ends: the lr never restarts
     if isinstance(scheduler, lrs.CosineAnnealingWarmRestarts):
         ends, end, length = [], scheduler.T_0, scheduler.T_0
         while end <= limit:
