@@ -187,7 +187,11 @@ class EnsembleClassifier(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Logs ``test/acc_ensemble`` and ``test/loss_ensemble``, as a module's step would under
         :func:`lightning_tricks.evaluation.evaluate_prediction_average`: the cross-entropy of
-        :func:`~lightning_tricks.evaluation.ensemble_logits` (the NLL of the averaged probabilities)."""
+        :func:`~lightning_tricks.evaluation.ensemble_logits` (the NLL of the averaged probabilities).
+
+        Not routed through ``evaluate_prediction_average``: that re-runs one module's own step on state
+        dicts of that same module from a callback, while these members are independent (possibly
+        different) modules with no step of their own, so only the averaging is shared."""
         x, y = split_batch(batch, self.members[0])
         logits = ensemble_logits([self._logits(member, x) for member in self.members])
         hard = y if y.ndim == 1 else y.argmax(-1)

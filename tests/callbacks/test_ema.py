@@ -16,9 +16,11 @@ import torch.distributed.nn.functional as dist_nn
 from helpers import PlainClassifier, ddp_spawn_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import TorchSyncBatchNorm
+from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch_ema import ExponentialMovingAverage
 from torchmetrics import MeanMetric
 
 from lightning_tricks.callbacks.ema import EMA
@@ -47,14 +49,32 @@ class StepRecorder(Callback):
             self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
 
-def reference_decay(warmup: str | None, decay: float, t: int) -> float:
-    if t == 0:
-        return 0.0
+def library_ema(
+    template: nn.Module,
+    updates: list[dict[str, torch.Tensor]],
+    warmup: str | None,
+    decay: float,
+    buffers: bool,
+) -> dict[str, torch.Tensor]:
+    """The average of the live states ``updates`` (one per EMA update) computed by an independent library:
+    torch-ema's ``ExponentialMovingAverage(use_num_updates=True)`` for ``warmup="num_updates"``, timm's
+    ``ModelEmaV3`` otherwise (``use_warmup=True`` is the ``"power"`` warm-up). Both start from a copy of
+    the first state; integer buffers, and float buffers when ``buffers`` is false, are copied."""
+    first, rest = updates[0], updates[1:]
     if warmup == "num_updates":
-        return min(decay, (1 + t) / (10 + t))
-    if warmup == "power":
-        return min(decay, 1 - (1 + t / 1.0) ** (-2 / 3))
-    return decay
+        params = {name for name, _ in template.named_parameters()}
+        names = [k for k, v in first.items() if v.is_floating_point() and (buffers or k in params)]
+        ema = ExponentialMovingAverage([first[k] for k in names], decay=decay, use_num_updates=True)
+        for live in rest:
+            ema.update([live[k] for k in names])
+        return {**updates[-1], **dict(zip(names, ema.shadow_params, strict=True))}
+    model = copy.deepcopy(template)
+    model.load_state_dict(first)
+    ema = ModelEmaV3(model, decay=decay, use_warmup=warmup == "power", exclude_buffers=not buffers)
+    for t, live in enumerate(rest, start=1):
+        model.load_state_dict(live)
+        ema.update(model, step=t + 1)  # timm counts from step 1, which copies; step t+1 is our update t
+    return ema.module.state_dict()
 
 
 def evaluate(model: nn.Module, loader) -> tuple[float, float]:
@@ -88,7 +108,7 @@ def fit(tmp_path, model, callbacks, max_epochs=2, n_train=600, shuffle=False, ck
         ("num_updates", 1, 2, True, False, 2),
     ],
 )
-def test_ema_matches_step_by_step_reference(tmp_path, warmup, every, start, average_buffers, bn, accumulate):
+def test_ema_matches_timm_and_torch_ema(tmp_path, warmup, every, start, average_buffers, bn, accumulate):
     torch.manual_seed(0)
     model = BatchNormClassifier() if bn else PlainClassifier()
     recorder = StepRecorder()
@@ -105,22 +125,11 @@ def test_ema_matches_step_by_step_reference(tmp_path, warmup, every, start, aver
     # 600 samples / 64 per batch = 10 batches per epoch, one optimizer step per `accumulate` batches
     n_steps = 20 // accumulate
     assert len(recorder.states) == n_steps
-    param_names = {name for name, _ in model.named_parameters()}
-    reference: dict[str, torch.Tensor] = {}
-    t = 0
-    for step_idx, live in enumerate(recorder.states):
-        if step_idx < start or (step_idx - start) % every:
-            continue
-        d = reference_decay(warmup, 0.8, t)
-        for name, value in live.items():
-            averaged = value.is_floating_point() and (average_buffers or name in param_names)
-            if t == 0 or not averaged:
-                reference[name] = value.clone()
-            else:
-                reference[name] = d * reference[name] + (1 - d) * value
-        t += 1
+    updates = [live for i, live in enumerate(recorder.states) if i >= start and (i - start) % every == 0]
+    template = BatchNormClassifier() if bn else PlainClassifier()
+    reference = library_ema(template, updates, warmup, 0.8, average_buffers)
 
-    assert ema.num_updates == t == len(range(start, n_steps, every))
+    assert ema.num_updates == len(updates) == len(range(start, n_steps, every))
     ours = ema.ema_state_dict()
     assert ours.keys() == reference.keys()
     for name in reference:
@@ -388,10 +397,7 @@ def test_ddp_ema_identical_on_both_ranks(tmp_path):
     assert ranks[0]["num_updates"] == ranks[1]["num_updates"] == 8  # 128 samples per rank / 32, 2 epochs
     for name in ranks[0]["ema"]:
         assert torch.equal(ranks[0]["ema"][name], ranks[1]["ema"][name]), name
-    reference = {}
-    for t, live in enumerate(ranks[0]["steps"]):
-        d = reference_decay("num_updates", 0.8, t)
-        reference = {k: v.clone() if t == 0 else d * reference[k] + (1 - d) * v for k, v in live.items()}
+    reference = library_ema(PlainClassifier(), ranks[0]["steps"], "num_updates", 0.8, buffers=True)
     for name, value in reference.items():
         torch.testing.assert_close(ranks[0]["ema"][name], value, rtol=0, atol=1e-6)
 
@@ -446,7 +452,7 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 
 
 def test_two_instances_need_distinct_suffixes(tmp_path):
-    with pytest.raises(Exception, match="own `suffix`"):
+    with pytest.raises(ValueError, match="own `suffix`"):
         fit(tmp_path, PlainClassifier(), [EMA(decay=0.9), EMA(decay=0.99)], max_epochs=1)
 
 
@@ -538,6 +544,17 @@ class SyncBNRankDump(Callback):
 
 @pytest.mark.ddp
 def test_ddp_sync_batchnorm_ema_buffers_identical_on_both_ranks(tmp_path):
+    """Under ``Trainer(sync_batchnorm=True)`` the EMA averages the synchronised BatchNorm statistics, so
+    its buffers are identical on both ranks and equal timm's ``ModelEmaV3`` of the live states.
+
+    What is under test is :class:`EMA` (its copy, buffer averaging and per-rank updates), run by the real
+    Trainer, DDP strategy and Lightning's layer-sync hook. Only the synchronising layer is replaced:
+    torch's ``nn.SyncBatchNorm`` raises ``ValueError("SyncBatchNorm expected input tensor to be on GPU
+    ...")`` for CPU input once a process group exists (its statistics kernels are CUDA-only), so
+    :class:`CPUSyncBatchNorm` (a ``TorchSyncBatchNorm`` plugin) swaps in :class:`GlooSyncBatchNorm`,
+    which all-reduces the sums over gloo. Part 1 checks that stand-in against the global-batch statistics
+    computed here, so the EMA is known to see truly synchronised buffers; part 2 is the claim about EMA.
+    """
     torch.manual_seed(0)
     train, val = digits_loaders(batch_size=32, n_train=256)  # 4 steps per epoch on each rank
     trainer = L.Trainer(
@@ -551,11 +568,11 @@ def test_ddp_sync_batchnorm_ema_buffers_identical_on_both_ranks(tmp_path):
     trainer.fit(BatchNormClassifier(), train, val)
 
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # Part 1, the test's premise: the stand-in synchronised the live BatchNorm statistics.
     assert r0["bn_types"] == r1["bn_types"] == ["GlooSyncBatchNorm"]
     assert r0["num_updates"] == r1["num_updates"] == len(r0["steps"]) == len(r0["bn_inputs"]) == 8
     # each rank normalises a different half of the data, so unsynchronised statistics would differ
     assert not torch.allclose(r0["bn_inputs"][0].mean(0), r1["bn_inputs"][0].mean(0), atol=1e-2)
-
     # running statistics of the global batch (both ranks' inputs), from BatchNorm's defaults
     mean, var = torch.zeros(32), torch.ones(32)
     for t, (x0, x1) in enumerate(zip(r0["bn_inputs"], r1["bn_inputs"], strict=True)):
@@ -568,17 +585,14 @@ def test_ddp_sync_batchnorm_ema_buffers_identical_on_both_ranks(tmp_path):
         for name, value in r0["steps"][t].items():
             assert torch.equal(value, r1["steps"][t][name]), (t, name)
 
+    # Part 2, the claim about EMA: it averaged those buffers identically on both ranks, as timm does.
     assert r0["ema"].keys() == r1["ema"].keys() and "net.2.running_var" in r0["ema"]
     for name, value in r0["ema"].items():
         assert torch.equal(value, r1["ema"][name]), name
-    reference = {}
-    for t, live in enumerate(r0["steps"]):
-        reference = {
-            k: v.clone() if t == 0 or not v.is_floating_point() else 0.8 * reference[k] + 0.2 * v
-            for k, v in live.items()
-        }
+    reference = library_ema(BatchNormClassifier(), r0["steps"], None, 0.8, buffers=True)
+    assert not torch.allclose(reference["net.2.running_var"], r0["steps"][-1]["net.2.running_var"])
     for name, value in reference.items():
-        torch.testing.assert_close(r0["ema"][name], value, rtol=0, atol=1e-6)
+        torch.testing.assert_close(r0["ema"][name], value, rtol=0, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------ safe defaults and checkpoint rule

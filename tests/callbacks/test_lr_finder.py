@@ -119,7 +119,7 @@ def test_divergence_flag():
         ({"num_steps": 5}, "num_steps"),
         ({"mode": "cosine"}, "mode"),
         ({"suggestion": "fastest"}, "suggestion"),
-        ({"beta": 1.0}, "beta"),
+        ({"alpha": 0.0}, "alpha"),
         ({"divergence_factor": 0.5}, "divergence_factor"),
         ({"skip_end": -1}, "skip_end"),
     ],
@@ -175,7 +175,7 @@ def test_applied_suggestion_trains_digits_and_is_plotted(tmp_path):
     res = finder.results
     lr = res.lr
     # the applied rate is the valley of the recorded curve, recomputed here independently:
-    # bias-corrected EMA (beta 0.9) of the raw losses, then fastai's valley on 10%..n-1 of it
+    # bias-corrected EMA (alpha 0.1) of the raw losses, then fastai's valley on 10%..n-1 of it
     avg, smoothed = 0.0, []
     for t, loss in enumerate(res.losses, start=1):
         avg = 0.9 * avg + 0.1 * loss
@@ -214,7 +214,7 @@ def test_non_finite_losses_dropped_and_divergence_stops(tmp_path):
     assert res.num_dropped == 2 and len(res.lrs) == 10 and not res.stopped_early
     assert all(math.isfinite(v) for v in res.smoothed)
 
-    finder = LRFinder(min_lr=1e-2, max_lr=1e4, num_steps=40, apply=False, plot=False, beta=0.0)
+    finder = LRFinder(min_lr=1e-2, max_lr=1e4, num_steps=40, apply=False, plot=False, alpha=1.0)
     trainer = L.Trainer(
         max_steps=1, limit_val_batches=0, callbacks=[finder], **quiet_trainer_kwargs(tmp_path)
     )

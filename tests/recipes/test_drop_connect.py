@@ -88,3 +88,16 @@ def test_regularization_switch_turns_conv_drop_connect_off_in_the_recipe():
 def test_bad_drop_connect_selection_fails_naming_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         create_model("resnet20", num_classes=10, **kwargs)
+
+
+def test_regularization_off_zeroes_every_drop_layer_of_any_module_and_restores_it_on_error():
+    from lightning_tricks.callbacks._sanity import regularization_off
+
+    model = nn.Sequential(
+        DropConnectConv2d(1, 2, 3, p=0.2), nn.Dropout2d(0.3), nn.FeatureAlphaDropout(0.4), nn.Flatten()
+    )
+    model.append(DropConnectLinear(2, 3, p=0.5))
+    with pytest.raises(RuntimeError, match="inside"), regularization_off(model):
+        assert [m.p for m in model if hasattr(m, "p")] == [0.0, 0.0, 0.0, 0.0]
+        raise RuntimeError("inside")
+    assert [m.p for m in model if hasattr(m, "p")] == [0.2, 0.3, 0.4, 0.5]

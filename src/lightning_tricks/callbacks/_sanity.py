@@ -27,16 +27,7 @@ from torch.utils.data import DataLoader
 from lightning_tricks import adapters
 from lightning_tricks.callbacks.sanity import SanityCheckError
 from lightning_tricks.interface import fallback_message
-
-# Public dropout layers (torch's common base class is private).
-_DROPOUT_TYPES = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
+from lightning_tricks.recipes.models.layers import dropout_disabled
 
 ON_FAIL_CHOICES: tuple[str, ...] = ("warn", "raise")
 
@@ -76,26 +67,19 @@ def regularization_off(module: nn.Module) -> Iterator[None]:
     """Turn off loss penalties, label smoothing, dropout and DropConnect for the duration.
 
     Uses the module's ``regularization_scaled(0)`` context manager when it offers one and, for any
-    module, sets every dropout layer's ``p`` to 0 (restored afterwards).
+    module, sets every dropout and DropConnect layer's ``p`` to 0 (restored afterwards).
 
     Example::
 
         with regularization_off(model):
             loss = F.cross_entropy(model(x), y)
     """
-    dropouts = [m for m in module.modules() if isinstance(m, _DROPOUT_TYPES)]
-    saved_p = [m.p for m in dropouts]
     with ExitStack() as stack:
         scaled = getattr(module, "regularization_scaled", None)
         if callable(scaled):
             stack.enter_context(scaled(0))
-        try:
-            for m in dropouts:
-                m.p = 0.0
-            yield
-        finally:
-            for m, p in zip(dropouts, saved_p, strict=True):
-                m.p = p
+        stack.enter_context(dropout_disabled(module))
+        yield
 
 
 def data_loss(module: nn.Module, logits: Tensor, targets: Tensor) -> Tensor:

@@ -18,7 +18,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from typing_extensions import override
@@ -255,7 +254,7 @@ class EMA(WeightAveraging):
             emas = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
             suffixes = [cb.suffix for cb in emas]
             if len(suffixes) != len(set(suffixes)):
-                raise MisconfigurationException(
+                raise ValueError(
                     f"Each EMA callback needs its own `suffix`, got {suffixes}; e.g. EMA(suffix='_ema_0.99')."
                 )
             self._holds_state_dict = _state_dict_owner(emas, trainer.checkpoint_callbacks) is self

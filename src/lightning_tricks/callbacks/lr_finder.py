@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_tricks._io import atomic_savefig
 from lightning_tricks._lightning_compat import lightning_lr_finder_result
+from lightning_tricks.callbacks._explosion import check_divergence_factor
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.callbacks._lr_suggestions import (
     MODES,
@@ -122,7 +123,8 @@ class LRFinder(LearningRateFinder):
         max_lr: last learning rate of the sweep, ``> min_lr``.
         num_steps: optimiser steps in the sweep, ``>= 10``.
         mode: ``"exponential"`` (log-spaced, the usual choice) or ``"linear"``.
-        beta: EMA factor for the loss in ``[0, 1)``; ``0`` disables smoothing.
+        alpha: EMA weight of the newest loss, in ``(0, 1]`` (``1 - beta`` in fastai's and Lightning's
+            finders; every smoother of this library names the factor ``alpha``); ``1`` disables smoothing.
         divergence_factor: stop once the smoothed loss exceeds this multiple of its first value (``> 1``),
             ``None`` to never stop early.
         suggestion: rule applied: ``"valley"``, ``"steepest"`` or ``"min_div_10"``.
@@ -152,7 +154,7 @@ class LRFinder(LearningRateFinder):
         max_lr: float = 1.0,
         num_steps: int = 100,
         mode: str = "exponential",
-        beta: float = 0.9,
+        alpha: float = 0.1,
         divergence_factor: float | None = 4.0,
         suggestion: str = "valley",
         apply: bool = True,
@@ -171,10 +173,12 @@ class LRFinder(LearningRateFinder):
             raise ValueError(f"`num_steps` must be an int >= {_MIN_STEPS}, got {num_steps!r}.")
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
-        if not (isinstance(beta, (int, float)) and 0 <= beta < 1):
-            raise ValueError(f"`beta` must be in [0, 1), got {beta!r}.")
-        if divergence_factor is not None and not divergence_factor > 1:
-            raise ValueError(f"`divergence_factor` must be > 1 or None, got {divergence_factor!r}.")
+        if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
+            raise ValueError(
+                f"`alpha` (EMA weight of the newest loss) must be in (0, 1], got {alpha!r};"
+                " e.g. 0.1, or 1 for raw losses."
+            )
+        check_divergence_factor(divergence_factor, type(self).__name__)
         if suggestion not in SUGGESTIONS:
             raise ValueError(f"`suggestion` must be one of {SUGGESTIONS}, got {suggestion!r}.")
         if skip_begin is not None and not (isinstance(skip_begin, int) and skip_begin >= 0):
@@ -198,7 +202,7 @@ class LRFinder(LearningRateFinder):
         self.max_lr = float(max_lr)
         self.num_steps = num_steps
         self.mode = mode
-        self.beta = float(beta)
+        self.alpha = float(alpha)
         self.divergence_factor = divergence_factor
         self.suggestion = suggestion
         self.apply = apply
@@ -331,7 +335,7 @@ class LRFinder(LearningRateFinder):
         strategy = trainer.strategy
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        tracker = SmoothedLossTracker(1.0 - self.beta, self.divergence_factor)
+        tracker = SmoothedLossTracker(self.alpha, self.divergence_factor)
         out = LRFinderResults(suggestion=self.suggestion)
         loader = CombinedLoader(trainer.train_dataloader, "max_size_cycle")
         batches = iter(loader)
@@ -403,7 +407,7 @@ class LRFinder(LearningRateFinder):
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
         ax.plot(results.lrs, results.losses, color="0.7", linewidth=0.8, label="loss")
-        ax.plot(results.lrs, results.smoothed, color="C0", label=f"smoothed (beta={self.beta})")
+        ax.plot(results.lrs, results.smoothed, color="C0", label=f"smoothed (alpha={self.alpha})")
         for i, (name, lr) in enumerate(results.suggestions.items()):
             style = "-" if name == results.suggestion else ":"
             ax.axvline(lr, color=f"C{i + 1}", linestyle=style, label=f"{name} {lr:.2g}")

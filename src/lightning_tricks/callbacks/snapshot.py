@@ -37,7 +37,6 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -96,9 +95,9 @@ class SnapshotEnsemble(Callback):
             (:func:`lightning_tricks.run_dir`: the logger's versioned folder, or the W&B run's).
 
     Raises:
-        ValueError: On a bad argument.
-        MisconfigurationException: At ``on_fit_start`` when no LR scheduler is configured or the
+        ValueError: On a bad argument, and at ``on_fit_start`` when no LR scheduler is configured or the
             scheduler completes fewer than ``cycles`` cycles in the training budget.
+        FileNotFoundError: When a snapshot file the checkpoint references is missing.
 
     Example::
 
@@ -185,7 +184,7 @@ class SnapshotEnsemble(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         missing = [s.path for s in self._snapshots if not os.path.isfile(s.path)]
         if missing:
-            raise MisconfigurationException(
+            raise FileNotFoundError(
                 f"SnapshotEnsemble: the checkpoint references snapshot files that do not exist: {missing}. "
                 "Resume on a machine that sees the run's snapshot folder, or start a fresh run"
             )
@@ -197,7 +196,7 @@ class SnapshotEnsemble(Callback):
             single_optimizer=True,
         )
         if not trainer.lr_scheduler_configs:
-            raise MisconfigurationException(
+            raise ValueError(
                 "SnapshotEnsemble takes snapshots at the restarts of the LR schedule, but "
                 "configure_optimizers returned no scheduler. Use one with restarts, e.g. the recipe's "
                 "scheduler: {name: snapshot, interval: step, kwargs: {cycles: 5}} or torch's "
@@ -218,16 +217,14 @@ class SnapshotEnsemble(Callback):
         """The progress points the run completes: optimizer steps, or complete epochs for epoch schedulers."""
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
-            raise MisconfigurationException(
+            raise ValueError(
                 "SnapshotEnsemble needs a finite training budget to place its cycles: set `max_epochs` or "
                 "`max_steps` on the Trainer"
             )
         if config.interval != "epoch":
             return int(total), "optimizer steps"
         if trainer.max_epochs is None or trainer.max_epochs < 0:
-            raise MisconfigurationException(
-                "SnapshotEnsemble with an epoch-interval scheduler needs `max_epochs`"
-            )
+            raise ValueError("SnapshotEnsemble with an epoch-interval scheduler needs `max_epochs`")
         # Only complete epochs step the scheduler; `max_steps` may end the run before `max_epochs`.
         batches = trainer.num_training_batches
         steps_per_epoch = (
@@ -239,7 +236,7 @@ class SnapshotEnsemble(Callback):
     def _use_cycle_ends(self, config: Any, points: list[int], budget: int, unit: str) -> None:
         cycles = self.cycles if self.cycles is not None else len(points)
         if len(points) < max(cycles, 1):
-            raise MisconfigurationException(
+            raise ValueError(
                 f"`cycles`={self.cycles} but the scheduler {type(config.scheduler).__name__} "
                 f"(frequency={config.frequency}) completes only {len(points)} cycles in {budget} {unit}"
             )
@@ -332,7 +329,7 @@ class SnapshotEnsemble(Callback):
     @staticmethod
     def _load(snapshot: _SnapshotFile) -> dict[str, torch.Tensor]:
         if not os.path.isfile(snapshot.path):
-            raise MisconfigurationException(
+            raise FileNotFoundError(
                 f"SnapshotEnsemble: snapshot {snapshot.index} (step {snapshot.step}) is missing: "
                 f"{snapshot.path}"
             )

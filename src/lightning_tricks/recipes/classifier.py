@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from typing import Any
 
@@ -41,7 +41,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_tricks import adapters
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes.init import InitConfig, initialize
-from lightning_tricks.recipes.models import DropConnectConv2d, DropConnectLinear, create_model, get_classifier
+from lightning_tricks.recipes.models import create_model, get_classifier
+from lightning_tricks.recipes.models.layers import dropout_disabled
 from lightning_tricks.recipes.nonfinite import NonFiniteLossGuard
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
@@ -51,16 +52,6 @@ from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Param-group key holding the global batch size the group's lr is scaled for (linear scaling rule).
 LR_BATCH_KEY = "lr_global_batch_size"
-# Modules whose drop probability ``p`` is regularisation that ``regularization_scaled(0)`` turns off.
-_DROP_TYPES = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    DropConnectLinear,
-    DropConnectConv2d,
-)
 
 
 def _as_config(value: Any, config_type: type) -> Any:
@@ -241,17 +232,12 @@ class ImageClassifier(L.LightningModule):
         if factor < 0:
             raise ValueError(f"factor must be >= 0, got {factor}")
         saved_scale = self._regularization_scale
-        dropping = [m for m in self.net.modules() if isinstance(m, _DROP_TYPES)] if factor == 0 else []
-        saved_p = [module.p for module in dropping]
-        for module in dropping:
-            module.p = 0.0
         self._regularization_scale = factor
         try:
-            yield
+            with dropout_disabled(self.net) if factor == 0 else nullcontext():
+                yield
         finally:
             self._regularization_scale = saved_scale
-            for module, p in zip(dropping, saved_p, strict=True):
-                module.p = p
 
     # -- steps --------------------------------------------------------------------------------
     @staticmethod

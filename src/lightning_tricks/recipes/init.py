@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from lightning_tricks.recipes.optim import NORM_LAYER_TYPES
+from lightning_tricks.recipes.models.layers import NORM_LAYER_TYPES
 
 INIT_SCHEMES: tuple[str, ...] = (
     "default",

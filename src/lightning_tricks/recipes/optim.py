@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lightning_tricks.recipes._validation import check_optimizer_kwargs
+from lightning_tricks.recipes.models.layers import NORM_LAYER_TYPES
 
 OPTIMIZER_NAMES: tuple[str, ...] = (
     "sgd",
@@ -54,15 +55,6 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
 }
 #: Adadelta's decay of its running averages in Zeiler (2012) (torch's default is 0.9).
 ADADELTA_RHO = 0.95
-
-#: Normalization layers whose affine parameters are exempt from weight decay (and from L1/L2 penalties).
-NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
 
 
 #: Parameter kinds that ``OptimizerConfig.lr_multipliers`` can give their own learning rate, in
@@ -177,9 +169,10 @@ class OptimizerConfig:
 def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split the trainable parameters of ``model`` into ``(decay, no_decay)``.
 
-    ``no_decay`` holds exactly the parameters of normalization layers (:data:`NORM_LAYER_TYPES`) and every
-    parameter registered under the name ``bias``; ``decay`` holds the rest. Parameters with
-    ``requires_grad=False`` are skipped and shared parameters appear once.
+    ``no_decay`` holds exactly the parameters of normalization layers
+    (:data:`~lightning_tricks.recipes.models.layers.NORM_LAYER_TYPES`) and every parameter registered
+    under the name ``bias``; ``decay`` holds the rest. Parameters with ``requires_grad=False`` are
+    skipped and shared parameters appear once.
 
     Example::
 

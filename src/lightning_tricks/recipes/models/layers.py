@@ -11,7 +11,8 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -96,9 +97,19 @@ def make_norm(norm: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+#: Normalization layers: exempt from weight decay and L1/L2 penalties, initialised to the identity.
+NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
 def is_norm(module: nn.Module) -> bool:
     """Whether ``module`` is an actual normalisation layer (not an ``nn.Identity`` stand-in)."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
+    return isinstance(module, NORM_LAYER_TYPES)
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -172,6 +183,40 @@ class DropConnectConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}"
+
+
+#: Layers whose drop probability ``p`` is regularisation (torch's common dropout base is private).
+DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    DropConnectLinear,
+    DropConnectConv2d,
+)
+
+
+@contextmanager
+def dropout_disabled(model: nn.Module) -> Iterator[None]:
+    """Set ``p = 0`` on every dropout and DropConnect layer of ``model`` (:data:`DROPOUT_TYPES`) for the
+    duration; the original probabilities are restored afterwards, also on error.
+
+    Example::
+
+        with dropout_disabled(model):
+            loss = F.cross_entropy(model(x), y)
+    """
+    dropping = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
+    saved_p = [m.p for m in dropping]
+    try:
+        for m in dropping:
+            m.p = 0.0
+        yield
+    finally:
+        for m, p in zip(dropping, saved_p, strict=True):
+            m.p = p
 
 
 def _with_drop_connect(layer: nn.Module, p: float) -> nn.Module:
@@ -319,6 +364,8 @@ def kaiming_init(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif is_norm(m) and m.weight is not None:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        elif is_norm(m):
+            if getattr(m, "weight", None) is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
