@@ -204,16 +204,6 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
         ("scheduler.kwargs",),
     ),
     (
-        "step-never-triggers",
-        [f"{SCHED}.name=step", f"{SCHED}.interval=epoch", f'{SCHED}.kwargs={{"step_size": 50}}'],
-        ("model.init_args.scheduler.kwargs.step_size", "never"),
-    ),
-    (
-        "milestones-never-trigger",
-        [f"{SCHED}.name=multistep", f'{SCHED}.kwargs={{"milestones": [100]}}'],
-        ("scheduler.kwargs.milestones", "never"),
-    ),
-    (
         "warmup-longer-than-run",
         [f"{SCHED}.name=cosine", f"{SCHED}.warmup=10"],
         ("model.init_args.scheduler.warmup",),
@@ -306,7 +296,7 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     (
         "early-stopping-monitor-name",
         [f"{CB}+=SmoothedEarlyStopping", f"{CB}.monitor=val_loss"],
-        ("trainer.callbacks[2].init_args.monitor", "'val/loss'"),
+        ("trainer.callbacks[2].init_args.monitor", "monitor=val/loss"),
     ),
     (
         "plateau-monitor-name",
