@@ -39,8 +39,9 @@ def test_readme_short_names_and_snippet_imports_resolve():
         ["--model=ImageClassifier", "--data=DigitsDataModule", "--trainer.callbacks+=EMA"], run=False
     )
     assert any(type(cb).__name__ == "EMA" for cb in cli.trainer.callbacks)
-    (snippet,) = re.findall(r"from lightning_tricks.callbacks import \((.*?)\)", README, flags=re.S)
-    names = [name.strip() for name in snippet.replace("\n", " ").split(",") if name.strip()]
+    snippets = re.findall(r"from lightning_tricks.callbacks import \((.*?)\)", README, flags=re.S)
+    names = [name.strip() for snippet in snippets for name in snippet.replace("\n", " ").split(",")]
+    names = [name for name in names if name]
     assert names and all(hasattr(callbacks, name) for name in names)
 
 
