@@ -73,7 +73,13 @@ class BlockAtStep(L.Callback):
             sys.stdin.read()
 
 
-def train(root: Path, variant: str, ckpt_path: str | None = None, block_step: int | None = None) -> dict:
+def train(
+    root: Path,
+    variant: str,
+    ckpt_path: str | None = None,
+    block_step: int | None = None,
+    extra_callbacks: list[L.Callback] | None = None,
+) -> dict:
     """Train (or resume) the run of ``variant`` under ``root``; return everything the test compares."""
     torch.set_num_threads(1)  # the same reduction order in the test process and the killed child
     L.seed_everything(0, verbose=False)
@@ -108,6 +114,7 @@ def train(root: Path, variant: str, ckpt_path: str | None = None, block_step: in
         callbacks.insert(1, SnapshotEnsemble(dirpath=str(root / "snapshots")))
     if block_step is not None:
         callbacks.append(BlockAtStep(block_step))
+    callbacks.extend(extra_callbacks or [])
     trainer = L.Trainer(
         max_epochs=MAX_EPOCHS,
         accelerator="cpu",

@@ -10,9 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from resume_training import MAX_EPOCHS, train
+
+from lightning_tricks.callbacks import LRFinder
+from lightning_tricks.callbacks._sanity import draw_batches
+from lightning_tricks.callbacks._training_state import preserved_training_state
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +59,8 @@ def uninterrupted(tmp_path_factory):
 
     def run(variant: str) -> dict:
         if variant not in cache:
-            cache[variant] = train(tmp_path_factory.mktemp(f"uninterrupted_{variant}"), variant)
+            root = tmp_path_factory.mktemp(f"uninterrupted_{variant}")
+            cache[variant] = {**train(root, variant), "root": root}
         return cache[variant]
 
     return run
@@ -100,3 +106,39 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(
             resumed["snapshots"], reference["snapshots"], strict=True
         ):
             _assert_same_tensors(weights, expected)
+
+
+class ProbeBeforeTraining(L.Callback):
+    """Draws training batches before the first step, like the sanity checks and the init probe do
+    (they skip resumed runs themselves); keeps the first probed batch for comparison."""
+
+    def __init__(self) -> None:
+        self.probed: tuple[torch.Tensor, ...] | None = None
+        self.first_trained: tuple[torch.Tensor, ...] | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        with preserved_training_state(trainer, pl_module):
+            self.probed = tuple(t.clone() for t in draw_batches(trainer, num_batches=2)[0])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.first_trained is None:
+            self.first_trained = tuple(t.clone() for t in batch)
+
+
+def test_probes_before_the_first_step_of_a_resumed_run_change_nothing(tmp_path, uninterrupted):
+    """SnapshotEnsemble's classifier probe, an LR range test (apply=False) and a sanity-style probe all
+    draw training batches before the resumed run's first step; the run still ends bit-identical."""
+    reference = uninterrupted("steps_snapshot")
+    checkpoint = reference["root"] / "ckpt" / "epoch=1-step=28.ckpt"
+    probe = ProbeBeforeTraining()
+    finder = LRFinder(num_steps=10, apply=False, plot=False)
+    resumed = train(tmp_path, "steps_snapshot", ckpt_path=str(checkpoint), extra_callbacks=[finder, probe])
+
+    assert finder.results is not None and finder.results.lrs  # the range test did run
+    # The probe saw the batch the resumed run trains on first (same images, same augmentation draw).
+    for probed, trained in zip(probe.probed, probe.first_trained, strict=True):
+        assert torch.equal(probed, trained)
+    _assert_same_tensors(resumed["weights"], reference["weights"])
+    assert resumed["step_losses"] == {s: v for s, v in reference["step_losses"].items() if s > 28}
+    for (_, _, weights), (_, _, expected) in zip(resumed["snapshots"], reference["snapshots"], strict=True):
+        _assert_same_tensors(weights, expected)

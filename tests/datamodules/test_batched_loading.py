@@ -119,10 +119,18 @@ def test_batches_equal_a_per_sample_dataloader_over_the_same_order():
         assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
 
 
-def test_start_batch_skips_once_then_serves_whole_epochs():
+def test_start_batch_holds_for_every_pass_of_its_epoch_then_later_epochs_are_whole():
     sampler = ResumableSampler(N, batch_size=BATCH, seed=0, epoch=2, start_batch=4)
     full = ResumableSampler(N, batch_size=BATCH, seed=0, epoch=2)
+    # A probe's pass before training does not use up the resume position of the real pass.
     assert list(sampler) == list(full)[4 * BATCH :]
+    sampler.set_epoch(2)  # Lightning's call at the start of the resumed epoch
+    assert list(sampler) == list(full)[4 * BATCH :]
+    sampler.set_epoch(3)
+    full.set_epoch(3)
+    assert list(sampler) == list(full)
+    sampler.set_epoch(2)  # an epoch seen again (reloaded loaders) starts at its beginning
+    full.set_epoch(2)
     assert list(sampler) == list(full)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Iterator
@@ -280,7 +281,12 @@ class LRFinder(LearningRateFinder):
         nominal = _nominal_lrs(optimizer, schedulers)
         ratios = [n / nominal[0] if nominal[0] > 0 else 1.0 for n in nominal]
 
-        fresh_metrics = [m for m in pl_module.modules() if isinstance(m, Metric) and m.update_count == 0]
+        # Their accumulated values may come from a checkpoint (a resumed run) without any update here.
+        fresh_metrics = {
+            m: copy.deepcopy(m.metric_state)
+            for m in pl_module.modules()
+            if isinstance(m, Metric) and m.update_count == 0
+        }
         with preserved_training_state(trainer, pl_module):
             try:
                 with _logging_discarded(pl_module):
@@ -288,9 +294,12 @@ class LRFinder(LearningRateFinder):
                     results = self._search(trainer, optimizer, ratios)
             finally:
                 optimizer.zero_grad(set_to_none=True)
-                for metric in fresh_metrics:  # torchmetrics updated in training_step count no search batch
+                # torchmetrics updated in training_step count no search batch
+                for metric, state in fresh_metrics.items():
                     if metric.update_count:
                         metric.reset()
+                        for name, value in state.items():
+                            setattr(metric, name, value)
 
         results = LRFinderResults(**trainer.strategy.broadcast(asdict(results), src=0))
         self.results = results

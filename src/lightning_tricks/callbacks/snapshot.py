@@ -246,12 +246,9 @@ class SnapshotEnsemble(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.ckpt_path is None:
-            # A resumed run was checked when it started; probing a training batch now would consume
-            # the restored data order and random streams before the first real step.
-            require_classifier(
-                "SnapshotEnsemble", trainer, pl_module, why="it averages the snapshots' softmax probabilities"
-            )
+        require_classifier(
+            "SnapshotEnsemble", trainer, pl_module, why="it averages the snapshots' softmax probabilities"
+        )
         # Runs after the training state is restored.
         self._last_handled = trainer.global_step if self._unit == "step" else trainer.current_epoch
 

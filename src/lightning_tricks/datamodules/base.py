@@ -7,6 +7,8 @@ whitening, and the colour PCA for lighting augmentation), a fingerprinted cache 
 device, and a checkpointed data order: the epoch's permutation, the batches of it already consumed
 and the random-number streams, so a run resumed from any checkpoint (mid-epoch or at an epoch's
 end) sees the batches, augmentation draws and dropout masks of the run that was never stopped.
+Both are tied to the checkpoint's position in the data order rather than used up by the first batch
+drawn, so callbacks that draw training batches before the first step leave the resumed run as is.
 
 :class:`InMemoryImageDataModule` keeps the images as one ``(N, C, H, W)`` tensor (uint8 or float
 in [0, 1]) and serves batches with one gather each
@@ -125,6 +127,7 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         self._train_sampler: ResumableSampler | None = None
         self._resume_order: dict[str, int] | None = None
         self._resume_rng: dict[str, Any] | None = None
+        self._resume_point: dict[str, int] | None = None
 
     # Statistics ---------------------------------------------------------------------------
     @property
@@ -188,17 +191,28 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, targets = batch
         training = self.trainer is not None and self.trainer.training
-        if training and self._resume_rng is not None:
-            # The first training batch after a restore: continue the random streams exactly where
-            # the checkpointed run left them (anything run in between, e.g. the sanity check, is moot).
-            restore_rng_states(self._resume_rng)
-            self._resume_rng = None
         if training:
+            self._restore_resume_rng()
             images, targets = self.augment_batch(images, targets)
         images = self.normalize_images(images)
         if training and self._batch_augment is not None:
             images, targets = self._batch_augment(images, targets)
         return images, targets
+
+    def _restore_resume_rng(self) -> None:
+        """Continue the checkpoint's random streams at the training batch where it stopped.
+
+        Keyed to the data-order position, not to the first batch seen: callbacks may draw training
+        batches before the first step (sanity checks, probes), and each of them gets the same
+        streams as the batch the fit loop then trains on (anything run in between, e.g. the sanity
+        check, is moot). Forgotten once the order has moved to a later epoch.
+        """
+        if self._resume_rng is None or self._resume_point is None:
+            return
+        if self.data_order_state() == self._resume_point:
+            restore_rng_states(self._resume_rng)
+        elif self._train_sampler is not None and self._train_sampler.epoch > self._resume_point["epoch"]:
+            self._resume_rng = self._resume_point = None
 
     # Resumable order ---------------------------------------------------------------------------
     def _replicas(self) -> tuple[int, int]:
@@ -259,6 +273,7 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         if "mean" in statistics:
             self.stats.load_state_dict(statistics)
         self._resume_order = dict(state_dict.get("data_order") or {}) or None
+        self._resume_point = self._resume_order and dict(self._resume_order)
         self._resume_rng = state_dict.get("rng")
 
     def _dataloader(self, dataset: Dataset, train: bool) -> DataLoader:

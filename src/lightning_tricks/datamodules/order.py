@@ -5,8 +5,10 @@ Lightning checkpoints carry neither the sampler's position nor the global random
 draw other augmentations and dropout masks. Two pieces close that gap:
 
 - :class:`ResumableSampler` is torch's :class:`~torch.utils.data.DistributedSampler` (permutation
-  seeded by ``seed + epoch``; Lightning calls ``set_epoch`` at every epoch start) that can start
-  its first pass at a given batch, so a run resumed mid-epoch continues the same permutation.
+  seeded by ``seed + epoch``; Lightning calls ``set_epoch`` at every epoch start) whose passes over
+  one epoch can start at a given batch, so a run resumed mid-epoch continues the same permutation.
+  Every pass over that epoch starts there, not only the first, so a callback that draws batches
+  before the first training step (a sanity check, a probe) cannot use up the resume position.
 - :func:`capture_rng_states` / :func:`restore_rng_states` copy the Python, NumPy, torch CPU and
   CUDA streams as plain tensors and numbers (checkpoints stay ``weights_only``-loadable).
 
@@ -44,7 +46,8 @@ class ResumableSampler(DistributedSampler):
         seed: Base seed; epoch ``e`` uses ``seed + e``.
         drop_last: Drop the tail that does not split evenly across replicas.
         epoch: The epoch of the first pass.
-        start_batch: Batches of that pass already consumed (skipped once, then back to 0).
+        start_batch: Batches of that epoch already consumed: every pass over ``epoch`` skips them,
+            until ``set_epoch`` moves to another epoch (which starts at batch 0).
 
     Example::
 
@@ -78,13 +81,18 @@ class ResumableSampler(DistributedSampler):
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.batch_size = batch_size
+        self.start_batch = 0
         self.set_epoch(epoch)
         self.start_batch = start_batch
 
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start_batch = 0
+        super().set_epoch(epoch)
+
     def __iter__(self) -> Iterator[int]:
-        skip, self.start_batch = self.start_batch * self.batch_size, 0
         indices = list(super().__iter__())
-        return iter(indices[skip:])
+        return iter(indices[self.start_batch * self.batch_size :])
 
 
 def capture_rng_states() -> dict[str, Any]:
