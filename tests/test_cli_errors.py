@@ -98,6 +98,13 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
         ["--trainer.max_epohcs=3"],
         ("--trainer.max_epohcs", "did you mean --trainer.max_epochs"),
     ),
+    # argparse would take a unique prefix for the whole option (--trainer.max_epochs=3)
+    (
+        "abbreviated-option",
+        ["--trainer.max_epoch=3"],
+        ("unknown option(s): --trainer.max_epoch=3", "did you mean --trainer.max_epochs?"),
+    ),
+    ("abbreviated-own-option", ["--test_after=false"], ("--test_after=false", "--test_after_fit?")),
     ("batch-size-not-int", [f"{DATA}.batch_size=abc"], ("data.init_args.batch_size",)),
     ("lr-not-number", [f"{OPT}.lr=abc"], ("model.init_args.optimizer.lr",)),
     ("kwargs-not-dict", [f"{SCHED}.kwargs=gamma"], ("model.init_args.scheduler.kwargs",)),
@@ -329,6 +336,12 @@ def test_bad_configuration_stops_before_training_with_key_and_fix(
     assert "fix:" in text, text
     for needle in expected:
         assert needle in text, f"{needle!r} not in the last lines:\n{text}"
+
+
+def test_main_parser_refuses_abbreviated_options(capsys):
+    status, tail = run_main(["--vers"], capsys)
+    assert status == 2
+    assert tail[0] == "error: unknown option(s): --vers"
 
 
 def test_sweep_has_at_least_sixty_cases():

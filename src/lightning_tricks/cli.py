@@ -38,6 +38,15 @@ from lightning_tricks.records import RunConfigSaver
 class LightningTricksCLI(LightningCLI):
     """LightningCLI that links data shapes into the model and can test right after fitting."""
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """The main and every subcommand parser, refusing abbreviated options.
+
+        argparse takes a unique prefix for the full option (``--trainer.max_epoch`` for
+        ``--trainer.max_epochs``); here it is an unknown option with a did-you-mean suggestion.
+        """
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         self.parser.add_argument("--version", action="version", version=cli_help.version())
