@@ -377,6 +377,22 @@ def test_ckpt_path_last_resumes_the_previous_run_in_the_same_folder(tmp_path, tr
     assert tested.trainer.ckpt_path == str(last.resolve())
 
 
+def test_resuming_one_cycle_into_more_epochs_is_refused_before_training(tmp_path, capsys, train_batches):
+    from lightning_tricks.cli import build_cli
+
+    keep_last = [f"{CB}+=ModelCheckpoint", f"{CB}.save_last=true", "--test_after_fit=false"]
+    first = build_cli([*base_args(tmp_path), *keep_last])  # digits.yaml: one_cycle per step
+    assert first.trainer.global_step == 2
+    train_batches.clear()
+    status, tail = run_main(
+        [*base_args(tmp_path), *keep_last, "--trainer.max_epochs=2", "--ckpt_path=last"], capsys
+    )
+    assert status == 1 and train_batches == []
+    assert "scheduler.name='one_cycle' is fitted to the checkpoint's run of 2 optimizer steps" in tail[0]
+    assert "the resumed run lasts 4 optimizer steps" in tail[0]
+    assert tail[1] == "  fix: e.g. trainer.max_epochs=1"
+
+
 def test_ckpt_path_last_without_checkpoint_is_refused_for_test(tmp_path, capsys):
     status, tail = run_main(["test", *base_args(tmp_path)[1:], "--ckpt_path=last"], capsys)
     assert status == 1

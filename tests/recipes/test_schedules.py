@@ -9,6 +9,7 @@ from lightning_tricks.recipes.schedules import (
     LinearWarmup,
     SchedulerConfig,
     build_scheduler,
+    check_resumed_length,
     scheduler_cycle_ends,
 )
 
@@ -371,3 +372,47 @@ def test_milestone_inside_warmup_fails_naming_the_key() -> None:
         ValueError, match=r"scheduler\.kwargs\.milestones puts a decay at \[5\], inside the warm-up"
     ):
         build_scheduler(make_optimizer(), config, total_steps=20, steps_per_epoch=1)
+
+
+@pytest.mark.parametrize(
+    ("config", "refused"),
+    [
+        (SchedulerConfig("one_cycle", interval="step"), True),
+        (SchedulerConfig("cosine", interval="step", warmup=2), True),
+        (SchedulerConfig("snapshot", interval="step", kwargs={"cycles": 2}), True),
+        (SchedulerConfig("cosine_restarts", interval="step", kwargs={"T_0": 5, "cooldown": 5}), True),
+        (SchedulerConfig("cosine", interval="step", kwargs={"T_max": 40}), False),
+        (SchedulerConfig("step", interval="step", kwargs={"step_size": 10}), False),
+        (SchedulerConfig("constant", interval="step", warmup=5), False),
+    ],
+    ids=["one_cycle", "cosine", "snapshot", "sgdr_cooldown", "cosine_own_T_max", "step", "warmup_only"],
+)
+def test_resuming_a_schedule_fitted_to_the_run_into_a_longer_run_is_refused(config, refused) -> None:
+    if config.resolved_name == "one_cycle":
+        # Why: the checkpoint's state replaces the longer build, and torch fails past the old end.
+        opt = make_optimizer()
+        old = build_scheduler(opt, config, total_steps=40, steps_per_epoch=20)["scheduler"]
+        new = build_scheduler(make_optimizer(), config, total_steps=80, steps_per_epoch=20)["scheduler"]
+        new.load_state_dict(old.state_dict())
+        with pytest.raises(ValueError, match="total steps"):
+            for _ in range(41):
+                new.optimizer.step()
+                new.step()
+    check_resumed_length(config, 40, 40, 20)  # same length: resumes
+    check_resumed_length(config, 40, 20, 20)  # shorter: stops early, like max_steps
+    if refused:
+        with pytest.raises(
+            ValueError, match=r"run of 40 optimizer steps, but the resumed run lasts 80.*max_epochs=2"
+        ):
+            check_resumed_length(config, 40, 80, 20)
+    else:
+        check_resumed_length(config, 40, 80, 20)
+
+
+def test_refused_resume_names_the_length_to_keep_in_the_run_units() -> None:
+    with pytest.raises(ValueError, match=r"30 optimizer steps.*e\.g\. trainer\.max_steps=30$"):
+        check_resumed_length(SchedulerConfig("one_cycle", interval="step"), 30, 60, 20)
+    with pytest.raises(
+        ValueError, match=r"run of 3 epochs, but the resumed run lasts 5 epochs.*max_epochs=3$"
+    ):
+        check_resumed_length(SchedulerConfig("cosine", interval="epoch"), 3, 5, 20)

@@ -46,12 +46,19 @@ from lightning_tricks.recipes.models.layers import dropout_disabled
 from lightning_tricks.recipes.nonfinite import NonFiniteLossGuard
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
-from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
+from lightning_tricks.recipes.schedules import (
+    SchedulerConfig,
+    build_scheduler,
+    check_resumed_length,
+    schedule_length,
+)
 
 #: Modes of ``torch.compile`` accepted by ``ImageClassifier(compile=...)``.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Param-group key holding the global batch size the group's lr is scaled for (linear scaling rule).
 LR_BATCH_KEY = "lr_global_batch_size"
+# Checkpoint entry: the run length (in scheduler intervals) the LR schedule was fitted to.
+SCHEDULE_LENGTH_KEY = "lightning_tricks_schedule_length"
 
 
 def _as_config(value: Any, config_type: type) -> Any:
@@ -160,6 +167,8 @@ class ImageClassifier(L.LightningModule):
         self.train_loss = MeanMetric()
         for metric in (self.train_loss, self.train_acc):
             metric.persistent(True)
+        self._schedule_length: tuple[int, int] | None = None  # (length, steps per epoch) of this fit
+        self._resumed_schedule_length: int | None = None  # the checkpoint's, when resuming
 
     def _model_kwargs(self, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         kwargs = dict(model_kwargs or {})
@@ -348,12 +357,34 @@ class ImageClassifier(L.LightningModule):
             if math.isfinite(batches)
             else total_steps
         )
+        self._schedule_length = (
+            schedule_length(self.scheduler_config, total_steps, steps_per_epoch),
+            steps_per_epoch,
+        )
+        self._check_resumed_schedule()
         scheduler = build_scheduler(
             optimizer, self.scheduler_config, total_steps=total_steps, steps_per_epoch=steps_per_epoch
         )
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._schedule_length is not None:
+            checkpoint[SCHEDULE_LENGTH_KEY] = self._schedule_length[0]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_schedule_length = checkpoint.get(SCHEDULE_LENGTH_KEY)
+        self._check_resumed_schedule()
+
+    def _check_resumed_schedule(self) -> None:
+        """Refuse, before the first step, to resume a schedule fitted to a shorter run (see
+        :func:`~lightning_tricks.recipes.schedules.check_resumed_length`); runs once both lengths are
+        known (Lightning restores the module before or after ``configure_optimizers``, by strategy)."""
+        saved, current = self._resumed_schedule_length, self._schedule_length
+        if saved is None or current is None or self.trainer.ckpt_path is None:
+            return
+        check_resumed_length(self.scheduler_config, saved, *current)
 
     def follow_global_batch(self) -> None:
         """Rescale the learning rates when the global batch differs from the one they were scaled for.

@@ -533,6 +533,51 @@ def _as_list(value: float | list[float], optimizer: Optimizer) -> list[float]:
     return list(value) if isinstance(value, (list, tuple)) else [value] * len(optimizer.param_groups)
 
 
+def schedule_length(config: SchedulerConfig, total_steps: int, steps_per_epoch: int) -> int:
+    """The run's length in the schedule's ``interval`` units, warm-up included (what it is fitted to)."""
+    return max(1, total_steps // steps_per_epoch) if config.interval == "epoch" else total_steps
+
+
+def fitted_to_run_length(config: SchedulerConfig) -> bool:
+    """Whether the schedule's shape is computed from the run's length (it cannot be extended later):
+    one_cycle and cosine without an explicit ``total_steps``/``T_max``, snapshot, SGDR with cooldown."""
+    name, kwargs = config.resolved_name, config.kwargs
+    return (
+        (name == "one_cycle" and "total_steps" not in kwargs)
+        or (name == "cosine" and "T_max" not in kwargs)
+        or name == "snapshot"
+        or (name == "cosine_restarts" and bool(kwargs.get("cooldown")))
+    )
+
+
+def check_resumed_length(config: SchedulerConfig, saved: int, length: int, steps_per_epoch: int) -> None:
+    """Refuse to resume a schedule fitted to a ``saved``-unit run into a longer run of ``length`` units.
+
+    The checkpoint's scheduler state replaces the one built for the new length, so the old shape would
+    run past its end (one_cycle fails deep inside torch, cosine climbs back up).
+
+    Example::
+
+        check_resumed_length(SchedulerConfig("one_cycle", interval="step"), 40, 80, 20)  # ValueError
+    """
+    if length <= saved or not fitted_to_run_length(config):
+        return
+    unit = "epochs" if config.interval == "epoch" else "optimizer steps"
+    if config.interval == "epoch":
+        keep = f"trainer.max_epochs={saved}"
+    elif saved % steps_per_epoch == 0:
+        keep = f"trainer.max_epochs={saved // steps_per_epoch}"
+    else:
+        keep = f"trainer.max_steps={saved}"
+    raise ValueError(
+        f"scheduler.name={config.resolved_name!r} is fitted to the checkpoint's run of {saved} {unit}, "
+        f"but the resumed run lasts {length} {unit}: the restored schedule cannot be stretched and would "
+        "run past its end. Train longer in a new run (no ckpt_path) or with a schedule that can continue "
+        "(constant, step, multistep, exponential, inverse_time, cosine_restarts, cyclic, plateau), or "
+        f"resume with the checkpoint's length, e.g. {keep}"
+    )
+
+
 def build_scheduler(
     optimizer: Optimizer, config: SchedulerConfig, total_steps: int, steps_per_epoch: int
 ) -> dict[str, Any] | None:
@@ -568,7 +613,7 @@ def build_scheduler(
     if name == "constant" and config.warmup == 0:
         return None
     per_epoch = config.interval == "epoch"
-    run_length = max(1, total_steps // steps_per_epoch) if per_epoch else total_steps
+    run_length = schedule_length(config, total_steps, steps_per_epoch)
     if name != "constant" and config.warmup >= run_length:
         raise ValueError(
             f"scheduler.warmup={config.warmup} must be shorter than the run ({run_length} {config.interval}s)"
