@@ -5,7 +5,8 @@ The console command calls :func:`check_run_config` once the trainer, model and D
 config key, the value and a fix:
 
 * a training budget of zero optimizer steps (``max_epochs: 0``, ``max_steps: 0``,
-  ``limit_train_batches: 0``) or ``accumulate_grad_batches < 1``;
+  ``limit_train_batches: 0``) or ``accumulate_grad_batches < 1`` (training data that gives no batch
+  is found once it is loaded, by the recipe's ``check_training_steps``, the one zero-step rule);
 * a callback or plateau schedule that monitors a ``val/...`` metric while the run has no validation
   (``val_fraction: 0``, ``val_size: 0``, ``limit_val_batches: 0``): it could never be logged;
 * ``--ckpt_path last`` with no last checkpoint to resume from (it would restart at step 0), and a

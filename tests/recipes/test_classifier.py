@@ -171,3 +171,44 @@ def test_tta_reads_dict_batches_through_the_adapter():
     assert logged["test/acc_tta"].compute() == pytest.approx(
         (expected.argmax(1) == targets).float().mean().item()
     )
+
+
+class _TenSamples(L.LightningDataModule):
+    def __init__(self, drop_last: bool) -> None:
+        super().__init__()
+        self.drop_last = drop_last
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        data = torch.utils.data.TensorDataset(torch.rand(10, 1, 8, 8), torch.randint(10, (10,)))
+        return torch.utils.data.DataLoader(data, batch_size=64, drop_last=self.drop_last)
+
+
+# Lightning's own notes about the deliberately empty loader and the absent validation split.
+@pytest.mark.filterwarnings("ignore:Total length of")
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+@pytest.mark.parametrize("budget", [{"max_epochs": 1}, {"max_epochs": -1, "max_steps": 2}])
+def test_data_smaller_than_one_batch_with_drop_last_is_refused_before_training(tmp_path, budget):
+    """Even with a constant lr (no schedule to build) and a step budget, which hides the empty epoch."""
+    seen: list[int] = []
+    model = make_classifier(scheduler=SchedulerConfig(name="constant"))
+    model.on_train_batch_start = lambda batch, batch_idx: seen.append(batch_idx)
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(
+            **budget,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+
+    with pytest.raises(ValueError, match=r"10 samples, batch_size=64 and drop_last=True") as refused:
+        trainer().fit(model, datamodule=_TenSamples(drop_last=True))
+    assert "drop_last=False" in str(refused.value) and "data.init_args.batch_size=10" in str(refused.value)
+    assert seen == []
+    kept = trainer()
+    kept.fit(model, datamodule=_TenSamples(drop_last=False))  # the fix: one incomplete batch per epoch
+    assert kept.global_step == budget.get("max_steps", 1)

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from lightning_tricks.recipes._validation import check_training_steps
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
 
@@ -86,3 +87,19 @@ def test_valid_optimizer_kwargs_reach_torch():
     config = OptimizerConfig(name="sgd", momentum=0.9, kwargs={"dampening": 0.5})
     optimizer = build_optimizer(torch.nn.Linear(2, 1), config)
     assert optimizer.param_groups[0]["dampening"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("size", "drop_last", "match"),
+    [
+        (10, True, r"10 samples, batch_size=64 and drop_last=True.*drop_last=False.*batch_size=10"),
+        (0, False, r"the training split is empty"),
+    ],
+)
+def test_zero_batches_name_the_data_size_batch_size_and_fix(size, drop_last, match):
+    data = torch.utils.data.TensorDataset(torch.zeros(size, 2))
+    loader = torch.utils.data.DataLoader(data, batch_size=64, drop_last=drop_last)
+    assert len(loader) == 0  # what Lightning counts as the epoch's batches
+    with pytest.raises(ValueError, match=match):
+        check_training_steps(total_steps=100, steps_per_epoch=len(loader), loader=loader)
+    check_training_steps(100, len(torch.utils.data.DataLoader(torch.zeros(10, 2), batch_size=64)), loader)

@@ -180,6 +180,61 @@ def check_schedule_fits_run(name: str, kwargs: dict[str, Any], run_length: int, 
         )
 
 
+def _sized(obj: Any) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
+def check_training_steps(total_steps: float, steps_per_epoch: float, loader: Any = None) -> None:
+    """Raise ``ValueError`` when the run has no optimizer step: every zero-step budget ends here.
+
+    ``loader`` is the training loader (a ``DataLoader`` or anything with ``batch_size``, ``drop_last``
+    and a sized ``dataset`` or ``sampler``); when it explains the zero (a dataset smaller than one batch
+    with ``drop_last``, or an empty one), the message names its size, the batch size and the fix.
+    A step budget (``max_steps``) alone does not hide an epoch without batches.
+
+    Example::
+
+        check_training_steps(0, 0, DataLoader(ten_samples, batch_size=64, drop_last=True))
+        # ValueError: the training data gives no batch: 10 samples, batch_size=64 with drop_last=True ...
+    """
+    if total_steps >= 1 and steps_per_epoch >= 1:
+        return
+    batch_size = getattr(loader, "batch_size", None)
+    # The sampler's length is this rank's share; a loader without one has a dataset.
+    size = _sized(getattr(loader, "sampler", None))
+    size = _sized(getattr(loader, "dataset", None)) if size is None else size
+    if isinstance(batch_size, int) and size is not None:
+        drop_last = bool(getattr(loader, "drop_last", False))
+        if size == 0:
+            cause, fix = (
+                "the training split is empty",
+                "give the run training data (check the data path/split)",
+            )
+        elif drop_last and size < batch_size:
+            cause = (
+                f"{size} samples, batch_size={batch_size} and drop_last=True drop the only (incomplete) batch"
+            )
+            fix = (
+                f"lower the batch size or keep the incomplete batch (drop_last=False), "
+                f"e.g. data.init_args.batch_size={size}"
+            )
+        else:
+            cause, fix = (
+                f"{size} samples in batches of {batch_size}",
+                "e.g. raise trainer.limit_train_batches",
+            )
+        raise ValueError(f"the training data gives no batch per epoch, so no optimizer step: {cause}; {fix}")
+    raise ValueError(
+        "the run has no optimizer steps to schedule "
+        f"(total_steps={total_steps}, steps_per_epoch={steps_per_epoch}): the training split gives "
+        "no batches within trainer.limit_train_batches/max_steps; e.g. lower data.init_args.batch_size "
+        "or raise trainer.limit_train_batches"
+    )
+
+
 def check_optimizer_kwargs(name: str, kwargs: dict[str, Any], accepted: Sequence[str]) -> None:
     """Raise ``ValueError`` naming ``optimizer.kwargs.<key>`` for an unknown or out-of-range value."""
     unknown = sorted(set(kwargs) - set(accepted))

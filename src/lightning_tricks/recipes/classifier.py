@@ -40,6 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks import adapters
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
+from lightning_tricks.recipes._validation import check_training_steps
 from lightning_tricks.recipes.init import InitConfig, initialize
 from lightning_tricks.recipes.models import create_model, get_classifier
 from lightning_tricks.recipes.models.layers import dropout_disabled
@@ -351,12 +352,18 @@ class ImageClassifier(L.LightningModule):
         if self.optimizer_config.base_batch_size is not None and global_batch is not None:
             for group in optimizer.param_groups:
                 group[LR_BATCH_KEY] = global_batch
+        if self.trainer.train_dataloader is None:
+            # A pure step budget (max_epochs=-1) estimates without loading the data; load it here, as
+            # Lightning does for epoch budgets, so an epoch without batches is caught below.
+            self.trainer.fit_loop.setup_data()
         batches = self.trainer.num_training_batches
         steps_per_epoch = (
-            max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+            math.ceil(batches / self.trainer.accumulate_grad_batches)
             if math.isfinite(batches)
             else total_steps
         )
+        # Before any schedule: a constant lr builds none, and max_steps keeps total_steps > 0.
+        check_training_steps(total_steps, steps_per_epoch, self.trainer.train_dataloader)
         self._schedule_length = (
             schedule_length(self.scheduler_config, total_steps, steps_per_epoch),
             steps_per_epoch,

@@ -42,7 +42,11 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
 
-from lightning_tricks.recipes._validation import check_schedule_fits_run, check_scheduler_kwargs
+from lightning_tricks.recipes._validation import (
+    check_schedule_fits_run,
+    check_scheduler_kwargs,
+    check_training_steps,
+)
 
 SCHEDULER_NAMES: tuple[str, ...] = (
     "constant",
@@ -602,13 +606,7 @@ def build_scheduler(
             sched = build_scheduler(optimizer, SchedulerConfig("cosine", warmup=5), total, total // 100)
             return {"optimizer": optimizer, "lr_scheduler": sched} if sched else optimizer
     """
-    if total_steps < 1 or steps_per_epoch < 1:
-        raise ValueError(
-            "the run has no optimizer steps to schedule "
-            f"(total_steps={total_steps}, steps_per_epoch={steps_per_epoch}): the training split gives "
-            "no batches within trainer.limit_train_batches/max_steps; e.g. lower data.init_args.batch_size "
-            "or raise trainer.limit_train_batches"
-        )
+    check_training_steps(total_steps, steps_per_epoch)
     name = config.resolved_name
     if name == "constant" and config.warmup == 0:
         return None
