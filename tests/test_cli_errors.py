@@ -344,6 +344,13 @@ def test_main_parser_refuses_abbreviated_options(capsys):
     assert tail[0] == "error: unknown option(s): --vers"
 
 
+def test_experiment_commands_refuse_abbreviated_options(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", "--ablation", str(tmp_path / "ablation.yaml"), "--seed", "1"])  # not --seeds
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --seed 1" in capsys.readouterr().err
+
+
 def test_sweep_has_at_least_sixty_cases():
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
 

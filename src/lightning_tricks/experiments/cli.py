@@ -15,7 +15,11 @@ from pathlib import Path
 
 
 def _search_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="Coarse-to-fine random search of a recipe's hyperparameters (Optuna).")
+    p = sub.add_parser(
+        "search",
+        allow_abbrev=False,
+        help="Coarse-to-fine random search of a recipe's hyperparameters (Optuna).",
+    )
     p.add_argument("--config", action="append", required=True, help="Recipe YAML (repeatable, as for `fit`).")
     p.add_argument(
         "--search", required=True, help="Search file: metric, stages and the space by dotted keys."
@@ -33,7 +37,11 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _ablate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ablate", help="Base recipe vs named variants over several seeds, paired statistics.")
+    p = sub.add_parser(
+        "ablate",
+        allow_abbrev=False,
+        help="Base recipe vs named variants over several seeds, paired statistics.",
+    )
     p.add_argument("--ablation", required=True, help="Ablation file: recipe, metric, seeds, variants.")
     p.add_argument("--out", default=None, help="Output folder (default: runs/ablations/<file stem>).")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="Override the file's seeds.")
@@ -45,7 +53,8 @@ def _ablate_parser(sub: argparse._SubParsersAction) -> None:
 def main(argv: Sequence[str]) -> None:
     """Dispatch ``search``/``ablate`` (``argv`` without the program name)."""
     os.environ.setdefault("WANDB_MODE", "offline")
-    parser = argparse.ArgumentParser(prog="lightning-tricks")
+    # Like `fit`: an abbreviated option (--seed for --seeds) is an error, never taken for the longer one.
+    parser = argparse.ArgumentParser(prog="lightning-tricks", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _search_parser(sub)
     _ablate_parser(sub)
