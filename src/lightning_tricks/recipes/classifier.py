@@ -346,7 +346,7 @@ class ImageClassifier(L.LightningModule):
         return batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
     def configure_optimizers(self) -> Any:
-        total_steps = int(self.trainer.estimated_stepping_batches)  # also loads the train loader
+        total_steps = int(self.trainer.estimated_stepping_batches)  # loads the train loader (epoch budgets)
         global_batch = self._global_batch_size()
         optimizer = build_optimizer(self.net, self.optimizer_config, global_batch_size=global_batch)
         if self.optimizer_config.base_batch_size is not None and global_batch is not None:
@@ -368,7 +368,6 @@ class ImageClassifier(L.LightningModule):
             schedule_length(self.scheduler_config, total_steps, steps_per_epoch),
             steps_per_epoch,
         )
-        self._check_resumed_schedule()
         scheduler = build_scheduler(
             optimizer, self.scheduler_config, total_steps=total_steps, steps_per_epoch=steps_per_epoch
         )
@@ -382,16 +381,14 @@ class ImageClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_schedule_length = checkpoint.get(SCHEDULE_LENGTH_KEY)
-        self._check_resumed_schedule()
 
-    def _check_resumed_schedule(self) -> None:
-        """Refuse, before the first step, to resume a schedule fitted to a shorter run (see
-        :func:`~lightning_tricks.recipes.schedules.check_resumed_length`); runs once both lengths are
-        known (Lightning restores the module before or after ``configure_optimizers``, by strategy)."""
+    def on_train_start(self) -> None:
+        """Refuse to resume a schedule fitted to a shorter run (see
+        :func:`~lightning_tricks.recipes.schedules.check_resumed_length`): here, because both lengths
+        are known whatever order the strategy restores in, and no step has run."""
         saved, current = self._resumed_schedule_length, self._schedule_length
-        if saved is None or current is None or self.trainer.ckpt_path is None:
-            return
-        check_resumed_length(self.scheduler_config, saved, *current)
+        if saved is not None and current is not None and self.trainer.ckpt_path is not None:
+            check_resumed_length(self.scheduler_config, saved, *current)
 
     def follow_global_batch(self) -> None:
         """Rescale the learning rates when the global batch differs from the one they were scaled for.
