@@ -81,6 +81,13 @@ def _search(args: argparse.Namespace) -> None:
 
     if args.n_jobs < 1:
         raise ValueError(f"--n-jobs must be >= 1, got {args.n_jobs}.")
+    timing = {"--heartbeat-interval": args.heartbeat_interval, "--grace-period": args.grace_period}
+    for option, value in timing.items():
+        if value is not None and value < 1:
+            raise ValueError(
+                f"{option} must be a whole number of seconds >= 1, got {value}; e.g. {option} 60"
+                " (a killed worker's trial is failed and queued again after the grace period)."
+            )
     search = SearchConfig.from_yaml(args.search)
     name = args.study_name or Path(args.search).stem
     out = Path(args.out or f"runs/search/{name}")
