@@ -1,7 +1,7 @@
 """A recipe callback that holds a trial at its start, for tests that stop a worker mid-trial.
 
-When ``LIGHTNING_TRICKS_TEST_BLOCK`` names a file, ``on_train_start`` writes the process id to it
-and waits for a signal (Ctrl-C raises out of the wait; ``kill -9`` ends the process in it).
+When ``LIGHTNING_TRICKS_TEST_BLOCK`` names a folder, ``on_train_start`` creates a file named by the
+process id in it and waits for a signal (Ctrl-C raises out of the wait; ``kill -9`` ends the process in it).
 """
 
 from __future__ import annotations
@@ -20,6 +20,6 @@ class HoldTrial(Callback):
         marker = os.environ.get(BLOCK_ENV)
         if not marker:
             return
-        Path(marker).write_text(str(os.getpid()))
+        (Path(marker) / str(os.getpid())).touch()
         while True:
             signal.pause()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from blocking import BLOCK_ENV
 from conftest import LR, RECIPE, WD
@@ -57,15 +58,17 @@ def _start(command: list[str], tmp_path: Path, name: str, block: bool) -> subpro
     env.pop(BLOCK_ENV, None)
     if block:
         env[BLOCK_ENV] = str(tmp_path / f"{name}.held")
+        (tmp_path / f"{name}.held").mkdir()
     log = (tmp_path / f"{name}.log").open("w")
     return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait_until_held(proc: subprocess.Popen, tmp_path: Path, name: str) -> None:
+def _wait_until_held(proc: subprocess.Popen, tmp_path: Path, name: str, n_workers: int = 1) -> None:
+    """Poll until ``n_workers`` worker processes of ``proc`` are inside a trial."""
     deadline = time.monotonic() + WAIT_S
-    while not (tmp_path / f"{name}.held").exists():
+    while len(list((tmp_path / f"{name}.held").iterdir())) < n_workers:
         assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "the worker never started its first trial"
+        assert time.monotonic() < deadline, "the workers never started their first trials"
         time.sleep(0.2)
 
 
@@ -101,24 +104,27 @@ def test_killed_worker_trial_fails_after_the_grace_period_and_another_worker_fin
     assert retry.user_attrs["pid"] == survivor.pid
 
 
-def test_ctrl_c_records_the_trial_failed_exits_130_and_the_same_command_resumes(tmp_path):
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_ctrl_c_records_the_trial_failed_exits_130_and_the_same_command_resumes(tmp_path, n_jobs):
     command = _setup(tmp_path, n_trials=2)
-    worker = _start(command, tmp_path, "first", block=True)
-    _wait_until_held(worker, tmp_path, "first")
-    worker.send_signal(signal.SIGINT)
+    worker = _start([*command, f"--n-jobs={n_jobs}"], tmp_path, "first", block=True)
+    _wait_until_held(worker, tmp_path, "first", n_workers=n_jobs)
+    worker.send_signal(signal.SIGINT)  # to the command's process only: it passes it on to its workers
     assert worker.wait(timeout=WAIT_S) == 130
     last_line = (tmp_path / "first.log").read_text().strip().splitlines()[-1]
-    assert last_line.startswith("lightning-tricks search: interrupted: trial 0 of the coarse stage is"), (
-        last_line
-    )
+    assert last_line.startswith("lightning-tricks search: interrupted: "), last_line
+    if n_jobs == 1:
+        assert "trial 0 of the coarse stage is recorded FAIL and queued again" in last_line
     assert f"--storage sqlite:///{tmp_path / 'study.db'}" in last_line
 
     trials = _trials(tmp_path)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]
-    assert trials[0].user_attrs["error"] == "interrupted (Ctrl-C)"
-    assert retried_trial_number(trials[2]) == 0 and trials[2].params == trials[0].params
+    held = trials[:n_jobs]
+    assert [t.state for t in trials] == [TrialState.FAIL] * n_jobs + [TrialState.WAITING] * 2
+    assert all(t.user_attrs["error"] == "interrupted (Ctrl-C)" for t in held)
+    retries = {retried_trial_number(t): t.params for t in trials[2:] if retried_trial_number(t) is not None}
+    assert retries == {t.number: t.params for t in held}
 
     rerun = _start(command, tmp_path, "rerun", block=False)
     assert rerun.wait(timeout=WAIT_S) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
-    (interrupted,) = _assert_requested_count(_trials(tmp_path), 2)
-    assert interrupted.number == 0
+    interrupted = _assert_requested_count(_trials(tmp_path), 2)
+    assert [t.number for t in interrupted] == [t.number for t in held]
