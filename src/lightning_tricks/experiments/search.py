@@ -285,7 +285,7 @@ class SearchRun:
 
             study = create_stage_study(storage, self.stage_name(stage), plan, **self.study_kwargs())
             space = SearchSpace.from_dict(study.user_attrs["space"])
-            self._run_stage(study, space, stage, cfg, interrupts)
+            self._run_stage(study, space, stage, interrupts)
             if interrupts.requested:
                 return
 
@@ -294,12 +294,11 @@ class SearchRun:
         study: optuna.Study,
         space: SearchSpace,
         stage: str,
-        cfg: StageConfig,
         interrupts: GracefulInterrupt,
     ) -> None:
         while True:
             while (trial := claim_trial(study)) is not None:
-                self._run_claimed(study, trial, space, stage, cfg, interrupts)
+                self._run_claimed(study, trial, space, stage, interrupts)
                 if interrupts.requested:
                     return
             if not wait_for_more_work(study, stop=lambda: interrupts.requested):
@@ -311,13 +310,12 @@ class SearchRun:
         trial: optuna.Trial,
         space: SearchSpace,
         stage: str,
-        cfg: StageConfig,
         interrupts: GracefulInterrupt,
     ) -> None:
         """Run a claimed trial under its heartbeat and tell the study how it ended."""
         with TrialHeartbeat(study, trial):
             try:
-                value = self.run_trial(study, trial, space, stage, cfg, interrupts)
+                value = self.run_trial(study, trial, space, stage, interrupts)
             except optuna.TrialPruned:
                 study.tell(trial, state=TrialState.PRUNED)
                 return
@@ -332,11 +330,14 @@ class SearchRun:
                 raise
         study.tell(trial, value)
 
-    def trial_callbacks(self, trial: optuna.Trial) -> tuple[list[Callback], Any, Any]:
+    def trial_callbacks(
+        self, trial: optuna.Trial
+    ) -> tuple[list[Callback], SmoothedEarlyStopping | None, PyTorchLightningPruningCallback | None]:
         """The divergence (3x rule) and pruning callbacks of one trial, on every DDP rank alike."""
         direction = "max" if self.search.direction == "maximize" else "min"
         callbacks: list[Callback] = []
-        divergence = pruning = None
+        divergence: SmoothedEarlyStopping | None = None
+        pruning: PyTorchLightningPruningCallback | None = None
         if self.search.divergence_factor is not None:
             divergence = SmoothedEarlyStopping(
                 monitor=self.search.metric,
@@ -366,7 +367,6 @@ class SearchRun:
         trial: optuna.Trial,
         space: SearchSpace,
         stage: str,
-        cfg: StageConfig,
         interrupts: GracefulInterrupt,
     ) -> float:
         """Run the recipe with the trial's values; returns its metric, or raises.
