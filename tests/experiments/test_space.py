@@ -137,3 +137,19 @@ def test_console_command_dispatches_search_and_rejects_bad_input_with_status_2(t
     err = capsys.readouterr().err
     assert "model.init_args.optimizer.lr" in err and "empty or invalid choice list" in err
     assert not (tmp_path / "out" / "trials.csv").exists()
+
+
+@pytest.mark.parametrize("option", ["--heartbeat-interval", "--grace-period", "--n-jobs"])
+def test_search_rejects_a_worker_setting_below_1_naming_the_option(tmp_path, recipe, capsys, option):
+    from lightning_tricks.cli import main
+
+    search = tmp_path / "search.yaml"
+    text = "coarse: {n_trials: 2, max_epochs: 1}\nspace: {data.init_args.batch_size: {choices: [8]}}\n"
+    search.write_text(text)
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", "--config", recipe, "--search", str(search), "--out", out, option, "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{option} must be" in err and "got 0" in err
+    assert not (tmp_path / "out").exists()

@@ -33,6 +33,19 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default=None, help="Report folder (default: runs/search/<study-name>).")
     p.add_argument("--n-jobs", type=int, default=1, help="Worker processes on this machine.")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        default=60,
+        help="Seconds between a running trial's heartbeats in the study (Optuna's heartbeat).",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="Seconds without a heartbeat after which another worker fails a trial (its worker was"
+        " killed or lost) and queues it again (default: 2 x --heartbeat-interval).",
+    )
     p.add_argument("--report-only", action="store_true", help="Only write the report of an existing study.")
 
 
@@ -59,27 +72,51 @@ def main(argv: Sequence[str]) -> None:
     _search_parser(sub)
     _ablate_parser(sub)
     args = parser.parse_args(list(argv))
+    from lightning_tricks.experiments.interrupt import SearchInterrupted
+
     try:
         _search(args) if args.command == "search" else _ablate(args)
     except ValueError as err:  # bad input: the message names the key and the fix, no traceback needed
         parser.exit(2, f"lightning-tricks {args.command}: error: {err}\n")
+    except SearchInterrupted as err:  # 130 = 128 + SIGINT, as shells report a Ctrl-C
+        parser.exit(130, f"lightning-tricks {args.command}: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"lightning-tricks {args.command}: interrupted.\n")
 
 
 def _search(args: argparse.Namespace) -> None:
     from lightning_tricks.experiments.report import write_report
-    from lightning_tricks.experiments.search import SearchConfig, SearchRun, run_search
-    from lightning_tricks.experiments.storage import open_storage
+    from lightning_tricks.experiments.search import SearchConfig, SearchRun, ddp_peer_trial, run_search
 
     if args.n_jobs < 1:
-        raise SystemExit(f"--n-jobs must be >= 1, got {args.n_jobs}")
+        raise ValueError(f"--n-jobs must be >= 1, got {args.n_jobs}.")
+    timing = {"--heartbeat-interval": args.heartbeat_interval, "--grace-period": args.grace_period}
+    for option, value in timing.items():
+        if value is not None and value < 1:
+            raise ValueError(
+                f"{option} must be a whole number of seconds >= 1, got {value}; e.g. {option} 60"
+                " (a killed worker's trial is failed and queued again after the grace period)."
+            )
     search = SearchConfig.from_yaml(args.search)
     name = args.study_name or Path(args.search).stem
     out = Path(args.out or f"runs/search/{name}")
-    out.mkdir(parents=True, exist_ok=True)
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    run = SearchRun(list(args.config), search, storage, name, out)
+    run = SearchRun(
+        list(args.config),
+        search,
+        storage,
+        name,
+        out,
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
+    )
+    peer = ddp_peer_trial()
+    if peer is not None:  # a DDP rank > 0 of a trial that this command's rank 0 runs
+        run.run_ddp_peer(peer)
+        return
+    out.mkdir(parents=True, exist_ok=True)
     wall_s = None
-    open_storage(storage)  # an unreachable URL fails before anything else
+    run.open_storage()  # an unreachable URL (or a bad heartbeat setting) fails before anything else
     if not args.report_only:
         search.validate_against(run.configs)
         wall_s = run_search(run, n_jobs=args.n_jobs)

@@ -129,9 +129,11 @@ class _RunRecorder(Callback):
         self.reported: list[float] = []
         self.epochs = 0
         self.steps = 0
+        self.world_size = 1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fixed_cost_s = time.perf_counter() - self.started
+        self.world_size = trainer.world_size
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.epochs += 1
@@ -153,6 +155,7 @@ class RecipeRun:
     reported: list[float] = field(default_factory=list)
     epochs: int = 0
     steps: int = 0
+    world_size: int = 1
     fixed_cost_s: float = float("nan")
     wall_s: float = float("nan")
 
@@ -236,6 +239,7 @@ def run_recipe(
     if cli is not None:
         run.metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
     run.reported, run.epochs, run.steps = recorder.reported, recorder.epochs, recorder.steps
+    run.world_size = recorder.world_size
     run.fixed_cost_s = recorder.fixed_cost_s if recorder.fixed_cost_s is not None else float("nan")
     run.wall_s = time.perf_counter() - started
     return run, error

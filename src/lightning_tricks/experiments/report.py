@@ -2,12 +2,15 @@
 
 Files in ``out_dir``: ``trials.csv`` (every trial of every stage), ``best.yaml`` (run it with
 ``lightning-tricks fit --config best.yaml``), ``history_<stage>.png`` (optimisation history),
-``slice_<stage>.png`` (objective vs each hyperparameter, log axes on log ranges) and ``summary.json``.
+``slice_<stage>.png`` (objective vs each hyperparameter, log axes on log ranges) and ``summary.json``
+(written last, with the study's ``fingerprint``). Every worker that finishes a study may call
+:func:`write_report`; one writes, the others find the report up to date.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -22,12 +25,15 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import optuna
 import yaml
+from filelock import FileLock
 from optuna.trial import TrialState
 
 from lightning_tricks._io import atomic_savefig, atomic_write_bytes
 from lightning_tricks.experiments.recipe import parse_recipe
 from lightning_tricks.experiments.search import STAGES, SearchRun, best_trials
-from lightning_tricks.experiments.storage import open_storage
+from lightning_tricks.experiments.storage import open_storage, retried_trial_number
+
+Studies = Sequence[tuple[str, optuna.Study]]  # (stage, its study), coarse first
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -52,11 +58,23 @@ def trial_rows(study: optuna.Study, stage: str) -> list[dict[str, Any]]:
                 "epochs": t.user_attrs.get("epochs", ""),
                 "steps": t.user_attrs.get("steps", ""),
                 "fixed_cost_s": t.user_attrs.get("fixed_cost_s", ""),
-                "note": t.user_attrs.get("stopped", t.user_attrs.get("error", "")),
+                "retry_of": "" if retried_trial_number(t) is None else retried_trial_number(t),
+                "note": _note(t),
             }
         )
     rows.sort(key=lambda r: (r["rank"] == "", r["rank"] or 0, r["trial"]))
     return rows
+
+
+def _note(trial: optuna.trial.FrozenTrial) -> str:
+    """Why a trial did not complete (a retry inherits its original's attributes, so only then)."""
+    if trial.state == TrialState.COMPLETE:
+        return ""
+    if trial.state == TrialState.PRUNED:
+        return trial.user_attrs.get("stopped", "")
+    if trial.state == TrialState.FAIL:
+        return trial.user_attrs.get("error", "worker lost (no heartbeat within the grace period)")
+    return ""
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -85,30 +103,83 @@ def _save_plot(axes: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def study_fingerprint(studies: Studies) -> str:
+    """A digest of every trial's number, state, value, parameters and attributes, stage by stage."""
+    state = [
+        [
+            stage,
+            study.user_attrs.get("space"),
+            [
+                (t.number, t.state.name, t.value, t.params, t.user_attrs, t.datetime_complete)
+                for t in study.get_trials(deepcopy=False)
+            ],
+        ]
+        for stage, study in studies
+    ]
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _study_span_s(studies: Studies) -> float | None:
+    """Seconds from the first trial's start to the last trial's end, over every stage and worker."""
+    trials = [t for _, study in studies for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+    if not trials:
+        return None
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    return (max(t.datetime_complete for t in trials) - min(starts)).total_seconds() if starts else None
+
+
 def write_report(run: SearchRun, wall_s: float | None = None) -> dict[str, Any]:
-    """Print the trial table and write every report file; returns the summary."""
+    """Print the trial table and write every report file; returns the summary.
+
+    The files are a function of the study alone (``wall_s``, this command's own time, is only
+    printed), each is written atomically, and writers take turns on a lock file in ``out_dir``: of
+    several workers that finish the same study, the first writes and the others find the report up
+    to date (same ``fingerprint`` in ``summary.json``) and leave it as it is. The returned summary
+    says which happened under ``"report"`` (``"written"`` or ``"unchanged"``).
+    """
     storage = open_storage(run.storage_url)
     out = run.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"study": run.study_name, "metric": run.search.metric, "stages": {}}
-    rows: list[dict[str, Any]] = []
-    final_best: tuple[optuna.trial.FrozenTrial, int] | None = None
+    studies = []
     for stage in STAGES:
-        cfg = getattr(run.search, stage)
-        if cfg is None:
+        if getattr(run.search, stage) is None:
             continue
         try:
-            study = optuna.load_study(study_name=run.stage_name(stage), storage=storage)
+            studies.append((stage, optuna.load_study(study_name=run.stage_name(stage), storage=storage)))
         except KeyError:
             continue
-        stage_rows = trial_rows(study, stage)
-        rows += stage_rows
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        costs = [
-            t.user_attrs["fixed_cost_s"]
-            for t in study.get_trials(deepcopy=False)
-            if "fixed_cost_s" in t.user_attrs
-        ]
+    with FileLock(out / ".report.lock"):
+        fingerprint = study_fingerprint(studies)
+        summary = _summary(run, studies, fingerprint)
+        if wall_s is not None:
+            n = sum(sum(s["states"].values()) for s in summary["stages"].values())
+            print(f"{n} trials, this command {wall_s:.1f} s")
+        if _read_fingerprint(out / "summary.json") == fingerprint:
+            print(f"The report in {out} is up to date with the study.")
+            return {**summary, "report": "unchanged"}
+        _write_files(run, studies, summary)
+    return {**summary, "report": "written"}
+
+
+def _read_fingerprint(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _summary(run: SearchRun, studies: Studies, fingerprint: str) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "study": run.study_name,
+        "metric": run.search.metric,
+        "fingerprint": fingerprint,
+        "stages": {},
+    }
+    for stage, study in studies:
+        cfg = getattr(run.search, stage)
+        trials = study.get_trials(deepcopy=False)
+        states = [t.state for t in trials]
+        costs = [t.user_attrs["fixed_cost_s"] for t in trials if "fixed_cost_s" in t.user_attrs]
         costs = [c for c in costs if math.isfinite(c)]
         best = best_trials(study, 1)
         summary["stages"][stage] = {
@@ -120,10 +191,25 @@ def write_report(run: SearchRun, wall_s: float | None = None) -> dict[str, Any]:
             "fixed_cost_s_median": statistics.median(costs) if costs else None,
             "fixed_cost_s_first": costs[0] if costs else None,
         }
+        if best:
+            summary["best"] = {"value": best[0].value, "params": best[0].params, "max_epochs": cfg.max_epochs}
+    span = _study_span_s(studies)
+    if span:
+        n = sum(sum(s["states"].values()) for s in summary["stages"].values())
+        summary["wall_s"] = span
+        summary["trials_per_minute"] = n / (span / 60.0)
+    return summary
+
+
+def _write_files(run: SearchRun, studies: Studies, summary: dict[str, Any]) -> None:
+    out = run.out_dir
+    rows: list[dict[str, Any]] = []
+    for stage, study in studies:
+        cfg = getattr(run.search, stage)
+        stage_rows = trial_rows(study, stage)
+        rows += stage_rows
         print(f"\n{stage} stage ({run.stage_name(stage)}), {cfg.max_epochs} epochs per trial:")
         print(format_table(stage_rows))
-        if best:
-            final_best = (best[0], cfg.max_epochs)
         _plots(study, stage, out)
     if rows:
         buf = io.StringIO()
@@ -131,31 +217,30 @@ def write_report(run: SearchRun, wall_s: float | None = None) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(rows)
         write_atomic(out / "trials.csv", buf.getvalue())
-    if final_best is not None:
-        trial, epochs = final_best
-        config = parse_recipe(run.configs, {**trial.params, "trainer.max_epochs": epochs})
+    best = summary.get("best")
+    if best is not None:
+        config = parse_recipe(run.configs, {**best["params"], "trainer.max_epochs": best["max_epochs"]})
         header = (
-            f"# Best trial of study {run.study_name!r}: {run.search.metric} = {trial.value:.6g}\n"
+            f"# Best trial of study {run.study_name!r}: {run.search.metric} = {best['value']:.6g}\n"
             f"#   lightning-tricks fit --config {out / 'best.yaml'}\n"
         )
         write_atomic(out / "best.yaml", header + yaml.safe_dump(config, sort_keys=False))
-        summary["best"] = {"value": trial.value, "params": trial.params, "max_epochs": epochs}
         print(
-            f"\nBest {run.search.metric} = {trial.value:.4g} with {trial.params}; config: {out / 'best.yaml'}"
+            f"\nBest {run.search.metric} = {best['value']:.4g} with {best['params']};"
+            f" config: {out / 'best.yaml'}"
         )
-    if wall_s is not None:
-        n = sum(sum(s["states"].values()) for s in summary["stages"].values())
-        summary["wall_s"] = wall_s
-        summary["trials_per_minute"] = n / (wall_s / 60.0) if wall_s > 0 else None
-        print(f"{n} trials in {wall_s:.1f} s: {summary['trials_per_minute']:.2f} trials/minute")
+    if "trials_per_minute" in summary:
+        print(
+            f"Study: {summary['wall_s']:.1f} s from the first trial's start to the last one's end,"
+            f" {summary['trials_per_minute']:.2f} trials/minute"
+        )
     for stage, info in summary["stages"].items():
         if info["fixed_cost_s_median"] is not None:
             print(
                 f"{stage}: fixed cost per trial (start -> first training batch): first"
                 f" {info['fixed_cost_s_first']:.2f} s, median {info['fixed_cost_s_median']:.2f} s"
             )
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    return summary
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))  # last: marks it done
 
 
 def _plots(study: optuna.Study, stage: str, out: Path) -> None:

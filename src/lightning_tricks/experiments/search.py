@@ -23,16 +23,25 @@ finished; its space comes from :meth:`SearchSpace.narrow` around the ``top_k`` b
 A trial is recorded as ``COMPLETE`` with the metric's last value, ``PRUNED`` when the pruner or the
 divergence rule stopped it (user attribute ``stopped``), or ``FAIL`` with its error (attribute
 ``error``) when it crashed; the search goes on. Ctrl-C marks the running trial ``FAIL``
-(``interrupted``) and queues it again, so the same command resumes the study.
+(``interrupted``) and queues it again, so the same command resumes the study; a worker killed
+outright stops sending heartbeats, and another worker fails its trial after the grace period and
+queues it again (:mod:`.storage`). A recipe with ``trainer.devices: 2`` and ``strategy: ddp`` runs
+each trial on two processes; only rank 0 talks to Optuna (see :meth:`SearchRun.run_ddp_peer`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import multiprocessing
+import os
+import signal
+import socket
+import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +49,23 @@ import optuna
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from lightning_tricks.callbacks.early_stopping import SmoothedEarlyStopping
+from lightning_tricks.experiments.interrupt import GracefulInterrupt, SearchInterrupted
 from lightning_tricks.experiments.recipe import check_override, parse_recipe, run_recipe
 from lightning_tricks.experiments.space import SearchSpace
 from lightning_tricks.experiments.storage import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    TrialHeartbeat,
     claim_trial,
     create_stage_study,
+    mask_password,
     open_storage,
-    wait_until_finished,
+    retry_trial,
+    wait_for_more_work,
 )
 
 STAGES = ("coarse", "fine")
@@ -170,8 +185,11 @@ class SearchRun:
     study_name: str
     out_dir: Path
     worker: str = "main"
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL
+    grace_period: int | None = None
     trial_stats: list[dict[str, float]] = field(default_factory=list)
     _uses_wandb: bool | None = None
+    _interrupted: tuple[str, int] | None = None
 
     def uses_wandb(self) -> bool:
         """Whether the recipe logs to W&B through one ``WandbLogger``."""
@@ -224,35 +242,102 @@ class SearchRun:
         return SearchSpace.from_dict(spec)
 
     # -- running -------------------------------------------------------------------------------
+    def open_storage(self) -> RDBStorage:
+        return open_storage(
+            self.storage_url, heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period
+        )
+
     def run_worker(self) -> None:
-        """Join (or create) every stage's study and run queued trials until none is left."""
-        storage = open_storage(self.storage_url)
+        """Join (or create) every stage's study and run queued trials until none is left.
+
+        Raises:
+            SearchInterrupted: On Ctrl-C, once the running trial is recorded ``FAIL`` and queued again.
+        """
+        with GracefulInterrupt() as interrupts:
+            try:
+                self._run_stages(interrupts)
+            except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C during fit into exit(1)
+                if not interrupts.requested:
+                    raise
+            if interrupts.requested:
+                raise SearchInterrupted(self._interrupted_message())
+
+    def _interrupted_message(self) -> str:
+        done = ""
+        if self._interrupted is not None:
+            stage, number = self._interrupted
+            done = f"trial {number} of the {stage} stage is recorded FAIL and queued again; "
+        return (
+            f"interrupted: {done}the study is consistent. Run the same command"
+            f" (--storage {mask_password(self.storage_url)}) to continue it."
+        )
+
+    def _run_stages(self, interrupts: GracefulInterrupt) -> None:
+        storage = self.open_storage()
         for stage in STAGES:
             cfg = getattr(self.search, stage)
             if cfg is None:
                 continue
-            study = create_stage_study(
-                storage,
-                self.stage_name(stage),
-                lambda s=stage: self.plan_stage(s, storage),
-                **self.study_kwargs(),
-            )
-            space = SearchSpace.from_dict(study.user_attrs["space"])
-            while (trial := claim_trial(study)) is not None:
-                self.run_trial(study, trial, space, stage, cfg)
-            wait_until_finished(study)
 
-    def run_trial(
-        self, study: optuna.Study, trial: optuna.Trial, space: SearchSpace, stage: str, cfg: StageConfig
+            def plan(s: str = stage) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                with interrupts.interruptible():
+                    return self.plan_stage(s, storage)
+
+            study = create_stage_study(storage, self.stage_name(stage), plan, **self.study_kwargs())
+            space = SearchSpace.from_dict(study.user_attrs["space"])
+            self._run_stage(study, space, stage, interrupts)
+            if interrupts.requested:
+                return
+
+    def _run_stage(
+        self,
+        study: optuna.Study,
+        space: SearchSpace,
+        stage: str,
+        interrupts: GracefulInterrupt,
     ) -> None:
-        params = space.suggest(trial)
-        overrides = {**params, "trainer.max_epochs": cfg.max_epochs}
-        if self.uses_wandb():  # one W&B run per trial, all in the study's group
-            overrides["trainer.logger.init_args.name"] = f"{stage}-{trial.number}"
-            overrides["trainer.logger.init_args.group"] = self.study_name
+        while True:
+            while (trial := claim_trial(study)) is not None:
+                self._run_claimed(study, trial, space, stage, interrupts)
+                if interrupts.requested:
+                    return
+            if not wait_for_more_work(study, stop=lambda: interrupts.requested):
+                return
+
+    def _run_claimed(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        space: SearchSpace,
+        stage: str,
+        interrupts: GracefulInterrupt,
+    ) -> None:
+        """Run a claimed trial under its heartbeat and tell the study how it ended."""
+        with TrialHeartbeat(study, trial):
+            try:
+                value = self.run_trial(study, trial, space, stage, interrupts)
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+                return
+            except TrialCrashed:
+                study.tell(trial, state=TrialState.FAIL)
+                return
+            except KeyboardInterrupt:
+                study.tell(trial, state=TrialState.FAIL)
+                (failed,) = [t for t in study.get_trials(deepcopy=False) if t.number == trial.number]
+                retry_trial(study, failed)
+                self._interrupted = (stage, trial.number)
+                raise
+        study.tell(trial, value)
+
+    def trial_callbacks(
+        self, trial: optuna.Trial
+    ) -> tuple[list[Callback], SmoothedEarlyStopping | None, PyTorchLightningPruningCallback | None]:
+        """The divergence (3x rule) and pruning callbacks of one trial, on every DDP rank alike."""
         direction = "max" if self.search.direction == "maximize" else "min"
         callbacks: list[Callback] = []
-        divergence = None
+        divergence: SmoothedEarlyStopping | None = None
+        pruning: PyTorchLightningPruningCallback | None = None
         if self.search.divergence_factor is not None:
             divergence = SmoothedEarlyStopping(
                 monitor=self.search.metric,
@@ -264,70 +349,172 @@ class SearchRun:
             )
             callbacks.append(divergence)
         if self.search.pruning:
-            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=self.search.metric))
+            pruning = PyTorchLightningPruningCallback(trial, monitor=self.search.metric)
+            callbacks.append(pruning)
+        return callbacks, divergence, pruning
+
+    def trial_overrides(self, trial_number: int, params: Mapping[str, Any], stage: str) -> dict[str, Any]:
+        cfg = getattr(self.search, stage)
+        overrides = {**params, "trainer.max_epochs": cfg.max_epochs}
+        if self.uses_wandb():  # one W&B run per trial, all in the study's group
+            overrides["trainer.logger.init_args.name"] = f"{stage}-{trial_number}"
+            overrides["trainer.logger.init_args.group"] = self.study_name
+        return overrides
+
+    def run_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        space: SearchSpace,
+        stage: str,
+        interrupts: GracefulInterrupt,
+    ) -> float:
+        """Run the recipe with the trial's values; returns its metric, or raises.
+
+        Raises:
+            optuna.TrialPruned: Pruned, or stopped by the divergence rule (user attribute ``stopped``).
+            TrialCrashed: The recipe failed (user attribute ``error``); the search goes on.
+            KeyboardInterrupt: Ctrl-C (user attribute ``error``).
+        """
+        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        params = space.suggest(trial)
+        overrides = self.trial_overrides(trial.number, params, stage)
+        callbacks, divergence, pruning = self.trial_callbacks(trial)
+        peer = {"study": study.study_name, "trial_id": trial._trial_id, "stage": stage}
+        peer["overrides"] = overrides
         try:
-            run, error = run_recipe(
-                self.configs,
-                overrides,
-                monitor=self.search.metric,
-                callbacks=callbacks,
-                hyperparameters={"trial": trial.number, "stage": stage, **params},
-            )
-        except BaseException:  # Ctrl-C: record it and queue the same parameters again
-            trial.set_user_attr("error", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(params, skip_if_exists=False)
-            raise
+            with interrupts.interruptible(), ddp_peer_environment(peer):
+                run, error = run_recipe(
+                    self.configs,
+                    overrides,
+                    monitor=self.search.metric,
+                    callbacks=callbacks,
+                    hyperparameters={"trial": trial.number, "stage": stage, **params},
+                )
+        except (KeyboardInterrupt, SystemExit):
+            if not interrupts.requested:
+                raise
+            trial.set_user_attr("error", "interrupted (Ctrl-C)")
+            raise KeyboardInterrupt from None
+        if error is None and pruning is not None and pruning.is_ddp_backend:
+            try:  # DDP: rank 0 recorded the pruning decision that every rank followed
+                pruning.check_pruned()
+            except optuna.TrialPruned as pruned:
+                error = pruned
         for name, value in (("epochs", run.epochs), ("steps", run.steps), ("fixed_cost_s", run.fixed_cost_s)):
             trial.set_user_attr(name, value)
         trial.set_user_attr("wall_s", run.wall_s)
-        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("world_size", run.world_size)
         self.trial_stats.append({"fixed_cost_s": run.fixed_cost_s, "wall_s": run.wall_s})
         print(
             f"[{self.worker}] {stage} trial {trial.number}: fixed cost {run.fixed_cost_s:.2f} s"
-            f" (start -> first batch), total {run.wall_s:.2f} s"
+            f" (start -> first batch), total {run.wall_s:.2f} s, {run.epochs} epochs, {run.steps} steps"
         )
         if divergence is not None and divergence.stopping_reason in _DIVERGED:
             trial.set_user_attr("stopped", f"diverged: {divergence.stopping_reason_message}")
-            study.tell(trial, state=TrialState.PRUNED)
-        elif isinstance(error, optuna.TrialPruned):
+            raise optuna.TrialPruned(divergence.stopping_reason_message)
+        if isinstance(error, optuna.TrialPruned):
             trial.set_user_attr("stopped", f"pruned: {error}")
-            study.tell(trial, state=TrialState.PRUNED)
-        elif error is not None:
+            raise error
+        if error is not None:
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
-            study.tell(trial, state=TrialState.FAIL)
-        elif not math.isfinite(run.value):
-            trial.set_user_attr("error", f"`{self.search.metric}` was not logged or not finite: {run.value}")
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            study.tell(trial, run.value)
+            raise TrialCrashed(f"{type(error).__name__}: {error}") from error
+        if not math.isfinite(run.value):
+            message = f"`{self.search.metric}` was not logged or not finite: {run.value}"
+            trial.set_user_attr("error", message)
+            raise TrialCrashed(message)
+        return run.value
+
+    def run_ddp_peer(self, peer: Mapping[str, Any]) -> None:
+        """Run one trial as a DDP rank > 0: the same recipe and callbacks as rank 0, nothing reported.
+
+        Lightning starts these processes with the command line of rank 0 (the ``search`` command);
+        rank 0 passes the trial in the environment (:func:`ddp_peer_environment`).
+        """
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and stops its peers
+        study = optuna.load_study(study_name=peer["study"], storage=self.open_storage())
+        trial = optuna.Trial(study, peer["trial_id"])
+        callbacks, _, _ = self.trial_callbacks(trial)
+        run, error = run_recipe(
+            self.configs, peer["overrides"], monitor=self.search.metric, callbacks=callbacks
+        )
+        rank = os.environ.get("LOCAL_RANK")
+        print(
+            f"[{self.worker} rank {rank}] {peer['stage']} trial {trial.number}: {run.epochs} epochs,"
+            f" {run.steps} steps" + (f", ended with {type(error).__name__}: {error}" if error else "")
+        )
+
+
+class TrialCrashed(Exception):
+    """A trial's recipe failed; Optuna records the trial ``FAIL`` and the search goes on."""
+
+
+PEER_ENV = "LIGHTNING_TRICKS_SEARCH_TRIAL"
+# Set by Lightning's DDP launcher in the launching process; a later trial must launch its own peers.
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", PEER_ENV)
+
+
+@contextlib.contextmanager
+def ddp_peer_environment(peer: Mapping[str, Any]) -> Iterator[None]:
+    """Publish the running trial to DDP peer processes; restore the launch variables afterwards."""
+    saved = {name: os.environ.get(name) for name in _LAUNCH_ENV}
+    os.environ[PEER_ENV] = json.dumps(dict(peer))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def ddp_peer_trial() -> dict[str, Any] | None:
+    """The trial this process runs as a DDP rank > 0, or ``None`` in a search worker."""
+    if PEER_ENV not in os.environ or os.environ.get("LOCAL_RANK", "0") == "0":
+        return None
+    return json.loads(os.environ[PEER_ENV])
 
 
 def _worker_entry(run: SearchRun) -> None:
-    run.run_worker()
+    try:
+        run.run_worker()
+    except SearchInterrupted:
+        sys.exit(130)
 
 
 def run_search(run: SearchRun, n_jobs: int = 1) -> float:
-    """Run the search with ``n_jobs`` worker processes here; returns the wall time in seconds."""
-    open_storage(run.storage_url)  # fail now, with the URL, when the storage is unreachable
+    """Run the search with ``n_jobs`` worker processes here; returns the wall time in seconds.
+
+    Raises:
+        SearchInterrupted: On Ctrl-C, after every worker left the study consistent.
+    """
+    run.open_storage()  # fail now, with the URL, when the storage is unreachable
     started = time.perf_counter()
     if n_jobs <= 1:
         run.run_worker()
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        procs = [
-            ctx.Process(target=_worker_entry, args=(_with_worker(run, f"worker-{i}"),), daemon=False)
-            for i in range(n_jobs)
-        ]
+        return time.perf_counter() - started
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker_entry, args=(replace(run, worker=f"worker-{i}"),), daemon=False)
+        for i in range(n_jobs)
+    ]
+
+    def pass_on() -> None:  # a Ctrl-C in a terminal reaches them anyway; `kill -INT <pid>` does not
+        for proc in procs:
+            if proc.pid is not None and proc.exitcode is None:
+                os.kill(proc.pid, signal.SIGINT)
+
+    with GracefulInterrupt(on_request=pass_on) as interrupts:
         for proc in procs:
             proc.start()
         for proc in procs:
             proc.join()
-        bad = [p.exitcode for p in procs if p.exitcode != 0]
-        if bad:
-            raise RuntimeError(f"{len(bad)} of {n_jobs} search workers exited with codes {bad}")
+    if interrupts.requested or any(p.exitcode == 130 for p in procs):
+        raise SearchInterrupted(run._interrupted_message())
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {n_jobs} search workers exited with codes {bad}")
     return time.perf_counter() - started
-
-
-def _with_worker(run: SearchRun, worker: str) -> SearchRun:
-    return SearchRun(run.configs, run.search, run.storage_url, run.study_name, run.out_dir, worker=worker)
