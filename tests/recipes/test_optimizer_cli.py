@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightning_tricks.cli import build_cli
 from lightning_tricks.recipes import ImageClassifier
+from lightning_tricks.recipes.optim import build_optimizer
 from lightning_tricks.recipes.optim_wrappers import innermost
 from lightning_tricks.recipes.sam import SAM
 
@@ -88,3 +91,21 @@ def test_bad_optimizer_yaml_fails_at_startup_naming_the_key(
     message = f"{stderr.getvalue()}\n{info.value}"
     for name in names:
         assert name in message
+
+
+def test_readme_fragments_build_what_they_say() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("#### Large-batch optimizers") : readme.index("**Model zoo**")]
+    fragments = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", section, flags=re.S)]
+    built = []
+    for fragment in fragments:
+        module = ImageClassifier("small_cnn", num_classes=10, in_channels=1, **fragment)
+        optimizer = build_optimizer(module.net, module.optimizer_config)
+        built.append((type(optimizer).__name__, type(innermost(optimizer)).__name__, module.loss))
+    assert built == [
+        ("Lars", "Lars", "cross_entropy"),
+        ("Lamb", "Lamb", "cross_entropy"),
+        ("Lookahead", "SGD", "cross_entropy"),
+        ("SGD", "SGD", "multi_margin"),
+    ]
+    assert ImageClassifier(**fragments[2]).gradient_clipping.clip_factor == 0.01
