@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import quiet_trainer_kwargs
 
-from lightning_tricks.callbacks import InitLossCheck
+from lightning_tricks.callbacks import InitLossCheck, TrainingDiagnostics
 from lightning_tricks.cli import build_cli
 from lightning_tricks.datamodules import DigitsDataModule
 from lightning_tricks.recipes import ImageClassifier
@@ -86,6 +86,11 @@ def test_label_smoothing_with_the_hinge_loss_is_refused() -> None:
     [
         ({"batch_augment": "mixup"}, [], r"model.init_args.loss='multi_margin'.*batch_augment=\['mixup'\]"),
         ({}, [InitLossCheck()], r"model.init_args.loss='multi_margin'.*InitLossCheck.*ln\(C\)"),
+        (
+            {},
+            [TrainingDiagnostics()],
+            r"TrainingDiagnostics, whose expected.*TrainingDiagnostics: check_init=false",
+        ),
     ],
 )
 def test_soft_targets_and_the_ln_c_check_are_refused_before_training(tmp_path, data_kwargs, callbacks, match):

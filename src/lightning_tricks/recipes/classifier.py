@@ -98,7 +98,8 @@ class ImageClassifier(L.LightningModule):
             the checkpoint layout is unchanged.
         loss: ``"cross_entropy"`` (default) or ``"multi_margin"``, the multi-class hinge (SVM) loss
             ``sum_{j != y} max(0, 1 - x_y + x_j) / C`` (``torch.nn.MultiMarginLoss``); it needs class-index
-            targets, so label smoothing and mixup/cutmix are refused with it.
+            targets, so label smoothing and mixup/cutmix are refused with it, and so are the initial-loss
+            checks of InitLossCheck and TrainingDiagnostics (their ln(C) is cross-entropy's).
         gradient_clipping: Adaptive gradient clipping, ``{mode: agc, clip_factor: 0.01}``
             (:class:`~lightning_tricks.recipes.clipping.GradientClippingConfig`), applied in
             :meth:`configure_gradient_clipping`; clipping by norm or value is ``trainer.gradient_clip_val``.
