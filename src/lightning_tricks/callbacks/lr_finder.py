@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,6 +35,8 @@ from lightning_tricks.callbacks._lr_suggestions import (
 )
 from lightning_tricks.callbacks._requirements import require
 from lightning_tricks.callbacks._training_state import preserved_training_state
+from lightning_tricks.recipes.optim_wrappers import find_wrapper
+from lightning_tricks.recipes.sam import SAM
 from lightning_tricks.records import run_dir
 
 _MIN_STEPS = 10
@@ -372,7 +375,10 @@ class LRFinder(LearningRateFinder):
                     break
                 continue
             non_finite = 0
-            self._step(trainer, optimizer, scaler, params)
+            closure = None
+            if find_wrapper(optimizer, SAM) is not None:  # SAM evaluates the loss again at w + e
+                closure = partial(_loss_and_backward, strategy, optimizer, batch, batch_idx)
+            self._step(trainer, optimizer, scaler, params, closure)
             smoothed, diverged = tracker.update(mean_loss)
             out.lrs.append(lr)
             out.losses.append(mean_loss)
@@ -392,7 +398,11 @@ class LRFinder(LearningRateFinder):
 
     @staticmethod
     def _step(
-        trainer: pl.Trainer, optimizer: torch.optim.Optimizer, scaler: Any, params: list[torch.Tensor]
+        trainer: pl.Trainer,
+        optimizer: torch.optim.Optimizer,
+        scaler: Any,
+        params: list[torch.Tensor],
+        closure: Callable[[], Any] | None = None,
     ) -> None:
         if trainer.gradient_clip_val:
             if scaler is not None:
@@ -404,6 +414,8 @@ class LRFinder(LearningRateFinder):
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
+        elif closure is not None:
+            optimizer.step(closure)
         else:
             optimizer.step()
 
@@ -445,6 +457,15 @@ class LRFinder(LearningRateFinder):
         if saved is not None:
             self.results = LRFinderResults(**saved)
             self._restored = True
+
+
+def _loss_and_backward(strategy: Any, optimizer: torch.optim.Optimizer, batch: Any, batch_idx: int) -> Any:
+    """The closure an optimizer that re-evaluates the loss (SAM) is stepped with during the search."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = _loss_of(strategy.training_step(batch, batch_idx))
+    if loss is not None:
+        loss.backward()
+    return loss
 
 
 def _nominal_lrs(optimizer: torch.optim.Optimizer, schedulers: list[Any]) -> list[float]:

@@ -20,6 +20,7 @@ from lightning_tricks.callbacks._monitor import (
 )
 from lightning_tricks.callbacks._plateau import PlateauDetector
 from lightning_tricks.callbacks._requirements import require
+from lightning_tricks.recipes.optim_wrappers import innermost, rewrap
 
 
 def adam_equivalent_sgd_lr(optimizer: Optimizer, group: dict[str, Any], momentum: float) -> float | None:
@@ -75,7 +76,8 @@ class OptimizerSwitch(pl.Callback):
     loads optimizer and scheduler states; the switch is re-done in ``on_fit_start``, so the SGD state
     of the checkpoint lands in an SGD optimizer. A checkpoint written between the decision and the
     switch holds the Adam state and a pending switch, which happens at the next epoch start as it would
-    have. Only a single optimizer is supported.
+    have. Only a single optimizer is supported. An optimizer wrapped in Lookahead or SAM keeps its
+    wrappers around the new SGD (Lookahead's cycle and slow weights restart at the switch).
 
     Args:
         switch_epoch: epoch at whose start to switch, >= 1, or ``None``.
@@ -203,7 +205,7 @@ class OptimizerSwitch(pl.Callback):
             why="it replaces the one optimizer by SGD mid-run",
             single_optimizer=True,
         )
-        if self.switched and not isinstance(trainer.optimizers[0], SGD):
+        if self.switched and not isinstance(innermost(trainer.optimizers[0]), SGD):
             # resuming after the switch: rebuild SGD before Lightning loads the optimizer state
             self._install_sgd(trainer, self.sgd_lrs, self.lr_ratios)
 
@@ -259,7 +261,7 @@ class OptimizerSwitch(pl.Callback):
                 if "betas" not in group:
                     raise ValueError(
                         f"OptimizerSwitch derives the SGD rate from Adam state, but the optimizer is"
-                        f" {type(adam).__name__}; pass `sgd_lr`."
+                        f" {type(innermost(adam)).__name__}; pass `sgd_lr`."
                     )
                 lr = adam_equivalent_sgd_lr(adam, group, self.momentum)
                 if lr is None:
@@ -278,7 +280,7 @@ class OptimizerSwitch(pl.Callback):
         self.switched_epoch = trainer.current_epoch
         self.pending = False
         rank_zero_info(
-            f"OptimizerSwitch: {type(adam).__name__} -> SGD(momentum={self.momentum},"
+            f"OptimizerSwitch: {type(innermost(adam)).__name__} -> SGD(momentum={self.momentum},"
             f" nesterov={self.nesterov})"
             f" at epoch {trainer.current_epoch} with lr {', '.join(f'{lr:.3g}' for lr in lrs)}."
         )
@@ -291,7 +293,8 @@ class OptimizerSwitch(pl.Callback):
             wd = group.get("weight_decay", 0.0) if self.weight_decay is None else self.weight_decay
             new.update(lr=lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=wd)
             groups.append(new)
-        sgd = SGD(groups, lr=lrs[0], momentum=self.momentum, nesterov=self.nesterov)
+        # Wrappers (Lookahead, SAM) stay around the new SGD; a Lookahead starts a new cycle here.
+        sgd = rewrap(old, SGD(groups, lr=lrs[0], momentum=self.momentum, nesterov=self.nesterov))
         schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.scheduler.optimizer is old]
         for scheduler in schedulers:
             scheduler.optimizer = sgd

@@ -61,8 +61,12 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         mixup_alpha: Beta parameter of mixup.
         cutmix_alpha: Beta parameter of cutmix.
         mean_image: Subtract the training mean image instead of the channel mean.
+        std_image: Standardise per pixel, ``(x - mean image) / std image``, with each pixel's training
+            mean and std, instead of per channel.
         whitening: ``None``, ``"zca"`` or ``"pca"`` whitening fitted on the training split.
-        whitening_eps: Added to the whitening eigenvalues.
+        whitening_eps: Added to the whitening eigenvalues: the whitened training covariance has
+            eigenvalues ``lambda / (lambda + eps)``, so the default 1e-2 whitens only the directions
+            with ``lambda >> 1e-2`` (see :class:`~lightning_tricks.datamodules.stats.ImageStatistics`).
         stats_cache: Folder for the statistics cache file (named by a fingerprint of the training
             split and the options), or ``None`` to always recompute.
         bootstrap_seed: Bagging: train on a bootstrap resample of the training split (``n`` draws
@@ -89,6 +93,7 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         mean_image: bool = False,
         whitening: str | None = None,
         whitening_eps: float = 1e-2,
+        std_image: bool = False,
         stats_cache: str | Path | None = None,
         bootstrap_seed: int | None = None,
     ) -> None:
@@ -119,7 +124,11 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         self.mixup_alpha = mixup_alpha
         self.cutmix_alpha = cutmix_alpha
         self.stats = ImageStatistics(
-            normalize=normalize, mean_image=mean_image, whitening=whitening, eps=whitening_eps
+            normalize=normalize,
+            mean_image=mean_image,
+            whitening=whitening,
+            eps=whitening_eps,
+            std_image=std_image,
         )
         self.stats_cache = None if stats_cache is None else Path(stats_cache)
         self.bootstrap_seed = bootstrap_seed

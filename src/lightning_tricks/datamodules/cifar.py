@@ -50,7 +50,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         stats_cache: Folder for the statistics cache, ``"data_dir"`` (default) for ``data_dir``,
             or ``None`` to always recompute.
         **kwargs: ``augment_kwargs``, ``pad_mode``, ``batch_augment``, ``mixup_alpha``,
-            ``cutmix_alpha``, ``normalize``, ``mean_image``, ``whitening``, ``whitening_eps``
+            ``cutmix_alpha``, ``normalize``, ``mean_image``, ``std_image``, ``whitening``, ``whitening_eps``
             (see :class:`~lightning_tricks.datamodules.base.InMemoryImageDataModule`).
 
     Raises:

@@ -27,6 +27,10 @@ import torch
 from lightning_tricks._io import atomic_save
 
 WHITENING_MODES = ("zca", "pca")
+#: Smallest divisor of ``std_image``: one 8-bit intensity level. A pixel that varies less over the
+#: training set (a border that is always black) carries no usable variation; dividing by its tiny std
+#: would blow up quantisation noise and any test value it never showed in training.
+STD_IMAGE_FLOOR = 1.0 / 255.0
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -113,17 +117,31 @@ class ImageStatistics:
 
     ``apply`` maps uint8 images (or float images in [0, 1]) to ``(x - mean) / std`` per channel;
     with ``mean_image=True`` (or any whitening) the per-pixel mean image is subtracted instead of
-    the per-channel mean; ``whitening="zca"`` multiplies the flattened standardised image by
+    the per-channel mean, and ``std_image=True`` standardises each pixel, ``(x - mean image) / std image``
+    (each pixel's mean and std over the training images), instead of each channel;
+    ``whitening="zca"`` multiplies the flattened standardised image by
     ``U diag(1 / sqrt(lambda + eps)) U^T`` (``"pca"`` by ``diag(1 / sqrt(lambda + eps)) U^T``),
     where ``U, lambda`` are the eigenvectors/eigenvalues of the standardised training covariance.
     The colour PCA (``eigval``, ``eigvec``) used by the ``pca_lighting`` preset is always fitted.
 
+    What ``eps`` does: the whitened training data has covariance
+    ``U diag(lambda / (lambda + eps)) U^T``, i.e. eigenvalues ``lambda / (lambda + eps)`` instead of 1.
+    Directions with ``lambda >> eps`` are whitened (eigenvalue near 1); those with ``lambda << eps``
+    (fine detail and noise, most directions of natural images) are left nearly unscaled
+    (``~ lambda / eps``), so the default ``eps=1e-2`` on standardised data (total variance ``C*H*W``)
+    whitens only partly; ``eps -> 0`` whitens fully and amplifies noise.
+
     Args:
-        normalize: Divide by the per-channel training std (and centre).
+        normalize: Divide by the training std (and centre): per channel, or per pixel with
+            ``std_image``.
         mean_image: Subtract the training mean image (fixed-size data only).
+        std_image: Standardise per pixel: subtract the training mean image and divide by the training
+            std image ``(C, H, W)`` instead of the per-channel std (fixed-size data only; needs
+            ``normalize``). The std is floored at :data:`STD_IMAGE_FLOOR` (one 8-bit level).
         whitening: ``None``, ``"zca"`` or ``"pca"`` (small fixed-size images: the matrix is
             ``(C*H*W)^2``).
-        eps: Added to the whitening eigenvalues; larger values whiten less aggressively.
+        eps: Added to the whitening eigenvalues; the whitened covariance has eigenvalues
+            ``lambda / (lambda + eps)``, so larger values whiten less.
         whitening_samples: Training images used for the whitening covariance (seeded subset).
 
     Example::
@@ -140,15 +158,22 @@ class ImageStatistics:
         whitening: str | None = None,
         eps: float = 1e-2,
         whitening_samples: int = 10_000,
+        std_image: bool = False,
     ) -> None:
         if whitening is not None and whitening not in WHITENING_MODES:
             raise ValueError(f"whitening must be None or one of {WHITENING_MODES}, got {whitening!r}")
         if eps <= 0:
             raise ValueError(f"whitening eps must be > 0, got {eps}")
+        if std_image and not normalize:
+            raise ValueError(
+                "std_image=True divides by the per-pixel training std, which normalize=False switches off; "
+                "set normalize=True, or std_image=False"
+            )
         if whitening_samples < 2:
             raise ValueError(f"whitening_samples must be >= 2, got {whitening_samples}")
         self.normalize = normalize
         self.mean_image = mean_image
+        self.std_image = std_image
         self.whitening = whitening
         self.eps = eps
         self.whitening_samples = whitening_samples
@@ -172,6 +197,7 @@ class ImageStatistics:
         return {
             "normalize": self.normalize,
             "mean_image": self.mean_image,
+            "std_image": self.std_image,
             "whitening": self.whitening,
             "eps": self.eps,
             "whitening_samples": self.whitening_samples,
@@ -197,6 +223,11 @@ class ImageStatistics:
         return self.tensors.get("image_mean")
 
     @property
+    def image_std(self) -> torch.Tensor | None:
+        """Per-pixel population std image ``(C, H, W)`` (fitted with ``std_image`` on fixed-size data)."""
+        return self.tensors.get("image_std")
+
+    @property
     def whitening_matrix(self) -> torch.Tensor | None:
         """``(C*H*W, C*H*W)`` whitening matrix applied to flattened standardised images."""
         return self.tensors.get("whitening_matrix")
@@ -215,7 +246,7 @@ class ImageStatistics:
         """Fit on an in-memory ``(N, C, H, W)`` training tensor (uint8, or float in [0, 1])."""
         if images.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
-        needs_image_mean = self.mean_image or self.whitening is not None
+        needs_image_mean = self.mean_image or self.std_image or self.whitening is not None
         self.fit_stream(
             (images[s : s + chunk_size] for s in range(0, images.shape[0], chunk_size)),
             fixed_size=needs_image_mean,
@@ -229,19 +260,25 @@ class ImageStatistics:
     def fit_stream(self, batches: Iterable[torch.Tensor], fixed_size: bool = False) -> ImageStatistics:
         """Fit mean/std/colour PCA from a stream of ``(B, C, H, W)`` batches (any sizes per batch).
 
-        With ``fixed_size=True`` (all batches of one shape) the per-pixel mean image is fitted too.
+        With ``fixed_size=True`` (all batches of one shape) the per-pixel mean image is fitted too, and
+        with ``std_image`` the per-pixel std image.
         Whitening needs :meth:`fit` (it keeps a covariance over whole images).
         """
         moments: _ChannelMoments | None = None
         image_sum: torch.Tensor | None = None
+        image_squares: torch.Tensor | None = None
         count = 0
         for batch in batches:
             if moments is None:
                 moments = _ChannelMoments(batch.shape[1])
             moments.update(batch)
             if fixed_size:
-                summed = to_unit_float(batch).double().sum(dim=0)
+                pixels = to_unit_float(batch).double()
+                summed = pixels.sum(dim=0)
                 image_sum = summed if image_sum is None else image_sum + summed
+                if self.std_image:
+                    squared = pixels.square().sum(dim=0)
+                    image_squares = squared if image_squares is None else image_squares + squared
             count += batch.shape[0]
         if moments is None or count == 0:
             raise ValueError("cannot fit statistics on an empty training split")
@@ -252,7 +289,11 @@ class ImageStatistics:
         }
         self.tensors["eigval"], self.tensors["eigvec"] = _eigh_desc(cov)
         if image_sum is not None:
-            self.tensors["image_mean"] = (image_sum / count).float()
+            image_mean = image_sum / count
+            self.tensors["image_mean"] = image_mean.float()
+            if image_squares is not None:
+                variance = (image_squares / count - image_mean.square()).clamp_min(0.0)
+                self.tensors["image_std"] = variance.sqrt().float()
         return self
 
     def _whitening_matrix(self, images: torch.Tensor) -> torch.Tensor:
@@ -277,6 +318,8 @@ class ImageStatistics:
     def _std_image(self, shape: torch.Size) -> torch.Tensor:
         if not self.normalize:
             return torch.ones(shape)
+        if self.std_image:
+            return self.tensors["image_std"].clamp_min(STD_IMAGE_FLOOR)
         return self.tensors["std"].clamp_min(1e-6).view(-1, 1, 1).expand(shape)
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
@@ -289,18 +332,27 @@ class ImageStatistics:
                 "normalisation statistics are missing: call setup() or load a checkpoint first"
             )
         device = images.device
-        if self.mean_image or self.whitening is not None:
+        if self.mean_image or self.std_image or self.whitening is not None:
             image_mean = self.tensors.get("image_mean")
             if image_mean is None or image_mean.shape != images.shape[1:]:
                 got = None if image_mean is None else tuple(image_mean.shape)
                 raise RuntimeError(
                     f"mean image of shape {got} cannot be applied to images of shape "
-                    f"{tuple(images.shape[1:])}; mean_image/whitening need fixed-size images"
+                    f"{tuple(images.shape[1:])}; mean_image/std_image/whitening need fixed-size images"
                 )
             images = images - self._on("image_mean", device)
         else:
             images = images - self._on("mean", device).view(1, -1, 1, 1)
-        if self.normalize:
+        if self.normalize and self.std_image:
+            image_std = self.tensors.get("image_std")
+            if image_std is None or image_std.shape != images.shape[1:]:
+                got = None if image_std is None else tuple(image_std.shape)
+                raise RuntimeError(
+                    f"std image of shape {got} cannot be applied to images of shape "
+                    f"{tuple(images.shape[1:])}; std_image needs fixed-size images"
+                )
+            images = images / self._on("image_std", device).clamp_min(STD_IMAGE_FLOOR)
+        elif self.normalize:
             images = images / self._on("std", device).clamp_min(1e-6).view(1, -1, 1, 1)
         if self.whitening is not None:
             matrix = self._on("whitening_matrix", device)

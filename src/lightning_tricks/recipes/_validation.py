@@ -135,6 +135,28 @@ _OPTIMIZER_RULES: dict[str, Rule] = {
     "centered": FLAG,
     "maximize": FLAG,
     "foreach": Rule(lambda v: v is None or isinstance(v, bool), "null, true or false", "null"),
+    # timm's LARS / LAMB
+    "trust_coeff": Rule(POSITIVE.check, POSITIVE.allowed, "0.001"),
+    "trust_clip": FLAG,
+    "always_adapt": FLAG,
+    "bias_correction": Rule(FLAG.check, FLAG.allowed, "true"),
+    "grad_averaging": Rule(FLAG.check, FLAG.allowed, "true"),
+    "max_grad_norm": Rule(lambda v: v is None or POSITIVE.check(v), "null or a number > 0", "1.0"),
+    "caution": FLAG,
+    "decoupled_decay": FLAG,
+    "corrected_weight_decay": FLAG,
+}
+
+# Settings of the optimizer wrappers (optimizer.lookahead, optimizer.sam).
+_WRAPPER_RULES: dict[str, dict[str, Rule]] = {
+    "lookahead": {
+        "k": Rule(COUNT.check, "an integer >= 1 (fast steps per slow update)", "5"),
+        "alpha": Rule(_numbers(lambda v: 0 < v <= 1), "a number in (0, 1] (slow weights' step)", "0.5"),
+    },
+    "sam": {
+        "rho": Rule(_numbers(lambda v: v > 0), "a number > 0 (neighbourhood radius)", "0.05"),
+        "adaptive": FLAG,
+    },
 }
 
 
@@ -233,6 +255,15 @@ def check_training_steps(total_steps: float, steps_per_epoch: float, loader: Any
         "no batches within trainer.limit_train_batches/max_steps; e.g. lower data.init_args.batch_size "
         "or raise trainer.limit_train_batches"
     )
+
+
+def check_wrapper_settings(key: str, settings: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming ``optimizer.<key>.<setting>`` (``lookahead``/``sam``) out of range."""
+    for name, value in settings.items():
+        rule = _WRAPPER_RULES[key][name]
+        if isinstance(value, (list, tuple)):  # one value for every group: a list is not accepted here
+            rule = Rule(lambda v: False, rule.allowed, rule.example)
+        _check(f"optimizer.{key}", name, value, rule)
 
 
 def check_optimizer_kwargs(name: str, kwargs: dict[str, Any], accepted: Sequence[str]) -> None:

@@ -2,7 +2,8 @@
 
 Metric names (stable, read by callbacks and dashboards):
 
-- ``train/loss`` (the optimised objective: data loss + penalty), ``train/acc``
+- ``train/loss`` (the optimised objective: data loss + penalty), ``train/acc``; with SAM, the loss at the
+  unperturbed weights
 - ``val/loss``, ``val/acc``, ``val/acc_top5``
 - ``test/loss``, ``test/acc``, ``test/acc_top5``, and ``test/acc_tta`` when test-time augmentation is on
 
@@ -33,6 +34,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
@@ -40,13 +42,17 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks import adapters
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
+from lightning_tricks.recipes._combinations import check_fit_combinations
 from lightning_tricks.recipes._validation import check_training_steps
+from lightning_tricks.recipes.clipping import GradientClippingConfig, clip_adaptively
 from lightning_tricks.recipes.init import InitConfig, initialize
 from lightning_tricks.recipes.models import create_model, get_classifier
 from lightning_tricks.recipes.models.layers import dropout_disabled
 from lightning_tricks.recipes.nonfinite import NonFiniteLossGuard
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
+from lightning_tricks.recipes.optim_wrappers import find_wrapper
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
+from lightning_tricks.recipes.sam import SAM
 from lightning_tricks.recipes.schedules import (
     SchedulerConfig,
     build_scheduler,
@@ -60,6 +66,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 LR_BATCH_KEY = "lr_global_batch_size"
 # Checkpoint entry: the run length (in scheduler intervals) the LR schedule was fitted to.
 SCHEDULE_LENGTH_KEY = "lightning_tricks_schedule_length"
+#: Data losses of ``ImageClassifier(loss=...)``: cross-entropy, or the multi-class hinge (SVM) loss.
+LOSSES = ("cross_entropy", "multi_margin")
 
 
 def _as_config(value: Any, config_type: type) -> Any:
@@ -96,6 +104,13 @@ class ImageClassifier(L.LightningModule):
             ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``), or ``None`` (off). Compiling happens
             on the first batch of each new input shape and costs seconds to minutes (see README);
             the checkpoint layout is unchanged.
+        loss: ``"cross_entropy"`` (default) or ``"multi_margin"``, the multi-class hinge (SVM) loss
+            ``sum_{j != y} max(0, 1 - x_y + x_j) / C`` (``torch.nn.MultiMarginLoss``); it needs class-index
+            targets, so label smoothing and mixup/cutmix are refused with it, and so are the initial-loss
+            checks of InitLossCheck and TrainingDiagnostics (their ln(C) is cross-entropy's).
+        gradient_clipping: Adaptive gradient clipping, ``{mode: agc, clip_factor: 0.01}``
+            (:class:`~lightning_tricks.recipes.clipping.GradientClippingConfig`), applied in
+            :meth:`configure_gradient_clipping`; clipping by norm or value is ``trainer.gradient_clip_val``.
 
     A network with an ``init_whitening(images)`` method (the ``airbench`` model) gets it called on
     the first training batch of a fresh run (rank 0's batch, broadcast to all ranks), so its
@@ -116,6 +131,8 @@ class ImageClassifier(L.LightningModule):
         on_nonfinite_loss: str = "stop",
         channels_last: bool = False,
         compile: str | None = None,
+        loss: str = "cross_entropy",
+        gradient_clipping: GradientClippingConfig | None = None,
     ) -> None:
         super().__init__()
         if compile is not None and compile not in COMPILE_MODES:
@@ -128,6 +145,18 @@ class ImageClassifier(L.LightningModule):
         self.scheduler_config: SchedulerConfig = _as_config(scheduler, SchedulerConfig)
         self.regularization_config: RegularizationConfig = _as_config(regularization, RegularizationConfig)
         self.init_config: InitConfig = _as_config(init, InitConfig)
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is unknown; valid: {', '.join(LOSSES)}")
+        if loss != "cross_entropy" and self.regularization_config.label_smoothing:
+            raise ValueError(
+                f"loss={loss!r} needs class-index targets, but regularization.label_smoothing="
+                f"{self.regularization_config.label_smoothing} makes soft ones; set "
+                "regularization.label_smoothing=0 or loss=cross_entropy"
+            )
+        self.loss = loss
+        self.gradient_clipping: GradientClippingConfig | None = (
+            None if gradient_clipping is None else _as_config(gradient_clipping, GradientClippingConfig)
+        )
         if tta is not None:
             from lightning_tricks.recipes.tta import TTA_MODES
 
@@ -143,6 +172,7 @@ class ImageClassifier(L.LightningModule):
             scheduler=asdict(self.scheduler_config),
             regularization=asdict(self.regularization_config),
             init=asdict(self.init_config),
+            gradient_clipping=None if self.gradient_clipping is None else asdict(self.gradient_clipping),
         )
         self.num_classes = num_classes
         self.net = create_model(
@@ -219,7 +249,15 @@ class ImageClassifier(L.LightningModule):
 
     # -- losses -------------------------------------------------------------------------------
     def data_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy with the configured label smoothing; targets are class indices or soft."""
+        """Cross-entropy with the configured label smoothing (targets are class indices or soft), or the
+        multi-class hinge loss (class indices only)."""
+        if self.loss == "multi_margin":
+            if targets.ndim != 1:
+                raise ValueError(
+                    f"loss='multi_margin' needs class-index targets, got soft targets of shape "
+                    f"{tuple(targets.shape)} (mixup/cutmix?); use loss=cross_entropy with them"
+                )
+            return F.multi_margin_loss(logits, targets)
         cfg = self.regularization_config
         eps = cfg.label_smoothing * min(self._regularization_scale, 1.0)
         return classification_loss(
@@ -278,16 +316,36 @@ class ImageClassifier(L.LightningModule):
             weight.data.copy_(self.trainer.strategy.broadcast(weight.data, src=0))
         rank_zero_info(f"Initialised the patch-whitening layer from {len(images)} training images")
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        images, targets = batch
-        logits = self(images)
+    def _objective(
+        self, logits: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The optimised loss (data loss + penalty) and the penalty alone (``None`` when off)."""
         loss = self.data_loss(logits, targets)
         cfg = self.regularization_config
         reg = self.penalty() if (cfg.l1 or cfg.l2) and self._regularization_scale else None
-        if reg is not None:
-            loss = loss + reg
+        return (loss if reg is None else loss + reg), reg
+
+    def _sam_perturbed_pass(self) -> bool:
+        """Whether SAM is evaluating the loss at its perturbed weights (its second closure call)."""
+        if self.optimizer_config.sam is None:
+            return False
+        try:
+            optimizers = self.trainer.optimizers
+        except RuntimeError:  # a step called by hand, outside a Trainer
+            return False
+        return any(getattr(find_wrapper(opt, SAM), "perturbed", False) for opt in optimizers)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        images, targets = batch
+        perturbed = self._sam_perturbed_pass()
+        # SAM's second pass: the step's BatchNorm statistics and metrics come from the first pass alone.
+        with frozen_norm_statistics(self.net) if perturbed else nullcontext():
+            logits = self(images)
+        loss, reg = self._objective(logits, targets)
         if not self.nonfinite_guard.check(self, loss, images, batch_idx):
             return None  # "skip": Lightning skips backward and the optimizer step
+        if perturbed:
+            return loss
         if reg is not None:
             self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
         # update(), not forward: the accuracy is logged per epoch only, so the per-batch value that
@@ -335,6 +393,27 @@ class ImageClassifier(L.LightningModule):
         return self(images).softmax(dim=1)
 
     # -- optimisation -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Refuse, before training, settings the Trainer or DataModule cannot honour (SAM with a
+        GradScaler or gradient accumulation, AGC beside ``gradient_clip_val``, the hinge loss with
+        mixup/cutmix)."""
+        if stage == "fit":
+            check_fit_combinations(self, self.trainer)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Adaptive gradient clipping when ``gradient_clipping`` is set, else Lightning's own clipping."""
+        if self.gradient_clipping is None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        head = {id(p) for p in self.head.parameters()} if self.gradient_clipping.exclude_head else set()
+        params = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in head]
+        clip_adaptively(params, self.gradient_clipping)
+
     def _global_batch_size(self) -> int | None:
         trainer = self.trainer
         batch_size = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule else None
@@ -424,3 +503,28 @@ class ImageClassifier(L.LightningModule):
             for group in optimizer.param_groups:
                 group[LR_BATCH_KEY] = batch
             rank_zero_info(f"Linear scaling rule: global batch {scaled_for[0]} -> {batch}, lr rescaled")
+
+
+@contextmanager
+def frozen_norm_statistics(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of ``module`` normalise with batch statistics but leave their running averages
+    unchanged (momentum 0) inside the block.
+
+    Example::
+
+        with frozen_norm_statistics(net):
+            loss = criterion(net(x), y)  # a second forward pass of the same step
+    """
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
+    ]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum

@@ -22,13 +22,16 @@ import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_tricks.recipes._validation import check_optimizer_kwargs
+from lightning_tricks._extras import import_optional
+from lightning_tricks.recipes._validation import check_optimizer_kwargs, check_wrapper_settings
 from lightning_tricks.recipes.models.layers import NORM_LAYER_TYPES
+from lightning_tricks.recipes.optim_wrappers import lookahead
 
 OPTIMIZER_NAMES: tuple[str, ...] = (
     "sgd",
@@ -38,12 +41,18 @@ OPTIMIZER_NAMES: tuple[str, ...] = (
     "adam",
     "adamw",
     "delta_bar_delta",
+    "lars",
+    "lamb",
 )
+#: Optimizers that come from ``timm.optim`` (the ``timm`` extra), imported only when chosen.
+TIMM_OPTIMIZERS: dict[str, str] = {"lars": "Lars", "lamb": "Lamb"}
 
 #: Each optimizer's own defaults for the config fields left at ``None``: torch's defaults, except SGD's
 #: lr 0.1 with momentum 0.9 (the CNN recipes), Adadelta's lr 1.0 (Zeiler 2012: the update
 #: ``-sqrt(E[dx^2] + eps) / sqrt(E[g^2] + eps) * g`` is used as is, without a global learning rate) and
-#: no momentum for RMSprop and delta-bar-delta (the methods as the lectures state them).
+#: no momentum for RMSprop and delta-bar-delta (the methods as the lectures state them). LARS (You et al.
+#: 2017) has timm's lr 1.0 with the paper's momentum 0.9 (its trust coefficient 0.001 scales each layer's
+#: step to ``0.001 * ||w|| / ||g + wd w||``); LAMB (You et al. 2020) the paper's lr 1e-3 and eps 1e-6.
 OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.1, "momentum": 0.9},
     "adagrad": {"lr": 0.01, "eps": 1e-10},
@@ -52,6 +61,8 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
     "adam": {"lr": 1e-3, "eps": 1e-8},
     "adamw": {"lr": 1e-3, "eps": 1e-8},
     "delta_bar_delta": {"lr": 0.01, "momentum": 0.0},
+    "lars": {"lr": 1.0, "momentum": 0.9, "eps": 1e-8},
+    "lamb": {"lr": 1e-3, "eps": 1e-6},
 }
 #: Adadelta's decay of its running averages in Zeiler (2012) (torch's default is 0.9).
 ADADELTA_RHO = 0.95
@@ -61,22 +72,31 @@ ADADELTA_RHO = 0.95
 #: matching priority.
 LR_MULTIPLIER_KINDS: tuple[str, ...] = ("norm_bias", "norm", "bias")
 
+#: Defaults of the optimizer wrappers: Lookahead as in Zhang et al. (2019)'s experiments, SAM's radius of
+#: Foret et al. (2021).
+LOOKAHEAD_DEFAULTS: dict[str, Any] = {"k": 5, "alpha": 0.5}
+SAM_DEFAULTS: dict[str, Any] = {"rho": 0.05, "adaptive": False}
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:
     """Which optimizer to build and with which hyper-parameters.
 
     Args:
-        name: One of ``sgd | adagrad | adadelta | rmsprop | adam | adamw | delta_bar_delta``.
+        name: One of ``sgd | adagrad | adadelta | rmsprop | adam | adamw | delta_bar_delta | lars | lamb``
+            (``lars``/``lamb`` are ``timm.optim``'s, from the ``timm`` extra). LARS and LAMB adapt the step
+            of the weights layer by layer (trust ratio); like weight decay, normalization parameters and
+            biases are left out of it when ``exclude_norm_and_bias_from_decay`` (their convention).
         lr: Base learning rate (before the linear scaling rule); ``None`` for the optimizer's own default
             (:data:`OPTIMIZER_DEFAULTS`: sgd 0.1, adagrad/rmsprop/delta_bar_delta 0.01, adadelta 1.0,
             adam/adamw 1e-3).
         weight_decay: ``torch.optim``'s own weight decay: coupled (added to the gradient) for every
             optimizer except ``adamw``, where it is decoupled (weights shrunk directly).
-        momentum: Momentum of ``sgd``, ``rmsprop`` and ``delta_bar_delta``; ``None`` for the default (0.9 for
-            sgd, 0 for the others). Other optimizers reject a non-zero value (Adam's is ``betas[0]``).
-        nesterov: Nesterov momentum for ``sgd``.
-        betas: ``(beta1, beta2)`` of ``adam``/``adamw``.
+        momentum: Momentum of ``sgd``, ``rmsprop``, ``delta_bar_delta`` and ``lars``; ``None`` for the
+            default (0.9 for sgd and lars, 0 for the others). Other optimizers reject a non-zero value
+            (Adam's is ``betas[0]``).
+        nesterov: Nesterov momentum for ``sgd`` and ``lars``.
+        betas: ``(beta1, beta2)`` of ``adam``/``adamw``/``lamb``.
         eps: Denominator epsilon of the adaptive methods; ``None`` for the optimizer's default (torch's:
             adagrad 1e-10, adadelta 1e-6, the others 1e-8). Rejected by ``sgd`` and ``delta_bar_delta``.
         exclude_norm_and_bias_from_decay: Put normalization-layer parameters and biases in a group
@@ -89,6 +109,11 @@ class OptimizerConfig:
             ``bias`` (every parameter named ``bias``). The first matching kind in
             :data:`LR_MULTIPLIER_KINDS` order wins. Schedules scale each group's lr, so the ratio holds
             throughout; weight decay coefficients are unchanged. Example (airbench): ``{norm_bias: 64}``.
+        lookahead: Wrap the optimizer in timm's Lookahead: ``{k: 5, alpha: 0.5}`` (missing keys take these
+            defaults; ``k`` an integer >= 1, ``alpha`` in (0, 1]); ``None`` for none.
+        sam: Wrap the optimizer in SAM (:class:`~lightning_tricks.recipes.sam.SAM`): ``{rho: 0.05,
+            adaptive: false}`` (``adaptive: true`` is ASAM); ``None`` for none. Each step then costs two
+            forward/backward passes. With both, Lookahead wraps SAM.
 
     Example::
 
@@ -106,6 +131,8 @@ class OptimizerConfig:
     base_batch_size: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    lookahead: dict[str, Any] | None = None
+    sam: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZER_NAMES:
@@ -121,8 +148,10 @@ class OptimizerConfig:
             )
         if self.momentum is not None and not 0 <= self.momentum < 1:
             raise ValueError(f"optimizer.momentum must be in [0, 1), got {self.momentum}; e.g. 0.9")
-        if self.nesterov and (self.name != "sgd" or not self.momentum):
-            raise ValueError("optimizer.nesterov=True needs optimizer.name='sgd' and optimizer.momentum > 0")
+        if self.nesterov and (self.name not in ("sgd", "lars") or not self.momentum):
+            raise ValueError(
+                "optimizer.nesterov=True needs optimizer.name='sgd' or 'lars' and optimizer.momentum > 0"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
         if self.eps is not None and not self.eps > 0:
@@ -144,6 +173,10 @@ class OptimizerConfig:
                     f"optimizer.lr_multipliers.{kind} must be a positive number, got {factor!r}; e.g. 64"
                 )
         self._reject_foreign_options()
+        object.__setattr__(
+            self, "lookahead", _wrapper_settings("lookahead", self.lookahead, LOOKAHEAD_DEFAULTS)
+        )
+        object.__setattr__(self, "sam", _wrapper_settings("sam", self.sam, SAM_DEFAULTS))
 
     def _resolve_defaults(self) -> None:
         """Fill ``lr``/``momentum``/``eps`` left at ``None`` from :data:`OPTIMIZER_DEFAULTS`."""
@@ -164,6 +197,25 @@ class OptimizerConfig:
                     f"optimizer.{key}={value} does not apply to optimizer.name={self.name!r}; it is used by "
                     f"{', '.join(users)}. Remove it (or set null)"
                 )
+
+
+def _wrapper_settings(
+    key: str, given: dict[str, Any] | None, defaults: dict[str, Any]
+) -> dict[str, Any] | None:
+    """``given`` completed with ``defaults``, checked; ``None`` stays ``None`` (no wrapper)."""
+    if given is None:
+        return None
+    if not isinstance(given, dict):
+        raise ValueError(
+            f"optimizer.{key} must be a mapping like {defaults} or null, got {given!r}; "
+            f"e.g. optimizer.{key}={{}} for the defaults"
+        )
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"optimizer.{key} has unknown keys {unknown}; valid: {sorted(defaults)}")
+    settings = {**defaults, **given}
+    check_wrapper_settings(key, settings)
+    return settings
 
 
 def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -242,7 +294,8 @@ def build_optimizer(
             ``config.base_batch_size`` for the linear scaling rule; ignored if either is ``None``.
 
     Returns:
-        A ``torch.optim`` optimizer (or :class:`DeltaBarDelta`).
+        A ``torch.optim`` optimizer (or :class:`DeltaBarDelta`, or timm's ``Lars``/``Lamb``), wrapped in
+        :class:`~lightning_tricks.recipes.sam.SAM` and then timm's ``Lookahead`` when configured.
 
     Example::
 
@@ -253,6 +306,8 @@ def build_optimizer(
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     wd = config.weight_decay
+    if config.name in TIMM_OPTIMIZERS:
+        groups = _mark_layer_adaptation(model, groups, config)
     factories: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
         "sgd": (
             torch.optim.SGD,
@@ -267,11 +322,72 @@ def build_optimizer(
         "adam": (torch.optim.Adam, {"betas": config.betas, "eps": config.eps, "weight_decay": wd}),
         "adamw": (torch.optim.AdamW, {"betas": config.betas, "eps": config.eps, "weight_decay": wd}),
         "delta_bar_delta": (DeltaBarDelta, {"momentum": config.momentum, "weight_decay": wd}),
+        # LAMB as in the paper: no global gradient-norm clipping before the update (timm's default
+        # max_grad_norm=1.0 is NVIDIA's BERT variant); clip with trainer.gradient_clip_val instead.
+        "lamb": (
+            partial(_build_timm_optimizer, "lamb"),
+            {"betas": config.betas, "eps": config.eps, "weight_decay": wd, "max_grad_norm": None},
+        ),
+        "lars": (
+            partial(_build_timm_optimizer, "lars"),
+            {"momentum": config.momentum, "nesterov": config.nesterov, "eps": config.eps, "weight_decay": wd},
+        ),
     }
     cls, defaults = factories[config.name]
     if config.lr_multipliers:
         groups = apply_lr_multipliers(model, groups, lr, config.lr_multipliers)
-    return cls(groups, lr=lr, **{**defaults, **config.kwargs})
+    optimizer = cls(groups, lr=lr, **{**defaults, **config.kwargs})
+    return wrap_optimizer(optimizer, config)
+
+
+def wrap_optimizer(optimizer: torch.optim.Optimizer, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """``optimizer`` inside the wrappers ``config`` asks for: SAM first, then Lookahead around it.
+
+    Example::
+
+        wrap_optimizer(sgd, OptimizerConfig(lookahead={"k": 5, "alpha": 0.5}))  # Lookahead(SGD)
+    """
+    if config.sam is not None:
+        from lightning_tricks.recipes.sam import SAM
+
+        optimizer = SAM(optimizer, **config.sam)
+    if config.lookahead is not None:
+        optimizer = lookahead(optimizer, **config.lookahead)
+    return optimizer
+
+
+def _timm_optimizer(name: str) -> type[torch.optim.Optimizer]:
+    """timm's class for ``name`` (``lars``/``lamb``), imported only when chosen."""
+    timm_optim = import_optional("timm.optim", f"optimizer.name={name!r}")
+    return getattr(timm_optim, TIMM_OPTIMIZERS[name])
+
+
+def _build_timm_optimizer(name: str, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    return _timm_optimizer(name)(params, **kwargs)
+
+
+def _mark_layer_adaptation(
+    model: nn.Module, groups: list[dict[str, Any]], config: OptimizerConfig
+) -> list[dict[str, Any]]:
+    """Trust-ratio adaptation on the weights, not on normalization parameters and biases.
+
+    timm's LARS/LAMB adapt a group only when its weight decay is non-zero (or ``always_adapt``), which
+    would silently turn LAMB into Adam and LARS into SGD at ``weight_decay=0``; a per-group
+    ``always_adapt`` ties the adaptation to the parameter kind instead (the no-decay group of
+    :func:`param_groups` when ``exclude_norm_and_bias_from_decay``). ``kwargs.always_adapt`` overrides.
+    """
+    if "always_adapt" in config.kwargs:
+        return groups
+    no_decay = {id(p) for p in split_decay_parameters(model)[1]}
+    return [
+        dict(
+            group,
+            always_adapt=not (
+                config.exclude_norm_and_bias_from_decay and all(id(p) in no_decay for p in group["params"])
+            ),
+        )
+        for group in groups
+    ]
 
 
 def parameter_kinds(model: nn.Module) -> dict[int, set[str]]:
@@ -436,4 +552,5 @@ def optimizer_arguments(name: str) -> list[str]:
         "adamw": torch.optim.AdamW,
         "delta_bar_delta": DeltaBarDelta,
     }
-    return [p for p in inspect.signature(classes[name]).parameters if p != "params"]
+    cls = _timm_optimizer(name) if name in TIMM_OPTIMIZERS else classes[name]
+    return [p for p in inspect.signature(cls).parameters if p != "params"]
