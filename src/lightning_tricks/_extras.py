@@ -8,6 +8,7 @@ extra     packages                         used by
 ========  ===============================  ==========================================
 wandb     ``wandb``                        ``WandbLogger`` (configs/logger/wandb.yaml)
 search    ``optuna``, ``sqlalchemy``       ``lightning-tricks search``
+timm      ``timm``                         ``model: timm/<name>``, layer groups of timm models
 bench     ``timm``, ``torch_ema``          benchmarks/ (reference implementations)
 ========  ===============================  ==========================================
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXTRAS = {"wandb": "wandb", "optuna": "search", "sqlalchemy": "search", "timm": "bench", "torch_ema": "bench"}
+EXTRAS = {"wandb": "wandb", "optuna": "search", "sqlalchemy": "search", "timm": "timm", "torch_ema": "bench"}
 
 
 def import_optional(name: str, purpose: str) -> ModuleType:

@@ -44,7 +44,7 @@ from lightning_tricks.recipes.init import InitConfig, initialize
 from lightning_tricks.recipes.models import create_model, get_classifier
 from lightning_tricks.recipes.models.layers import dropout_disabled
 from lightning_tricks.recipes.nonfinite import NonFiniteLossGuard
-from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
+from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer, build_param_groups, scaled_lr
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
 from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
 
@@ -88,6 +88,10 @@ class ImageClassifier(L.LightningModule):
             ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``), or ``None`` (off). Compiling happens
             on the first batch of each new input shape and costs seconds to minutes (see README);
             the checkpoint layout is unchanged.
+        pretrained: Local weights file loaded into the network after initialisation (a ``state_dict`` or a
+            checkpoint of this recipe; ``torch.load(weights_only=True)``, never a download). A classifier of
+            another size is re-initialised with a warning; other mismatched keys are an error naming them
+            (:func:`~lightning_tricks.recipes.pretrained.load_pretrained`).
 
     A network with an ``init_whitening(images)`` method (the ``airbench`` model) gets it called on
     the first training batch of a fresh run (rank 0's batch, broadcast to all ranks), so its
@@ -108,6 +112,7 @@ class ImageClassifier(L.LightningModule):
         on_nonfinite_loss: str = "stop",
         channels_last: bool = False,
         compile: str | None = None,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if compile is not None and compile not in COMPILE_MODES:
@@ -141,6 +146,10 @@ class ImageClassifier(L.LightningModule):
             model, num_classes=num_classes, in_channels=in_channels, **self._model_kwargs(model_kwargs)
         )
         initialize(self.net, self.init_config)
+        if pretrained is not None:
+            from lightning_tricks.recipes.pretrained import load_pretrained
+
+            load_pretrained(self.net, pretrained, key="model.init_args.pretrained")
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         if compile is not None:
@@ -334,6 +343,19 @@ class ImageClassifier(L.LightningModule):
         if batch_size is None:
             return None
         return batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """The param groups :meth:`configure_optimizers` would build now for the trainable parameters
+        (weight-decay split, ``lr_multipliers``, ``layer_decay``, linear scaling rule), each with its ``lr``;
+        read by the unfreezing callbacks to add parameters to a running optimizer as if always there."""
+        config = self.optimizer_config
+        global_batch = self._global_batch_size()
+        lr = scaled_lr(config.lr, config.base_batch_size, global_batch)
+        groups = [{"lr": lr, **group} for group in build_param_groups(self.net, config, lr)]
+        if config.base_batch_size is not None and global_batch is not None:
+            for group in groups:
+                group[LR_BATCH_KEY] = global_batch
+        return groups
 
     def configure_optimizers(self) -> Any:
         total_steps = int(self.trainer.estimated_stepping_batches)  # also loads the train loader

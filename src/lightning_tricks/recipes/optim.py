@@ -89,6 +89,11 @@ class OptimizerConfig:
             ``bias`` (every parameter named ``bias``). The first matching kind in
             :data:`LR_MULTIPLIER_KINDS` order wins. Schedules scale each group's lr, so the ratio holds
             throughout; weight decay coefficients are unchanged. Example (airbench): ``{norm_bias: 64}``.
+        layer_decay: Discriminative (layer-wise decayed) learning rates, as timm's ``layer_decay`` and
+            fastai's ``slice(lo, hi)``: a parameter ``depth`` layers below the classifier gets
+            ``lr * layer_decay**depth`` (layers as :mod:`~lightning_tricks.recipes.layer_groups` defines
+            them); ``None`` (default) gives every layer ``lr``. In ``(0, 1]``, e.g. 0.7. It multiplies
+            ``lr_multipliers`` and the linear scaling rule, and schedules scale each group's lr.
 
     Example::
 
@@ -106,6 +111,7 @@ class OptimizerConfig:
     base_batch_size: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    layer_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZER_NAMES:
@@ -143,6 +149,13 @@ class OptimizerConfig:
                 raise ValueError(
                     f"optimizer.lr_multipliers.{kind} must be a positive number, got {factor!r}; e.g. 64"
                 )
+        if self.layer_decay is not None and not (
+            isinstance(self.layer_decay, (int, float)) and 0 < self.layer_decay <= 1
+        ):
+            raise ValueError(
+                f"optimizer.layer_decay must be in (0, 1] or null, got {self.layer_decay!r}; "
+                "e.g. 0.7 (each layer below the head trains at 0.7x the lr of the layer above)"
+            )
         self._reject_foreign_options()
 
     def _resolve_defaults(self) -> None:
@@ -249,7 +262,7 @@ def build_optimizer(
         optimizer = build_optimizer(model, OptimizerConfig(name="adam", lr=1e-3))
     """
     lr = scaled_lr(config.lr, config.base_batch_size, global_batch_size)
-    groups = param_groups(model, config.weight_decay, config.exclude_norm_and_bias_from_decay)
+    groups = build_param_groups(model, config, lr)
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     wd = config.weight_decay
@@ -269,9 +282,51 @@ def build_optimizer(
         "delta_bar_delta": (DeltaBarDelta, {"momentum": config.momentum, "weight_decay": wd}),
     }
     cls, defaults = factories[config.name]
+    return cls(groups, lr=lr, **{**defaults, **config.kwargs})
+
+
+def build_param_groups(model: nn.Module, config: OptimizerConfig, lr: float) -> list[dict[str, Any]]:
+    """The param groups :func:`build_optimizer` gives the trainable parameters of ``model`` at base rate
+    ``lr``: the weight-decay split, then ``lr_multipliers``, then ``layer_decay``; groups without an ``lr``
+    use ``lr``.
+
+    Example::
+
+        groups = build_param_groups(model, OptimizerConfig(layer_decay=0.7), lr=0.1)
+    """
+    groups = param_groups(model, config.weight_decay, config.exclude_norm_and_bias_from_decay)
     if config.lr_multipliers:
         groups = apply_lr_multipliers(model, groups, lr, config.lr_multipliers)
-    return cls(groups, lr=lr, **{**defaults, **config.kwargs})
+    if config.layer_decay is not None:
+        groups = apply_layer_decay(model, groups, lr, config.layer_decay)
+    return groups
+
+
+def apply_layer_decay(
+    model: nn.Module, groups: list[dict[str, Any]], lr: float, decay: float
+) -> list[dict[str, Any]]:
+    """Split ``groups`` by layer depth (:func:`~lightning_tricks.recipes.layer_groups.layer_depths`), each
+    part with ``group_lr * decay**depth`` (``group_lr``: the group's own lr, else ``lr``) and ``layer_depth``.
+
+    Example::
+
+        groups = apply_layer_decay(model, param_groups(model, 5e-4), lr=0.1, decay=0.7)
+    """
+    from lightning_tricks.recipes.layer_groups import layer_depths
+
+    depths = layer_depths(model)
+    depth_of = {id(p): depths[name] for name, p in model.named_parameters()}
+    result: list[dict[str, Any]] = []
+    for group in groups:
+        by_depth: dict[int, list[nn.Parameter]] = {}
+        for param in group["params"]:
+            by_depth.setdefault(depth_of[id(param)], []).append(param)
+        base = group.get("lr", lr)
+        for depth in sorted(by_depth, reverse=True):
+            result.append(
+                {**group, "params": by_depth[depth], "lr": base * decay**depth, "layer_depth": depth}
+            )
+    return result
 
 
 def parameter_kinds(model: nn.Module) -> dict[int, set[str]]:
