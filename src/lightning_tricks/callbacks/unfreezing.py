@@ -105,14 +105,17 @@ class GradualUnfreezing(BaseFinetuning):
             first = min(first, 0 if stage == ALL_STAGES else names.index(stage))
         return first
 
-    def _set_trainable(self, pl_module: L.LightningModule, first: int) -> None:
-        """Stages before ``first`` frozen (BatchNorm per ``train_bn``), from ``first`` on trainable."""
+    def _set_trainable(self, pl_module: L.LightningModule, first: int, set_modes: bool = False) -> None:
+        """Stages before ``first`` frozen (BatchNorm per ``train_bn``), from ``first`` on trainable; with
+        ``set_modes`` also the BatchNorm train/eval modes (at epoch start: Lightning warns about modules in
+        eval mode when training starts, and its validation loop restores the modes it found)."""
         for index, (_, module) in enumerate(self._stages(pl_module)):
             frozen = index < first
             module.requires_grad_(not frozen)
             for norm in (m for m in module.modules() if isinstance(m, BATCH_NORMS)):
                 norm.requires_grad_(not frozen or self.train_bn)
-                norm.train(pl_module.training and (not frozen or self.train_bn))
+                if set_modes:
+                    norm.train(pl_module.training and (not frozen or self.train_bn))
 
     # -- BaseFinetuning hooks ------------------------------------------------------------------
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
@@ -142,7 +145,7 @@ class GradualUnfreezing(BaseFinetuning):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)  # calls finetune_function, records new groups
         names = [name for name, _ in self._stages(pl_module)]
-        self._set_trainable(pl_module, self._first_trainable(names, self.unfrozen_epochs))  # BN modes
+        self._set_trainable(pl_module, self._first_trainable(names, self.unfrozen_epochs), set_modes=True)
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         """Apply the milestones up to ``epoch`` not applied yet; unfrozen parameters join ``optimizer``."""

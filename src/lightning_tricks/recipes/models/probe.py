@@ -1,9 +1,9 @@
 """The lectures' linear classifier on features of several stages of a frozen network (multi-stage probe).
 
-A backbone from the zoo (any registered name or ``timm/<name>``, optionally with local weights) is frozen and
-kept in eval mode; the outputs of the named stages are taken with torchvision's ``create_feature_extractor``,
-global-average pooled (feature maps over space, token sequences over tokens), concatenated, and fed to one
-trainable ``nn.Linear`` (``classifier``).
+A backbone from the zoo (any registered name or ``timm/<name>``, optionally with local weights) is frozen
+and always run in eval mode; the outputs of the named stages are taken with torchvision's
+``create_feature_extractor``, global-average pooled (feature maps over space, token sequences over
+tokens), concatenated, and fed to one trainable ``nn.Linear`` (``classifier``).
 
 Example::
 
@@ -82,15 +82,16 @@ class MultiStageLinearProbe(nn.Module):
             width = self.features(torch.zeros(1, in_channels, input_size, input_size)).shape[1]
         self.classifier = nn.Linear(width, num_classes)
 
-    def train(self, mode: bool = True) -> MultiStageLinearProbe:
-        super().train(mode)
-        self.backbone.eval()  # frozen: BatchNorm statistics and dropout of the backbone never change
-        return self
-
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Concatenated pooled outputs of the stages, in the order of ``stages``."""
-        with torch.no_grad():
-            outputs = self.backbone(images)
+        """Concatenated pooled outputs of the stages, in the order of ``stages``; the backbone always runs in
+        eval mode (BatchNorm statistics and dropout of a frozen network never change), whatever its flag."""
+        mode = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.no_grad():
+                outputs = self.backbone(images)
+        finally:
+            self.backbone.train(mode)
         return torch.cat([pooled(outputs[s]) for s in self.stages], dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
