@@ -75,7 +75,7 @@ class MultiStageLinearProbe(nn.Module):
                 f"model_kwargs.stages={list(stages)!r}: {unknown or 'empty'} not module(s) of the backbone; "
                 f"its stages are {', '.join(stage_names(backbone))} (any module name of print(backbone))"
             )
-        backbone.eval().requires_grad_(False)
+        backbone.requires_grad_(False)
         self.stages = list(stages)
         self.backbone = create_feature_extractor(backbone, return_nodes={s: s for s in self.stages})
         with torch.no_grad():
