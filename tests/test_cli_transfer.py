@@ -14,7 +14,7 @@ from lightning_tricks.cli import build_cli
 from lightning_tricks.recipes.models import create_model
 
 pytest.importorskip("timm")
-from timm.optim import param_groups_layer_decay  # noqa: E402
+from timm.optim import param_groups_layer_decay
 
 
 def _config(tmp_path: Path, model: dict, callbacks: list[dict] | None = None) -> str:
