@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import digits_loaders, quiet_trainer_kwargs
+from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -172,6 +172,36 @@ def test_resumed_run_has_the_same_frozen_set_groups_and_weights_as_an_uninterrup
             assert got[0] == want[0] and got[1:] == pytest.approx(want[1:]), epoch
     for key, value in full.net.state_dict().items():
         torch.testing.assert_close(resumed.net.state_dict()[key], value, msg=key)
+
+
+class FilteringPlainClassifier(PlainClassifier):
+    """A user's module that builds its optimizer from the trainable parameters, as BaseFinetuning asks."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+
+def test_a_plain_lightning_module_gets_its_stages_unfrozen_into_one_group_at_its_lr(tmp_path):
+    torch.manual_seed(0)
+    model = FilteringPlainClassifier(lr=0.1)  # net: Flatten, Linear "1", ReLU, Linear "3"
+    snapshot = Snapshot()
+    first = model.net[1].weight.detach().clone()
+    train, _ = digits_loaders(batch_size=32, n_train=96)
+    trainer = L.Trainer(
+        **quiet_trainer_kwargs(tmp_path),
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        callbacks=[GradualUnfreezing({1: "1"}), snapshot],
+    )
+    trainer.fit(model, train)
+    assert snapshot.trainable[0] == {"3.weight", "3.bias"}
+    assert snapshot.trainable[1] == {"1.weight", "1.bias", "3.weight", "3.bias"}
+    assert [(set(names), lr) for names, lr, _ in snapshot.groups[1]] == [
+        ({"3.weight", "3.bias"}, 0.1),
+        ({"1.weight", "1.bias"}, 0.1),
+    ]
+    assert not torch.equal(model.net[1].weight, first)  # trained once unfrozen
 
 
 def test_schedule_naming_a_missing_stage_fails_before_training_listing_the_stages(tmp_path):
