@@ -17,7 +17,10 @@ from lightning_tricks._lightning_compat import child_schedulers, set_last_lr
 # Per-group lists of schedulers whose new entries copy the reference group's (group 0), scaled by lr ratio.
 _SCALED_LISTS = ("base_lrs", "max_lrs")
 # Per-group lists whose new entries copy the reference group's as is.
-_COPIED_LISTS = ("lr_lambdas", "min_lrs")
+_COPIED_LISTS = ("lr_lambdas", "min_lrs", "base_momentums", "max_momentums")
+# Keys schedulers keep in each param group: lr values (scaled by the lr ratio) and momentum bounds (copied).
+_SCALED_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr")
+_COPIED_GROUP_KEYS = ("base_momentum", "max_momentum")
 
 
 def _nested(schedulers: Iterable[Any]) -> list[Any]:
@@ -53,14 +56,21 @@ def extend_schedulers(schedulers: Iterable[Any], ratios: list[float], lrs: list[
         set_last_lr(scheduler, [*last, *lrs])
 
 
+def nominal_lr(group: dict[str, Any]) -> float:
+    """The lr a param group was configured with: OneCycleLR's peak ``max_lr`` (it starts at
+    ``max_lr / div_factor``), else the schedule's starting ``initial_lr``, else the current ``lr``."""
+    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
+
+
 def add_param_groups(
     optimizer: torch.optim.Optimizer, schedulers: Iterable[Any], groups: list[dict[str, Any]]
 ) -> None:
     """Add ``groups`` (each with its nominal ``lr``, i.e. the lr it would have at the schedule's start) to
     ``optimizer``, scaled to where the schedule is now, and extend ``schedulers`` so they drive them.
 
-    Where the reference group (group 0) is now at ``lr / initial_lr = f`` of its nominal rate, a new group
-    gets ``nominal * f``; OneCycleLR's per-group ``max_lr``/``min_lr`` are copied in proportion.
+    Where the reference group (group 0) is now at ``lr / nominal = f`` of its nominal rate, a new group
+    gets ``nominal * f``; OneCycleLR's per-group ``max_lr``/``min_lr`` follow in proportion, its momentum
+    bounds are copied.
 
     Example::
 
@@ -69,16 +79,19 @@ def add_param_groups(
     if not groups:
         return
     ref = optimizer.param_groups[0]
-    ref_nominal = float(ref.get("initial_lr", ref["lr"]))
+    ref_nominal = nominal_lr(ref)
     position = float(ref["lr"]) / ref_nominal
     ratios, lrs = [], []
     for group in groups:
         nominal = float(group["lr"])
         ratio = nominal / ref_nominal
         new = {**group, "lr": nominal * position}
-        for key in ("initial_lr", "max_lr", "min_lr"):
+        for key in _SCALED_GROUP_KEYS:
             if key in ref:
                 new[key] = float(ref[key]) * ratio
+        for key in _COPIED_GROUP_KEYS:
+            if key in ref:
+                new[key] = ref[key]
         optimizer.add_param_group(new)
         ratios.append(ratio)
         lrs.append(new["lr"])

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_tricks.callbacks._param_group_join import add_param_groups, extend_schedulers
+from lightning_tricks.callbacks._param_group_join import add_param_groups, extend_schedulers, nominal_lr
 from lightning_tricks.recipes.layer_groups import stage_names
 
 #: Schedule value that unfreezes every stage.
@@ -135,10 +135,10 @@ class GradualUnfreezing(BaseFinetuning):
         self._set_trainable(pl_module, self._first_trainable(names, self.unfrozen_epochs))
         for optimizer, count in zip(trainer.optimizers, built, strict=True):
             added = optimizer.param_groups[count:]
-            ref = float(optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
+            ref = nominal_lr(optimizer.param_groups[0])
             extend_schedulers(
                 self._schedulers_of(trainer, optimizer),
-                [float(g.get("initial_lr", g["lr"])) / ref for g in added],
+                [nominal_lr(g) / ref for g in added],
                 [float(g["lr"]) for g in added],
             )
 
@@ -173,9 +173,8 @@ class GradualUnfreezing(BaseFinetuning):
         build = getattr(pl_module, "optimizer_param_groups", None)
         if callable(build):
             return build()
-        ref = optimizer.param_groups[0]
         params = [p for p in pl_module.parameters() if p.requires_grad]
-        return [{"params": params, "lr": float(ref.get("initial_lr", ref["lr"]))}]
+        return [{"params": params, "lr": nominal_lr(optimizer.param_groups[0])}]
 
     @staticmethod
     def _schedulers_of(trainer: L.Trainer, optimizer: Optimizer) -> list[Any]:
