@@ -3,6 +3,8 @@ untouched, BatchNorm convention, resume equal to an uninterrupted run, and bad s
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -230,3 +232,10 @@ def test_schedule_naming_a_missing_stage_fails_before_training_listing_the_stage
 def test_bad_arguments_are_rejected_in_the_constructor(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_several_processes_are_refused_before_anything_is_frozen():
+    model = _model()
+    with pytest.raises(ValueError, match=r"runs on one device .*world size is 2.*never synchronises"):
+        FineTune(freeze_epochs=1).setup(SimpleNamespace(world_size=2), model, "fit")
+    assert all(p.requires_grad for p in model.parameters())

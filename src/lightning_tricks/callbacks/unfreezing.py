@@ -118,6 +118,17 @@ class GradualUnfreezing(BaseFinetuning):
                     norm.train(pl_module.training and (not frozen or self.train_bn))
 
     # -- BaseFinetuning hooks ------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse several processes, then freeze (:meth:`freeze_before_training`)."""
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"{type(self).__name__} runs on one device (trainer world size is {trainer.world_size}): "
+                "DistributedDataParallel never synchronises parameters that were frozen when it wrapped the "
+                "model, so replicas would drift apart after unfreezing. Train with devices=1, or unfreeze "
+                "everything from the start"
+            )
+        super().setup(trainer, pl_module, stage)
+
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         """Check the schedule against the network's stages, then freeze all but the last stage."""
         names = [name for name, _ in self._stages(pl_module)]

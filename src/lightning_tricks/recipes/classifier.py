@@ -69,7 +69,8 @@ class ImageClassifier(L.LightningModule):
     """Cross-entropy image classifier over a backbone from the model zoo.
 
     Args:
-        model: Registered model name (see :func:`lightning_tricks.recipes.models.list_models`).
+        model: Registered model name (see :func:`lightning_tricks.recipes.models.list_models`), or
+            ``timm/<name>`` for a timm architecture (timm installed; random weights, see ``pretrained``).
         num_classes: Number of classes (linked from the DataModule by the CLI).
         in_channels: Image channels (linked from the DataModule by the CLI).
         model_kwargs: Extra arguments of the model factory (``norm``, ``depth``, ``weights_path``...).
