@@ -203,7 +203,9 @@ class GradualUnfreezing(BaseFinetuning):
 
 class FineTune(GradualUnfreezing):
     """fastai's ``fine_tune(freeze_epochs=N)``: train only the last stage (the head) for ``freeze_epochs``
-    epochs, then the whole network; discriminative rates come from ``optimizer.layer_decay``.
+    epochs, then the whole network; discriminative rates come from ``optimizer.layer_decay``. Unlike fastai,
+    which restarts a one-cycle schedule at half the lr after unfreezing, the configured schedule simply
+    continues (the unfrozen groups join it at its current position).
 
     Args:
         freeze_epochs: Head-only epochs, ``>= 1``.
