@@ -77,7 +77,7 @@ def epilog() -> str:
             else []
         ),
         "names (use as --model.init_args.model NAME, --data NAME, --trainer.callbacks+=NAME):",
-        _wrapped("models", list_models()),
+        _wrapped("models", [*list_models(), "timm/<name>"]),
         _wrapped("data", [n for n in datamodules.__all__ if n.endswith("DataModule")]),
         _wrapped("callbacks", callback_names),
     ]

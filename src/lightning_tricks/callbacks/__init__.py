@@ -27,10 +27,13 @@ from lightning_tricks.callbacks.optimizer_switch import OptimizerSwitch
 from lightning_tricks.callbacks.overfit import OverfitTinyBatch
 from lightning_tricks.callbacks.sanity import SanityCheckError
 from lightning_tricks.callbacks.snapshot import SnapshotEnsemble
+from lightning_tricks.callbacks.unfreezing import FineTune, GradualUnfreezing
 
 __all__ = [
     "EMA",
     "Finding",
+    "FineTune",
+    "GradualUnfreezing",
     "InitLossCheck",
     "LRFinder",
     "LRFinderResults",

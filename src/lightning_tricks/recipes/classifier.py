@@ -49,7 +49,7 @@ from lightning_tricks.recipes.init import InitConfig, initialize
 from lightning_tricks.recipes.models import create_model, get_classifier
 from lightning_tricks.recipes.models.layers import dropout_disabled
 from lightning_tricks.recipes.nonfinite import NonFiniteLossGuard
-from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
+from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer, build_param_groups, scaled_lr
 from lightning_tricks.recipes.optim_wrappers import find_wrapper
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
 from lightning_tricks.recipes.sam import SAM
@@ -85,7 +85,8 @@ class ImageClassifier(L.LightningModule):
     """Cross-entropy image classifier over a backbone from the model zoo.
 
     Args:
-        model: Registered model name (see :func:`lightning_tricks.recipes.models.list_models`).
+        model: Registered model name (see :func:`lightning_tricks.recipes.models.list_models`), or
+            ``timm/<name>`` for a timm architecture (timm installed; random weights, see ``pretrained``).
         num_classes: Number of classes (linked from the DataModule by the CLI).
         in_channels: Image channels (linked from the DataModule by the CLI).
         model_kwargs: Extra arguments of the model factory (``norm``, ``depth``, ``weights_path``...).
@@ -111,6 +112,10 @@ class ImageClassifier(L.LightningModule):
         gradient_clipping: Adaptive gradient clipping, ``{mode: agc, clip_factor: 0.01}``
             (:class:`~lightning_tricks.recipes.clipping.GradientClippingConfig`), applied in
             :meth:`configure_gradient_clipping`; clipping by norm or value is ``trainer.gradient_clip_val``.
+        pretrained: Local weights file loaded into the network after initialisation (a ``state_dict`` or a
+            checkpoint of this recipe; ``torch.load(weights_only=True)``, never a download). A classifier of
+            another size is re-initialised with a warning; other mismatched keys are an error naming them
+            (:func:`~lightning_tricks.recipes.pretrained.load_pretrained`).
 
     A network with an ``init_whitening(images)`` method (the ``airbench`` model) gets it called on
     the first training batch of a fresh run (rank 0's batch, broadcast to all ranks), so its
@@ -133,6 +138,7 @@ class ImageClassifier(L.LightningModule):
         compile: str | None = None,
         loss: str = "cross_entropy",
         gradient_clipping: GradientClippingConfig | None = None,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if compile is not None and compile not in COMPILE_MODES:
@@ -179,6 +185,10 @@ class ImageClassifier(L.LightningModule):
             model, num_classes=num_classes, in_channels=in_channels, **self._model_kwargs(model_kwargs)
         )
         initialize(self.net, self.init_config)
+        if pretrained is not None:
+            from lightning_tricks.recipes.pretrained import load_pretrained
+
+            load_pretrained(self.net, pretrained, key="model.init_args.pretrained")
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         if compile is not None:
@@ -423,6 +433,19 @@ class ImageClassifier(L.LightningModule):
         if batch_size is None:
             return None
         return batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """The param groups :meth:`configure_optimizers` would build now for the trainable parameters
+        (weight-decay split, ``lr_multipliers``, ``layer_decay``, linear scaling rule), each with its ``lr``;
+        read by the unfreezing callbacks to add parameters to a running optimizer as if always there."""
+        config = self.optimizer_config
+        global_batch = self._global_batch_size()
+        lr = scaled_lr(config.lr, config.base_batch_size, global_batch)
+        groups = [{"lr": lr, **group} for group in build_param_groups(self.net, config, lr)]
+        if config.base_batch_size is not None and global_batch is not None:
+            for group in groups:
+                group[LR_BATCH_KEY] = global_batch
+        return groups
 
     def configure_optimizers(self) -> Any:
         total_steps = int(self.trainer.estimated_stepping_batches)  # loads the train loader (epoch budgets)

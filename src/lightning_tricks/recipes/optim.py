@@ -114,6 +114,11 @@ class OptimizerConfig:
         sam: Wrap the optimizer in SAM (:class:`~lightning_tricks.recipes.sam.SAM`): ``{rho: 0.05,
             adaptive: false}`` (``adaptive: true`` is ASAM); ``None`` for none. Each step then costs two
             forward/backward passes. With both, Lookahead wraps SAM.
+        layer_decay: Discriminative (layer-wise decayed) learning rates, as timm's ``layer_decay`` and
+            fastai's ``slice(lo, hi)``: a parameter ``depth`` layers below the classifier gets
+            ``lr * layer_decay**depth`` (layers as :mod:`~lightning_tricks.recipes.layer_groups` defines
+            them); ``None`` (default) gives every layer ``lr``. In ``(0, 1]``, e.g. 0.7. It multiplies
+            ``lr_multipliers`` and the linear scaling rule, and schedules scale each group's lr.
 
     Example::
 
@@ -133,6 +138,7 @@ class OptimizerConfig:
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     lookahead: dict[str, Any] | None = None
     sam: dict[str, Any] | None = None
+    layer_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZER_NAMES:
@@ -172,6 +178,13 @@ class OptimizerConfig:
                 raise ValueError(
                     f"optimizer.lr_multipliers.{kind} must be a positive number, got {factor!r}; e.g. 64"
                 )
+        if self.layer_decay is not None and not (
+            isinstance(self.layer_decay, (int, float)) and 0 < self.layer_decay <= 1
+        ):
+            raise ValueError(
+                f"optimizer.layer_decay must be in (0, 1] or null, got {self.layer_decay!r}; "
+                "e.g. 0.7 (each layer below the head trains at 0.7x the lr of the layer above)"
+            )
         self._reject_foreign_options()
         object.__setattr__(
             self, "lookahead", _wrapper_settings("lookahead", self.lookahead, LOOKAHEAD_DEFAULTS)
@@ -302,7 +315,7 @@ def build_optimizer(
         optimizer = build_optimizer(model, OptimizerConfig(name="adam", lr=1e-3))
     """
     lr = scaled_lr(config.lr, config.base_batch_size, global_batch_size)
-    groups = param_groups(model, config.weight_decay, config.exclude_norm_and_bias_from_decay)
+    groups = build_param_groups(model, config, lr)
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     wd = config.weight_decay
@@ -334,10 +347,52 @@ def build_optimizer(
         ),
     }
     cls, defaults = factories[config.name]
-    if config.lr_multipliers:
-        groups = apply_lr_multipliers(model, groups, lr, config.lr_multipliers)
     optimizer = cls(groups, lr=lr, **{**defaults, **config.kwargs})
     return wrap_optimizer(optimizer, config)
+
+
+def build_param_groups(model: nn.Module, config: OptimizerConfig, lr: float) -> list[dict[str, Any]]:
+    """The param groups :func:`build_optimizer` gives the trainable parameters of ``model`` at base rate
+    ``lr``: the weight-decay split, then ``lr_multipliers``, then ``layer_decay``; groups without an ``lr``
+    use ``lr``.
+
+    Example::
+
+        groups = build_param_groups(model, OptimizerConfig(layer_decay=0.7), lr=0.1)
+    """
+    groups = param_groups(model, config.weight_decay, config.exclude_norm_and_bias_from_decay)
+    if config.lr_multipliers:
+        groups = apply_lr_multipliers(model, groups, lr, config.lr_multipliers)
+    if config.layer_decay is not None:
+        groups = apply_layer_decay(model, groups, lr, config.layer_decay)
+    return groups
+
+
+def apply_layer_decay(
+    model: nn.Module, groups: list[dict[str, Any]], lr: float, decay: float
+) -> list[dict[str, Any]]:
+    """Split ``groups`` by layer depth (:func:`~lightning_tricks.recipes.layer_groups.layer_depths`), each
+    part with ``group_lr * decay**depth`` (``group_lr``: the group's own lr, else ``lr``) and ``layer_depth``.
+
+    Example::
+
+        groups = apply_layer_decay(model, param_groups(model, 5e-4), lr=0.1, decay=0.7)
+    """
+    from lightning_tricks.recipes.layer_groups import layer_depths
+
+    depths = layer_depths(model)
+    depth_of = {id(p): depths[name] for name, p in model.named_parameters()}
+    result: list[dict[str, Any]] = []
+    for group in groups:
+        by_depth: dict[int, list[nn.Parameter]] = {}
+        for param in group["params"]:
+            by_depth.setdefault(depth_of[id(param)], []).append(param)
+        base = group.get("lr", lr)
+        for depth in sorted(by_depth, reverse=True):
+            result.append(
+                {**group, "params": by_depth[depth], "lr": base * decay**depth, "layer_depth": depth}
+            )
+    return result
 
 
 def wrap_optimizer(optimizer: torch.optim.Optimizer, config: OptimizerConfig) -> torch.optim.Optimizer:

@@ -3,7 +3,8 @@
 Importing this package registers every family: ``linear``, ``mlp``, ``small_cnn``, the CIFAR
 ResNets ``resnet20/32/44/56/110``, ``preact_resnet18``, ``wide_resnet``/``wrn_28_10``/``wrn_16_8``
 the torchvision ``resnet18/34/50`` and ``mobilenet_v3_small``, and ``airbench`` (patch-whitening
-first layer, see :mod:`~lightning_tricks.recipes.models.airbench`).
+first layer, see :mod:`~lightning_tricks.recipes.models.airbench`), ``linear_probe`` (a linear classifier on
+several stages of a frozen zoo network) and, with timm installed, ``timm/<name>``.
 
 Example::
 
@@ -19,6 +20,7 @@ from lightning_tricks.recipes.models import (  # noqa: F401  (imported to regist
     cnn,
     mlp,
     preact_resnet,
+    probe,
     torchvision_models,
     wide_resnet,
 )

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from lightning_tricks.recipes.models.layers import apply_drop_connect
+from lightning_tricks.recipes.models.timm_models import create_timm_model, is_timm_name
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -104,7 +105,10 @@ def get_model_entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}") from None
+        raise ValueError(
+            f"unknown model {name!r}; valid names: {', '.join(list_models())}, or timm/<name> "
+            "for a timm architecture (timm installed)"
+        ) from None
 
 
 def create_model(
@@ -118,6 +122,8 @@ def create_model(
 
     Keyword arguments the factory does not accept raise ``TypeError`` naming the model and the
     arguments it does accept, so a typo in YAML fails at start-up with a useful message.
+
+    ``timm/<name>`` builds a timm architecture (:mod:`~lightning_tricks.recipes.models.timm_models`).
 
     ``drop_connect_layers`` (``"all"`` or module names) puts DropConnect with rate ``drop_connect`` on
     those linear/conv layers instead of the classifier alone
@@ -136,6 +142,8 @@ def create_model(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if is_timm_name(name):
+        return create_timm_model(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
     entry = get_model_entry(name)
     params = inspect.signature(entry.factory).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
