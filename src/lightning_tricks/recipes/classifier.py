@@ -2,7 +2,8 @@
 
 Metric names (stable, read by callbacks and dashboards):
 
-- ``train/loss`` (the optimised objective: data loss + penalty), ``train/acc``
+- ``train/loss`` (the optimised objective: data loss + penalty), ``train/acc``; ``train/jsd`` (the
+  AugMix Jensen-Shannon term) with ``regularization.jsd_lambda``
 - ``val/loss``, ``val/acc``, ``val/acc_top5``
 - ``test/loss``, ``test/acc``, ``test/acc_top5``, and ``test/acc_tta`` when test-time augmentation is on
 
@@ -33,13 +34,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks import adapters
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
+from lightning_tricks.recipes.consistency import jensen_shannon, split_views
 from lightning_tricks.recipes.init import InitConfig, initialize
 from lightning_tricks.recipes.models import create_model, get_classifier
 from lightning_tricks.recipes.models.layers import dropout_disabled
@@ -216,6 +218,16 @@ class ImageClassifier(L.LightningModule):
             logits, targets, label_smoothing=eps, convention=cfg.label_smoothing_convention
         )
 
+    def augmix_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """AugMix's objective on a ``[clean; view 1; view 2]`` batch: ``(CE(clean) + lambda * JS, JS)``.
+
+        ``lambda`` is ``regularization.jsd_lambda``, scaled like the other regularisers.
+        """
+        clean, *views = split_views(logits)
+        consistency = jensen_shannon(clean, *views)
+        weight = self.regularization_config.jsd_lambda * self._regularization_scale
+        return self.data_loss(clean, targets[: len(clean)]) + weight * consistency, consistency
+
     def penalty(self) -> torch.Tensor:
         """The L1/L2 (elastic-net) penalty on the weights, scaled by the regularisation factor."""
         cfg = self.regularization_config
@@ -244,6 +256,23 @@ class ImageClassifier(L.LightningModule):
     def _hard_targets(targets: torch.Tensor) -> torch.Tensor:
         return targets.argmax(dim=1) if targets.ndim == 2 else targets
 
+    def on_fit_start(self) -> None:
+        """Check that the DataModule yields the AugMix views the Jensen-Shannon loss needs (and back)."""
+        datamodule = self.trainer.datamodule
+        views = getattr(datamodule, "augmix_jsd", None)
+        lam = self.regularization_config.jsd_lambda
+        if lam and views is False:
+            raise ValueError(
+                f"regularization.jsd_lambda={lam} needs a clean and two AugMix views of every training "
+                "image, but data.init_args.augmix_jsd is false; set it true (with augmix as the last "
+                "preset of data.init_args.augment), or regularization.jsd_lambda: 0"
+            )
+        if views and not lam:
+            rank_zero_warn(
+                "data.init_args.augmix_jsd=true yields three views per image but regularization.jsd_lambda "
+                "is 0, so they are trained as plain extra samples; set jsd_lambda (12 in the AugMix paper)"
+            )
+
     def on_train_epoch_start(self) -> None:
         """Keep the linear scaling rule on the current global batch (see :meth:`follow_global_batch`)
         and start the epoch's running training metrics empty."""
@@ -271,8 +300,12 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, targets = batch
         logits = self(images)
-        loss = self.data_loss(logits, targets)
         cfg = self.regularization_config
+        consistency = None
+        if cfg.jsd_lambda:
+            loss, consistency = self.augmix_loss(logits, targets)
+        else:
+            loss = self.data_loss(logits, targets)
         reg = self.penalty() if (cfg.l1 or cfg.l2) and self._regularization_scale else None
         if reg is not None:
             loss = loss + reg
@@ -280,6 +313,8 @@ class ImageClassifier(L.LightningModule):
             return None  # "skip": Lightning skips backward and the optimizer step
         if reg is not None:
             self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
+        if consistency is not None:
+            self.log("train/jsd", consistency.detach(), on_step=True, on_epoch=True)
         # update(), not forward: the accuracy is logged per epoch only, so the per-batch value that
         # forward computes (a state copy and a compute per step) would be thrown away.
         self.train_acc.update(logits.detach(), self._hard_targets(targets))
