@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -82,3 +83,23 @@ def test_on_device_presets_repeats_and_mixup_off_epoch_from_yaml(tmp_path):
     assert not data.mixing()  # epoch 1 trained on clean batches
     checkpoint = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
     assert checkpoint["DigitsDataModule"]["data_order"]["epoch"] in (1, 2)
+
+
+def test_readme_augmentation_yaml_builds_the_documented_pipeline(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "augmix_jsd" in b]
+    fragment = tmp_path / "augment.yaml"
+    fragment.write_text(block)
+    jsd = "--model.init_args.regularization.jsd_lambda=12"
+    cli = build_cli(["--config", CONFIG, "--config", str(fragment), jsd], run=False)
+    cli.datamodule.setup("fit")
+    views = cli.datamodule.train_dataloader().dataset.transform
+    assert [type(t).__name__ for t in views.base.transforms] == [
+        "RandomCrop",
+        "RandomHorizontalFlip",
+        "ToDtype",
+        "JPEG",
+        "LensDistortion",
+        "SaltAndPepper",
+    ]
+    assert cli.model.regularization_config.jsd_lambda == 12
