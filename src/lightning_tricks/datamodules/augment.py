@@ -10,7 +10,10 @@ Presets are picked by name in YAML and compose as a list, applied in order::
 
 Per-sample presets keep the input dtype where torchvision does (uint8 stays uint8, which keeps
 host memory and the host-to-device copy small); ``noise`` and ``pca_lighting`` convert to float
-in [0, 1] first. Normalisation with the training statistics happens later, on the device.
+in [0, 1] first, ``jpeg`` (which encodes uint8 only) to uint8. ``lens_distortion`` and
+``salt_pepper`` are hand-written (:mod:`~lightning_tricks.datamodules.distortions`) and also run
+batched on the device; ``augmix`` with the DataModules' ``augmix_jsd`` yields :class:`AugMixViews`.
+Normalisation with the training statistics happens later, on the device.
 
 Example::
 
