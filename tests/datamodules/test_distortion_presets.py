@@ -195,6 +195,8 @@ def test_datamodule_yields_clean_and_two_augmix_views_in_timm_layout():
     assert flat.shape == (24, 1, 16, 16) and torch.equal(targets, labels.repeat(3))
     assert torch.equal(flat[:8], dm.normalize_images(images[:, 0]))  # clean views first
     assert torch.equal(flat[8:16], dm.normalize_images(images[:, 1]))
+    dm.trainer.training = False  # a before-training check drawing training batches gets the same layout
+    assert dm.on_after_batch_transfer((images, labels), 0)[0].shape == (24, 1, 16, 16)
 
 
 @pytest.mark.parametrize(

@@ -231,7 +231,9 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
             # the checkpointed run left them (anything run in between, e.g. the sanity check, is moot).
             restore_rng_states(self._resume_rng)
             self._resume_rng = None
-        if training and self.augmix_jsd:
+        if self.augmix_jsd and images.ndim == 5:
+            # Views come from the training loader only; callbacks may also draw its batches outside
+            # the training stage (before-training checks), which get the same flat layout.
             images, targets = flatten_views(images, targets)
         if training:
             images, targets = self.augment_batch(images, targets)
