@@ -206,6 +206,7 @@ def test_datamodule_yields_clean_and_two_augmix_views_in_timm_layout():
             {"augment": "jpeg", "augment_kwargs": {"jpeg": {"quality": 0}}},
             ["augment_kwargs.jpeg.quality=0", "1 <= low <= high <= 100", "e.g."],
         ),
+        ({"augment": "jpeg", "augment_kwargs": {"jpeg": {"quality": [50]}}}, ["quality=[50]", "[low, high]"]),
         (
             {"augment": "jpeg", "augment_kwargs": {"jpeg": {"quality": [90, 101]}}},
             ["quality=[90, 101]", "1 <= low <= high <= 100"],

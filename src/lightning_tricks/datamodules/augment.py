@@ -204,7 +204,8 @@ def _random_erasing(
 
 
 def _jpeg(ctx: PresetContext, quality: int | Sequence[int] = (50, 100)) -> list[Callable]:
-    low, high = (quality, quality) if isinstance(quality, int) else tuple(quality)
+    ends = [quality, quality] if isinstance(quality, int) else list(quality)
+    low, high = ends if len(ends) == 2 else (0, 0)
     if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high <= 100):
         raise ValueError(
             f"augment_kwargs.jpeg.quality={quality} is out of range: it must be an integer or "
