@@ -151,6 +151,24 @@ def test_salt_pepper_has_the_same_distribution_on_the_device_and_per_sample_path
     assert device_batches[0].dtype == sample_batches[0].dtype == torch.uint8
 
 
+def test_lens_distortion_has_the_same_distribution_on_the_device_and_per_sample_paths():
+    # Mean absolute change of a pixel: a function of the per-image k ~ U[0.1, 0.3] on both paths.
+    options = {"augment": ["lens_distortion"], "augment_kwargs": {"lens_distortion": {"k": [0.1, 0.3]}}}
+    torch.manual_seed(0)
+    on_device = RandomPixels(batch_size=256, **options)
+    on_device.setup("fit")
+    original, labels = next(iter(on_device.train_dataloader()))
+    device_change = (on_device.augment_batch(original, labels)[0].float() - original.float()).abs().mean()
+    per_sample = RandomPixels(batch_size=256, augment_on_device=False, **options)
+    per_sample.setup("fit")
+    images = per_sample._split("train").tensors[0]
+    transform = per_sample.train_transform()
+    sample_change = torch.stack([(transform(x).float() - x.float()).abs().mean() for x in images]).mean()
+    unchanged = (lens_distort(images, torch.zeros(256)).float() - images.float()).abs().mean()
+    assert unchanged == 0 and device_change > 10  # k in [0.1, 0.3] moves pixels noticeably
+    assert abs(device_change - sample_change) < 0.05 * sample_change
+
+
 def test_on_device_lens_distortion_draws_k_uniformly_per_image():
     augment = OnDeviceAugment(["lens_distortion"], options={"lens_distortion": {"k": [0.1, 0.3]}})
     images = torch.rand(6, 1, 11, 11)
