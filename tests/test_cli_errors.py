@@ -230,6 +230,25 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("image-size-small", [f"{DATA}.image_size=4"], ("data.init_args.image_size",)),
     ("augment-preset", [f"{DATA}.augment=[flipp]"], ("data.init_args.augment", "'flip'")),
     ("num-workers", [f"{DATA}.num_workers=-1"], ("data.init_args.num_workers",)),
+    (
+        "jpeg-quality",
+        [
+            f"{DATA}.augment=[jpeg]",
+            f"{DATA}.augment_on_device=false",
+            f"{DATA}.augment_kwargs={{jpeg: {{quality: 101}}}}",
+        ],
+        ("augment_kwargs.jpeg.quality=101", "1 <= low <= high <= 100"),
+    ),
+    (
+        "salt-pepper-fraction",
+        [f"{DATA}.augment=[salt_pepper]", f"{DATA}.augment_kwargs={{salt_pepper: {{fraction: -0.1}}}}"],
+        ("augment_kwargs.salt_pepper.fraction=-0.1", "[0, 1]"),
+    ),
+    (
+        "jsd-without-views",
+        ["--model.init_args.regularization.jsd_lambda=12"],
+        ("regularization.jsd_lambda=12.0", "augmix_jsd"),
+    ),
     # -- callbacks: the message says which one, by its index in trainer.callbacks
     ("ema-decay", [f"{CB}+=EMA", f"{CB}.decay=1.5"], ("trainer.callbacks[2].init_args.decay", "0.999")),
     (

@@ -3,14 +3,14 @@
 Core features never import these; a feature that needs one calls :func:`import_optional` where it
 starts (not at module import), so ``pip install lightning-tricks`` stays lean.
 
-========  ===============================  ========================================================================
+========  ===============================  ==================================================
 extra     packages                         used by
-========  ===============================  ========================================================================
+========  ===============================  ==================================================
 wandb     ``wandb``                        ``WandbLogger`` (configs/logger/wandb.yaml)
 search    ``optuna``, ``sqlalchemy``       ``lightning-tricks search``
-timm      ``timm``                         LARS, LAMB, Lookahead, AGC; ``model: timm/<name>`` and its layer groups
+timm      ``timm``                         LARS/LAMB/Lookahead, AGC, ``model: timm/<name>``
 bench     ``timm``, ``torch_ema``          benchmarks/ (reference implementations)
-========  ===============================  ========================================================================
+========  ===============================  ==================================================
 """
 
 from __future__ import annotations

@@ -69,13 +69,14 @@ class StopAtStep(L.Callback):
             raise Interrupted
 
 
-def _fit(tmp_path, callbacks=(), ckpt_path=None, max_epochs=3) -> RecordOrder:
+def _fit(tmp_path, callbacks=(), ckpt_path=None, max_epochs=3, aug_repeats=1) -> RecordOrder:
     L.seed_everything(0, verbose=False)
     model = RecordOrder()
     kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True}
     trainer = L.Trainer(max_epochs=max_epochs, callbacks=list(callbacks), **kwargs)
+    data = IndexImages(batch_size=BATCH, normalize=False, aug_repeats=aug_repeats)
     with contextlib.suppress(Interrupted):
-        trainer.fit(model, datamodule=IndexImages(batch_size=BATCH, normalize=False), ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model
 
 
@@ -158,6 +159,60 @@ def test_resumed_run_sees_the_uninterrupted_order_and_random_stream(tmp_path, in
     assert state == {"epoch": interrupt_step // 6, "batches_consumed": interrupt_step % 6}
 
     resumed = _fit(tmp_path / "b", ckpt_path=ckpt)
+    assert interrupted.rows + resumed.rows == uninterrupted.rows
+    assert interrupted.draws + resumed.draws == uninterrupted.draws
+
+
+def test_repeated_augmentation_serves_every_index_k_times_per_epoch_in_groups():
+    sampler = ResumableSampler(N, batch_size=BATCH, seed=3, repeats=3)
+    loader = TensorBatchLoader((torch.arange(N),), BATCH, sampler)
+    assert len(sampler) == 3 * N and len(loader) == 17  # ceil(132 / 8)
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order = torch.cat([rows for (rows,) in loader])
+        assert torch.equal(torch.bincount(order, minlength=N), torch.full((N,), 3))
+        # The copies of an image are neighbours (in one batch unless a batch boundary splits them),
+        # and the images come in the epoch's seeded permutation.
+        groups = order.view(N, 3)
+        assert torch.equal(groups, groups[:, :1].expand(N, 3))
+        permutation = torch.randperm(N, generator=torch.Generator().manual_seed(3 + epoch))
+        assert torch.equal(groups[:, 0], permutation)
+        orders.append(order)
+    assert not torch.equal(orders[0], orders[1])
+
+
+def test_repeated_augmentation_splits_copies_across_ranks():
+    shares = [ResumableSampler(N, BATCH, num_replicas=3, rank=r, seed=0, repeats=3) for r in range(3)]
+    assert {len(s) for s in shares} == {N}
+    for share in shares:  # with k = ranks, each rank sees every image once, on its own augmentation draw
+        assert sorted(share) == list(range(N))
+
+
+def test_repeated_copies_get_different_augmentations_on_the_device():
+    data = DigitsDataModule(batch_size=30, augment=["crop_flip", "salt_pepper"], aug_repeats=3, seed=1)
+    data.setup("fit")
+    images, labels = next(iter(data.train_dataloader()))
+    groups = images.view(10, 3, *images.shape[1:])
+    assert all(torch.equal(group[0], group[c]) for group in groups for c in (1, 2))  # the same image...
+    augmented = data.augment_batch(images, labels)[0].view_as(groups)
+    for group in augmented:  # ...augmented three different ways
+        assert not torch.equal(group[0], group[1]) and not torch.equal(group[1], group[2])
+        assert not torch.equal(group[0], group[2])
+
+
+def test_resumed_run_with_repeated_augmentation_sees_the_uninterrupted_order(tmp_path):
+    uninterrupted = _fit(tmp_path / "a", max_epochs=2, aug_repeats=3)
+    assert len(uninterrupted.rows) == 34  # 17 batches of the 132 repeated items per epoch
+    folder = tmp_path / "b" / "ckpt"
+    checkpoints = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=-1)
+    interrupted = _fit(tmp_path / "b", [checkpoints, StopAtStep(21)], max_epochs=2, aug_repeats=3)
+    ckpt = next(folder.glob("*step=21.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["IndexImages"]["data_order"] == {
+        "epoch": 1,
+        "batches_consumed": 4,
+    }
+    resumed = _fit(tmp_path / "b", ckpt_path=ckpt, max_epochs=2, aug_repeats=3)
     assert interrupted.rows + resumed.rows == uninterrupted.rows
     assert interrupted.draws + resumed.draws == uninterrupted.draws
 

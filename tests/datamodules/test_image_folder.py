@@ -109,3 +109,26 @@ def test_statistics_cache_reused(tmp_path, monkeypatch):
     assert torch.equal(first.mean, second.mean) and torch.equal(first.stats.eigvec, second.stats.eigvec)
     small_dm(tmp_path, stats_cache="data_dir", stats_samples=3).setup("fit")  # another sample: refit
     assert len(calls) == 2
+
+
+def test_folder_data_gets_the_new_presets_augmix_views_and_repeats_per_sample(tmp_path):
+    make_tree(tmp_path)
+    dm = small_dm(
+        tmp_path,
+        augment=["inception", "jpeg", "elastic", "lens_distortion", "salt_pepper", "augmix"],
+        augment_kwargs={"elastic": {"alpha": 8.0, "sigma": 2.0}, "salt_pepper": {"fraction": 0.05}},
+        augmix_jsd=True,
+        aug_repeats=2,
+        batch_size=6,
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert len(loader.sampler) == 12  # 6 training images, each twice per epoch
+    images, labels = next(iter(loader))
+    assert images.shape == (6, 3, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(labels[0::2], labels[1::2])  # the copies of an image are neighbours
+    # Each copy has its own crop; the two AugMix views of a copy have their own AugMix draws.
+    assert not torch.equal(images[0, 0], images[1, 0])
+    assert not torch.equal(images[0, 1], images[0, 2])
+    with pytest.raises(ValueError, match=r"elastic.sigma=5.0 is too large for 8x8 images"):
+        small_dm(tmp_path, augment="elastic", crop_size=8, resize_size=8).setup("fit")

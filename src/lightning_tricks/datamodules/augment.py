@@ -10,7 +10,10 @@ Presets are picked by name in YAML and compose as a list, applied in order::
 
 Per-sample presets keep the input dtype where torchvision does (uint8 stays uint8, which keeps
 host memory and the host-to-device copy small); ``noise`` and ``pca_lighting`` convert to float
-in [0, 1] first. Normalisation with the training statistics happens later, on the device.
+in [0, 1] first, ``jpeg`` (which encodes uint8 only) to uint8. ``lens_distortion`` and
+``salt_pepper`` are hand-written (:mod:`~lightning_tricks.datamodules.distortions`) and also run
+batched on the device; ``augmix`` with the DataModules' ``augmix_jsd`` yields :class:`AugMixViews`.
+Normalisation with the training statistics happens later, on the device.
 
 Example::
 
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from lightning_tricks.datamodules.distortions import LensDistortion, SaltAndPepper
 from lightning_tricks.datamodules.stats import ImageStatistics, to_unit_float
 
 PAD_MODES = {"reflect": "reflect", "zeros": "constant"}
@@ -45,6 +49,8 @@ class PresetContext:
         stats: Training statistics (``pca_lighting`` reads its colour PCA at call time, so
             statistics restored from a checkpoint are the ones used).
         autoaugment_policy: ``"imagenet"``, ``"cifar10"`` or ``"svhn"``.
+        check_size: ``False`` checks the presets' options without the checks that need the real
+            image side (a DataModule's constructor, before the data is known).
     """
 
     size: int
@@ -52,6 +58,7 @@ class PresetContext:
     pad_mode: str = "reflect"
     stats: ImageStatistics | None = None
     autoaugment_policy: str = "imagenet"
+    check_size: bool = True
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -196,6 +203,58 @@ def _random_erasing(
     return [v2.RandomErasing(p=p, scale=tuple(scale), value=0)]
 
 
+def _jpeg(ctx: PresetContext, quality: int | Sequence[int] = (50, 100)) -> list[Callable]:
+    ends = [quality, quality] if isinstance(quality, int) else list(quality)
+    low, high = ends if len(ends) == 2 else (0, 0)
+    if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high <= 100):
+        raise ValueError(
+            f"augment_kwargs.jpeg.quality={quality} is out of range: it must be an integer or "
+            "[low, high] with 1 <= low <= high <= 100; e.g. augment_kwargs: {jpeg: {quality: [50, 95]}}"
+        )
+    # JPEG encodes uint8 only; float images in [0, 1] are quantised first (and stay uint8).
+    return [v2.ToDtype(torch.uint8, scale=True), v2.JPEG((low, high))]
+
+
+def _elastic(ctx: PresetContext, alpha: float = 50.0, sigma: float = 5.0) -> list[Callable]:
+    if alpha < 0 or sigma <= 0:
+        raise ValueError(
+            f"augment_kwargs.elastic needs alpha >= 0 and sigma > 0, got alpha={alpha}, sigma={sigma}; "
+            "e.g. augment_kwargs: {elastic: {alpha: 50.0, sigma: 5.0}}"
+        )
+    # The displacement field is smoothed by a Gaussian of kernel side int(8 * sigma + 1), whose
+    # reflect padding must stay below the image side.
+    largest = (ctx.size - 1) / 8
+    if ctx.check_size and int(8 * sigma + 1) // 2 >= ctx.size:
+        raise ValueError(
+            f"augment_kwargs.elastic.sigma={sigma} is too large for {ctx.size}x{ctx.size} images: the "
+            f"smoothing kernel must fit the image, so sigma must be below about {largest:.2f}; "
+            f"e.g. augment_kwargs: {{elastic: {{alpha: {ctx.size / 4:g}, sigma: {largest / 2:.2g}}}}}"
+        )
+    return [v2.ElasticTransform(alpha=alpha, sigma=sigma)]
+
+
+def _lens_distortion(
+    ctx: PresetContext, k: Sequence[float] = (-0.2, 0.2), padding_mode: str = "reflection"
+) -> list[Callable]:
+    return [LensDistortion(k, padding_mode)]
+
+
+def _salt_pepper(ctx: PresetContext, fraction: float = 0.05, salt: float = 0.5) -> list[Callable]:
+    return [SaltAndPepper(fraction, salt)]
+
+
+def _augmix(
+    ctx: PresetContext, severity: int = 3, mixture_width: int = 3, chain_depth: int = -1, alpha: float = 1.0
+) -> list[Callable]:
+    if not 1 <= severity <= 10 or mixture_width < 1 or alpha <= 0:
+        raise ValueError(
+            f"augment_kwargs.augmix needs severity in [1, 10], mixture_width >= 1 and alpha > 0, got "
+            f"severity={severity}, mixture_width={mixture_width}, alpha={alpha}; e.g. the paper's "
+            "augment_kwargs: {augmix: {severity: 3, mixture_width: 3, alpha: 1.0}}"
+        )
+    return [v2.AugMix(severity=severity, mixture_width=mixture_width, chain_depth=chain_depth, alpha=alpha)]
+
+
 PRESETS: dict[str, Callable[..., list[Callable]]] = {
     "none": lambda ctx: [],
     "flip": _flip,
@@ -211,6 +270,11 @@ PRESETS: dict[str, Callable[..., list[Callable]]] = {
     "randaugment": _randaugment,
     "trivialaugment": _trivialaugment,
     "random_erasing": _random_erasing,
+    "jpeg": _jpeg,
+    "elastic": _elastic,
+    "lens_distortion": _lens_distortion,
+    "salt_pepper": _salt_pepper,
+    "augmix": _augmix,
 }
 # Presets that produce images of side ``ctx.size`` from inputs of any size.
 SIZING_PRESETS = ("resnet_scale", "inception")
@@ -224,7 +288,10 @@ def preset_names(names: str | Sequence[str] | None) -> list[str]:
     names = [names] if isinstance(names, str) else list(names)
     unknown = [name for name in names if name not in PRESETS]
     if unknown:
-        raise ValueError(f"unknown augmentation preset(s) {unknown}; valid presets are {sorted(PRESETS)}")
+        raise ValueError(
+            f"augment: unknown augmentation preset(s) {unknown}; valid presets are {sorted(PRESETS)}; "
+            "fix the name(s) in augment, e.g. augment: [crop_flip, jpeg]"
+        )
     return [name for name in names if name != "none"]
 
 
@@ -265,6 +332,59 @@ def build_transform(
         except TypeError as err:
             raise ValueError(f"bad augment_kwargs for preset {name!r}: {err}") from err
     return v2.Compose(transforms or [v2.Identity()])
+
+
+class AugMixViews:
+    """Hendrycks et al.'s (2020) training input for the Jensen-Shannon consistency loss.
+
+    ``base`` (e.g. crop and flip) is drawn once per image; the result is returned beside two
+    independent ``augmented`` (AugMix) draws of it, stacked as ``(3, C, H, W)``. A batch
+    ``(N, 3, C, H, W)`` becomes timm's layout ``[clean; view 1; view 2]`` of ``3N`` images on the
+    device (:meth:`~lightning_tricks.datamodules.base.PreprocessedImageDataModule.on_after_batch_transfer`).
+
+    Example::
+
+        views = AugMixViews(v2.RandomHorizontalFlip(), v2.AugMix())
+        clean, first, second = views(image_uint8_chw)
+    """
+
+    num_views = 3
+
+    def __init__(self, base: Callable, augmented: Callable) -> None:
+        self.base = base
+        self.augmented = augmented
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = self.base(image)
+        views = [self.augmented(image) for _ in range(self.num_views - 1)]
+        return torch.stack([torch.as_tensor(view) for view in (image, *views)])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={self.base}, augmented={self.augmented})"
+
+
+def build_augmix_views(
+    names: str | Sequence[str] | None,
+    context: PresetContext,
+    kwargs: dict[str, dict[str, Any]] | None = None,
+) -> AugMixViews:
+    """:class:`AugMixViews` of the presets before ``augmix`` (shared) and ``augmix`` (per view).
+
+    Raises:
+        ValueError: When ``augmix`` is not the last preset.
+    """
+    names = preset_names(names)
+    if not names or names[-1] != "augmix":
+        raise ValueError(
+            f"augmix_jsd=True needs augmix as the last preset of augment, got augment={names}; "
+            "e.g. augment: [crop_flip, augmix]"
+        )
+    kwargs = _check_kwargs(names, kwargs, list(PRESETS))
+    shared = {name: value for name, value in kwargs.items() if name != "augmix"}
+    own = {"augmix": kwargs["augmix"]} if "augmix" in kwargs else None
+    return AugMixViews(
+        build_transform(names[:-1], context, shared), build_transform(["augmix"], context, own)
+    )
 
 
 class BatchAugment:

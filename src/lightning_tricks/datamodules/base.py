@@ -34,9 +34,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_tricks.datamodules import stats as stats_lib
-from lightning_tricks.datamodules.augment import BatchAugment, PresetContext, build_transform, preset_names
+from lightning_tricks.datamodules.augment import (
+    BatchAugment,
+    PresetContext,
+    build_augmix_views,
+    build_transform,
+    preset_names,
+)
 from lightning_tricks.datamodules.in_memory import TensorBatchLoader, TransformedTensorDataset
-from lightning_tricks.datamodules.on_device import OnDeviceAugment
+from lightning_tricks.datamodules.on_device import ON_DEVICE_PRESETS, OnDeviceAugment
 from lightning_tricks.datamodules.order import ResumableSampler, capture_rng_states, restore_rng_states
 from lightning_tricks.datamodules.resampling import bootstrap_indices
 from lightning_tricks.datamodules.stats import ImageStatistics
@@ -60,6 +66,14 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         batch_augment: ``"mixup"``, ``"cutmix"`` or both (soft ``(N, C)`` float targets).
         mixup_alpha: Beta parameter of mixup.
         cutmix_alpha: Beta parameter of cutmix.
+        mixup_off_epoch: Stop mixing from this (0-based) epoch on (timm's ``mixup_off_epoch``), so
+            the last epochs train on clean images and hard labels; ``None`` mixes every epoch.
+        aug_repeats: Repeated augmentation: each training image ``aug_repeats`` times per epoch,
+            in the same batch, with its own augmentation draw each time (1: off; 3 in DeiT).
+        augmix_jsd: Yield each training image as a clean view and two AugMix views (``augmix``
+            must be the last preset of ``augment``): a training batch of ``N`` images arrives as
+            ``3N`` images ``[clean; view 1; view 2]`` with the labels repeated, for the recipe's
+            Jensen-Shannon consistency loss (``regularization.jsd_lambda``).
         mean_image: Subtract the training mean image instead of the channel mean.
         std_image: Standardise per pixel, ``(x - mean image) / std image``, with each pixel's training
             mean and std, instead of per channel.
@@ -90,6 +104,9 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         batch_augment: str | Sequence[str] | None = None,
         mixup_alpha: float = 0.2,
         cutmix_alpha: float = 1.0,
+        mixup_off_epoch: int | None = None,
+        aug_repeats: int = 1,
+        augmix_jsd: bool = False,
         mean_image: bool = False,
         whitening: str | None = None,
         whitening_eps: float = 1e-2,
@@ -123,6 +140,19 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
             )
         self.mixup_alpha = mixup_alpha
         self.cutmix_alpha = cutmix_alpha
+        self.mixup_off_epoch = _check_mixup_off_epoch(mixup_off_epoch, self.batch_augment)
+        if not isinstance(aug_repeats, int) or aug_repeats < 1:
+            raise ValueError(
+                f"aug_repeats={aug_repeats} is out of range: it must be an integer >= 1 (1: off); "
+                "e.g. aug_repeats: 3"
+            )
+        self.aug_repeats = aug_repeats
+        if augmix_jsd and self.batch_augment:
+            raise ValueError(
+                f"augmix_jsd=True cannot be combined with batch_augment={self.batch_augment}: mixing "
+                "would pair the clean and AugMix views of different images; set batch_augment: null"
+            )
+        self.augmix_jsd = augmix_jsd
         self.stats = ImageStatistics(
             normalize=normalize,
             mean_image=mean_image,
@@ -130,6 +160,8 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
             eps=whitening_eps,
             std_image=std_image,
         )
+        # Every preset option is checked now, not at the first batch (the image side is not known yet).
+        self.preset_transform(PresetContext(size=1, stats=self.stats, check_size=False))
         self.stats_cache = None if stats_cache is None else Path(stats_cache)
         self.bootstrap_seed = bootstrap_seed
         self._batch_augment: BatchAugment | None = None
@@ -188,6 +220,12 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
                 cutmix_alpha=self.cutmix_alpha,
             )
 
+    def preset_transform(self, context: PresetContext) -> Callable:
+        """The per-sample ``augment`` pipeline; with ``augmix_jsd`` it returns the three views."""
+        if self.augmix_jsd:
+            return build_augmix_views(self.augment, context, self.augment_kwargs)
+        return build_transform(self.augment, context, self.augment_kwargs)
+
     # Device-side batch processing ---------------------------------------------------------
     def normalize_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8/float images -> float in [0, 1] -> preprocessed with the training statistics."""
@@ -200,11 +238,15 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, targets = batch
         training = self.trainer is not None and self.trainer.training
+        if self.augmix_jsd and images.ndim == 5:
+            # Views come from the training loader only; callbacks may also draw its batches outside
+            # the training stage (before-training checks), which get the same flat layout.
+            images, targets = flatten_views(images, targets)
         if training:
             self._restore_resume_rng()
             images, targets = self.augment_batch(images, targets)
         images = self.normalize_images(images)
-        if training and self._batch_augment is not None:
+        if training and self._batch_augment is not None and self.mixing():
             images, targets = self._batch_augment(images, targets)
         return images, targets
 
@@ -222,6 +264,12 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
             restore_rng_states(self._resume_rng)
         elif self._train_sampler is not None and self._train_sampler.epoch > self._resume_point["epoch"]:
             self._resume_rng = self._resume_point = None
+
+    def mixing(self) -> bool:
+        """Whether mixup/cutmix apply in the current epoch (``mixup_off_epoch``)."""
+        if self.mixup_off_epoch is None or self.trainer is None:
+            return True
+        return self.trainer.current_epoch < self.mixup_off_epoch
 
     # Resumable order ---------------------------------------------------------------------------
     def _replicas(self) -> tuple[int, int]:
@@ -243,6 +291,7 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
             seed=self.seed,
             epoch=epoch,
             start_batch=resume.get("batches_consumed", 0),
+            repeats=self.aug_repeats,
         )
         return self._train_sampler
 
@@ -301,6 +350,31 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         )
 
 
+def _check_mixup_off_epoch(epoch: int | None, batch_augment: list[str]) -> int | None:
+    if epoch is None:
+        return None
+    if not isinstance(epoch, int) or epoch < 1:
+        raise ValueError(
+            f"mixup_off_epoch={epoch} is out of range: it must be an epoch >= 1 (mixup stops from that "
+            "epoch on) or null (mix every epoch); e.g. mixup_off_epoch: 90"
+        )
+    if not batch_augment:
+        raise ValueError(
+            f"mixup_off_epoch={epoch} has nothing to switch off: batch_augment is empty; "
+            "set batch_augment: [mixup] (or cutmix), or mixup_off_epoch: null"
+        )
+    return epoch
+
+
+def flatten_views(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, V, C, H, W)`` views -> ``(V*N, C, H, W)`` ordered ``[view 0 of all; view 1 of all; ...]``
+    with the targets repeated to match (timm's layout for its ``JsdCrossEntropy``)."""
+    if images.ndim != 5:
+        raise ValueError(f"augmix_jsd expects batches of views (N, V, C, H, W), got {tuple(images.shape)}")
+    views = images.shape[1]
+    return images.transpose(0, 1).flatten(0, 1), targets.repeat(views)
+
+
 @rank_zero_only
 def _save_on_rank_zero(stats: ImageStatistics, path: Path) -> None:
     stats.save(path)
@@ -315,7 +389,8 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
 
     Args:
         augment_on_device: Run ``augment`` vectorised per batch on the training device (presets
-            ``flip``, ``translate``, ``crop_flip``) instead of per sample on the CPU (any preset).
+            ``flip``, ``translate``, ``crop_flip``, ``salt_pepper``, ``lens_distortion``) instead
+            of per sample on the CPU (any preset).
         pad_mode: Padding of ``translate``/``crop_flip``: ``"reflect"`` or ``"zeros"``.
         data_on_device: Keep every split resident on the training device (moved once, at the
             first dataloader), so an epoch copies no images from host to device.
@@ -357,7 +432,8 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
             **kwargs,
         )
         if augment_on_device:
-            OnDeviceAugment(self.augment, pad_mode=pad_mode)  # validates names and pad_mode now
+            # validates names and pad_mode now
+            OnDeviceAugment(self.augment, pad_mode=pad_mode, options=self.augment_kwargs)
         else:
             PresetContext(size=1, pad_mode=pad_mode)
         per_sample = bool(self.augment) and not augment_on_device
@@ -365,7 +441,7 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
             raise ValueError(
                 f"data_on_device=True needs batched loading, but augment={self.augment} with "
                 "augment_on_device=False runs per sample on the CPU; set augment_on_device=True "
-                "(presets flip, translate, crop_flip) or data_on_device=False"
+                f"(presets {', '.join(ON_DEVICE_PRESETS[1:])}) or data_on_device=False"
             )
         if num_workers > 0 and not per_sample:
             rank_zero_warn(
@@ -388,11 +464,13 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
             self._splits = {name: TensorDataset(x, y) for name, (x, y) in self.load_splits().items()}
         self.prepare_statistics()
         self.build_batch_augment()
+        if self.augment and not self.augment_on_device:
+            self.train_transform()  # options that depend on the image side fail here, not in a worker
         if self.augment_on_device and self._device_augment is None:
             pad = self._pad()
             flip_p = next((kw["p"] for kw in self.augment_kwargs.values() if "p" in kw), 0.5)
             self._device_augment = OnDeviceAugment(
-                self.augment, pad=pad, pad_mode=self.pad_mode, flip_p=flip_p
+                self.augment, pad=pad, pad_mode=self.pad_mode, flip_p=flip_p, options=self.augment_kwargs
             )
 
     def _pad(self) -> int:
@@ -414,7 +492,7 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
             stats=self.stats,
             autoaugment_policy=getattr(self, "autoaugment_policy", "imagenet"),
         )
-        return build_transform(self.augment, context, self.augment_kwargs)
+        return self.preset_transform(context)
 
     def _split(self, split: str) -> TensorDataset:
         if split not in self._splits:

@@ -46,11 +46,13 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         seed: Seed of the validation split, statistics subsets and shuffling.
         augment: Preset name(s) (default the CIFAR standard ``"crop_flip"``).
         augment_on_device: Augment whole batches on the training device (``flip``, ``translate``,
-            ``crop_flip``); ``False`` runs any preset per sample on CPU workers.
+            ``crop_flip``, ``salt_pepper``, ``lens_distortion``); ``False`` runs any preset per
+            sample on CPU workers.
         stats_cache: Folder for the statistics cache, ``"data_dir"`` (default) for ``data_dir``,
             or ``None`` to always recompute.
         **kwargs: ``augment_kwargs``, ``pad_mode``, ``batch_augment``, ``mixup_alpha``,
-            ``cutmix_alpha``, ``normalize``, ``mean_image``, ``std_image``, ``whitening``, ``whitening_eps``
+            ``cutmix_alpha``, ``mixup_off_epoch``, ``aug_repeats``, ``augmix_jsd``, ``normalize``,
+            ``mean_image``, ``std_image``, ``whitening``, ``whitening_eps``
             (see :class:`~lightning_tricks.datamodules.base.InMemoryImageDataModule`).
 
     Raises:

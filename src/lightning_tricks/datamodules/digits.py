@@ -35,8 +35,9 @@ class DigitsDataModule(InMemoryImageDataModule):
         num_workers: DataLoader workers.
         normalize: Standardise with the training split's mean/std.
         bootstrap_seed: Bagging: train on a seeded bootstrap resample of the training split.
-        augment: On-device training augmentation: ``"flip"``, ``"translate"`` or ``"crop_flip"``
-            (padding ``max(1, image_size // 8)``); ``None`` (default) for none.
+        augment: On-device training augmentation: ``"flip"``, ``"translate"``, ``"crop_flip"``
+            (padding ``max(1, image_size // 8)``), ``"salt_pepper"``, ``"lens_distortion"``; any
+            other preset with ``augment_on_device=False``; ``None`` (default) for none.
         augment_on_device: Augment whole batches on the training device (default); ``False`` runs
             ``augment`` per sample on the CPU with ``transforms.v2`` (the slow reference path).
         data_on_device: Keep the splits resident on the training device (no host-to-device copies).

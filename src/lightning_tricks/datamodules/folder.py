@@ -36,7 +36,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import v2
 
 from lightning_tricks.datamodules import stats as stats_lib
-from lightning_tricks.datamodules.augment import SIZING_PRESETS, PresetContext, build_transform
+from lightning_tricks.datamodules.augment import SIZING_PRESETS, PresetContext
 from lightning_tricks.datamodules.base import PreprocessedImageDataModule
 
 ON_CORRUPT = ("skip", "raise")
@@ -92,6 +92,10 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
         batch_augment: ``"mixup"``, ``"cutmix"`` or both.
         mixup_alpha: Beta parameter of mixup.
         cutmix_alpha: Beta parameter of cutmix.
+        mixup_off_epoch: Stop mixup/cutmix from this epoch on (``None``: every epoch).
+        aug_repeats: Repeated augmentation: each image this many times per epoch (1: off).
+        augmix_jsd: Yield a clean and two AugMix views per training image (for the recipe's
+            ``regularization.jsd_lambda``); ``augmix`` must be the last preset.
         crop_size: Training/evaluation crop side.
         resize_size: Short side of evaluation images before the centre crop.
         test_center_crop: ``False`` feeds ``resize_size`` squares to test/predict (for TTA).
@@ -122,6 +126,9 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
         batch_augment: str | Sequence[str] | None = None,
         mixup_alpha: float = 0.2,
         cutmix_alpha: float = 1.0,
+        mixup_off_epoch: int | None = None,
+        aug_repeats: int = 1,
+        augmix_jsd: bool = False,
         crop_size: int = 224,
         resize_size: int = 256,
         test_center_crop: bool = True,
@@ -145,6 +152,9 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
             batch_augment=batch_augment,
             mixup_alpha=mixup_alpha,
             cutmix_alpha=cutmix_alpha,
+            mixup_off_epoch=mixup_off_epoch,
+            aug_repeats=aug_repeats,
+            augmix_jsd=augmix_jsd,
             stats_cache=self.data_dir if stats_cache == "data_dir" else stats_cache,
             bootstrap_seed=bootstrap_seed,
         )
@@ -255,6 +265,7 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
             self.samples.setdefault("test", self.samples["val"])
         self.prepare_statistics()
         self.build_batch_augment()
+        self.train_transform()  # options that depend on the crop size fail here, not in a worker
 
     # Transforms -----------------------------------------------------------------------------
     def eval_transform(self, center_crop: bool = True) -> Callable:
@@ -277,7 +288,7 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
             if any(name in SIZING_PRESETS for name in self.augment)
             else [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.crop_size)]
         )
-        presets = build_transform(self.augment, context, self.augment_kwargs)
+        presets = self.preset_transform(context)
         return v2.Compose([v2.ToImage(), *sizing, presets, v2.ToPureTensor()])
 
     # Statistics -----------------------------------------------------------------------------

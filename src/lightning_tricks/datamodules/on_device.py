@@ -6,20 +6,32 @@ The distribution matches torchvision's per-sample ``RandomCrop(size, padding=pad
 ``RandomHorizontalFlip()``: crop offsets uniform in ``[0, 2 * pad]`` per axis, flips with
 probability 0.5.
 
+Salt-and-pepper noise and lens distortion run batched with one random draw per image
+(:mod:`~lightning_tricks.datamodules.distortions`, the same code as their per-sample presets).
+
 Example::
 
-    augment = OnDeviceAugment(["crop_flip"], pad=4)
+    augment = OnDeviceAugment(["crop_flip", "salt_pepper"], pad=4,
+                              options={"salt_pepper": {"fraction": 0.02}})
     images = augment(images_uint8_on_gpu)  # (N, C, H, W), same dtype and device
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from lightning_tricks.datamodules.distortions import LensDistortion, SaltAndPepper
+
 PAD_MODES = ("reflect", "zeros")
-ON_DEVICE_PRESETS = ("none", "flip", "translate", "crop_flip")
+# Batched modules of these presets take their options from ``augment_kwargs``.
+BATCHED_MODULES: dict[str, Callable[..., Any]] = {
+    "salt_pepper": SaltAndPepper,
+    "lens_distortion": LensDistortion,
+}
+ON_DEVICE_PRESETS = ("none", "flip", "translate", "crop_flip", *BATCHED_MODULES)
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -98,13 +110,16 @@ def random_flip(
 
 
 class OnDeviceAugment:
-    """The on-device presets (``none``, ``flip``, ``translate``, ``crop_flip``) as one batch callable.
+    """The on-device presets (``none``, ``flip``, ``translate``, ``crop_flip``, ``salt_pepper``,
+    ``lens_distortion``) as one batch callable.
 
     Args:
         presets: Names from :data:`ON_DEVICE_PRESETS`, applied in order.
         pad: Maximum translation in pixels for ``translate``/``crop_flip``.
         pad_mode: ``"reflect"`` or ``"zeros"``.
         flip_p: Flip probability for ``flip``/``crop_flip``.
+        options: Per-preset keyword options of ``salt_pepper``/``lens_distortion`` (the
+            DataModule's ``augment_kwargs``; entries of other presets are ignored here).
 
     Example::
 
@@ -113,7 +128,12 @@ class OnDeviceAugment:
     """
 
     def __init__(
-        self, presets: Sequence[str], pad: int = 4, pad_mode: str = "reflect", flip_p: float = 0.5
+        self,
+        presets: Sequence[str],
+        pad: int = 4,
+        pad_mode: str = "reflect",
+        flip_p: float = 0.5,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         unknown = [name for name in presets if name not in ON_DEVICE_PRESETS]
         if unknown:
@@ -131,6 +151,13 @@ class OnDeviceAugment:
         self.pad = pad
         self.pad_mode = pad_mode
         self.flip_p = flip_p
+        options = options or {}
+        self.modules = {}
+        for name in set(self.presets) & set(BATCHED_MODULES):
+            try:
+                self.modules[name] = BATCHED_MODULES[name](**options.get(name, {}))
+            except TypeError as err:
+                raise ValueError(f"bad augment_kwargs for preset {name!r}: {err}") from err
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         for name in self.presets:
@@ -139,6 +166,8 @@ class OnDeviceAugment:
                 images = random_crop(images, self.pad, self.pad_mode, flip_p, generator)
             elif name == "flip":
                 images = random_flip(images, self.flip_p, generator)
+            elif name in self.modules:
+                images = self.modules[name](images, generator)
         return images
 
     def __repr__(self) -> str:

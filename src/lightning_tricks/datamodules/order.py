@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +49,10 @@ class ResumableSampler(DistributedSampler):
         epoch: The epoch of the first pass.
         start_batch: Batches of that epoch already consumed: every pass over ``epoch`` skips them,
             until ``set_epoch`` moves to another epoch (which starts at batch 0).
+        repeats: Repeated augmentation (Hoffer et al. 2020; DeiT, timm's ``RepeatAugSampler``):
+            every index ``repeats`` times in a row in the epoch's permutation, so each image is seen
+            ``repeats`` times per epoch, in the same batch (or on neighbouring ranks), each time
+            with its own augmentation draw. The epoch has ``repeats * length`` items.
 
     Example::
 
@@ -67,9 +72,12 @@ class ResumableSampler(DistributedSampler):
         drop_last: bool = False,
         epoch: int = 0,
         start_batch: int = 0,
+        repeats: int = 1,
     ) -> None:
+        if repeats < 1:
+            raise ValueError(f"aug_repeats must be an integer >= 1 (1: off; 3 in DeiT), got {repeats}")
         super().__init__(
-            range(length),
+            range(length * repeats),
             num_replicas=num_replicas,
             rank=rank,
             shuffle=shuffle,
@@ -84,6 +92,8 @@ class ResumableSampler(DistributedSampler):
         self.start_batch = 0
         self.set_epoch(epoch)
         self.start_batch = start_batch
+        self.length = length
+        self.repeats = repeats
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -91,8 +101,27 @@ class ResumableSampler(DistributedSampler):
         super().set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        indices = list(super().__iter__()) if self.repeats == 1 else self._repeated_indices()
         return iter(indices[self.start_batch * self.batch_size :])
+
+    def _repeated_indices(self) -> list[int]:
+        """The ``seed + epoch`` permutation of ``range(length)``, each index ``repeats`` times in a row,
+        padded (or cut) and split across ranks like ``DistributedSampler``.
+
+        Hand-written because timm's ``RepeatAugSampler`` cuts the epoch back to ``length`` items (so
+        an image is not seen ``repeats`` times per epoch) and cannot start mid-epoch.
+        """
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=generator)
+        else:
+            order = torch.arange(self.length)
+        indices = order.repeat_interleave(self.repeats).tolist()
+        total = self.total_size
+        if not indices:
+            return []
+        indices = (indices * math.ceil(total / len(indices)))[:total]
+        return indices[self.rank : total : self.num_replicas]
 
 
 def capture_rng_states() -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Metric names (stable, read by callbacks and dashboards):
 
 - ``train/loss`` (the optimised objective: data loss + penalty), ``train/acc``; with SAM, the loss at the
-  unperturbed weights
+  unperturbed weights; ``train/jsd`` (the AugMix Jensen-Shannon term) with ``regularization.jsd_lambda``
 - ``val/loss``, ``val/acc``, ``val/acc_top5``
 - ``test/loss``, ``test/acc``, ``test/acc_top5``, and ``test/acc_tta`` when test-time augmentation is on
 
@@ -35,7 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -45,6 +45,7 @@ from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes._combinations import check_fit_combinations
 from lightning_tricks.recipes._validation import check_training_steps
 from lightning_tricks.recipes.clipping import GradientClippingConfig, clip_adaptively
+from lightning_tricks.recipes.consistency import jensen_shannon, split_views
 from lightning_tricks.recipes.init import InitConfig, initialize
 from lightning_tricks.recipes.models import create_model, get_classifier
 from lightning_tricks.recipes.models.layers import dropout_disabled
@@ -274,6 +275,16 @@ class ImageClassifier(L.LightningModule):
             logits, targets, label_smoothing=eps, convention=cfg.label_smoothing_convention
         )
 
+    def augmix_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """AugMix's objective on a ``[clean; view 1; view 2]`` batch: ``(CE(clean) + lambda * JS, JS)``.
+
+        ``lambda`` is ``regularization.jsd_lambda``, scaled like the other regularisers.
+        """
+        clean, *views = split_views(logits)
+        consistency = jensen_shannon(clean, *views)
+        weight = self.regularization_config.jsd_lambda * self._regularization_scale
+        return self.data_loss(clean, targets[: len(clean)]) + weight * consistency, consistency
+
     def penalty(self) -> torch.Tensor:
         """The L1/L2 (elastic-net) penalty on the weights, scaled by the regularisation factor."""
         cfg = self.regularization_config
@@ -302,6 +313,23 @@ class ImageClassifier(L.LightningModule):
     def _hard_targets(targets: torch.Tensor) -> torch.Tensor:
         return targets.argmax(dim=1) if targets.ndim == 2 else targets
 
+    def on_fit_start(self) -> None:
+        """Check that the DataModule yields the AugMix views the Jensen-Shannon loss needs (and back)."""
+        datamodule = self.trainer.datamodule
+        views = getattr(datamodule, "augmix_jsd", None)
+        lam = self.regularization_config.jsd_lambda
+        if lam and views is False:
+            raise ValueError(
+                f"regularization.jsd_lambda={lam} needs a clean and two AugMix views of every training "
+                "image, but data.init_args.augmix_jsd is false; set it true (with augmix as the last "
+                "preset of data.init_args.augment), or regularization.jsd_lambda: 0"
+            )
+        if views and not lam:
+            rank_zero_warn(
+                "data.init_args.augmix_jsd=true yields three views per image but regularization.jsd_lambda "
+                "is 0, so they are trained as plain extra samples; set jsd_lambda (12 in the AugMix paper)"
+            )
+
     def on_train_epoch_start(self) -> None:
         """Keep the linear scaling rule on the current global batch (see :meth:`follow_global_batch`)
         and start the epoch's running training metrics empty."""
@@ -328,12 +356,17 @@ class ImageClassifier(L.LightningModule):
 
     def _objective(
         self, logits: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The optimised loss (data loss + penalty) and the penalty alone (``None`` when off)."""
-        loss = self.data_loss(logits, targets)
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The optimised loss (data loss + penalty), the penalty alone and AugMix's Jensen-Shannon
+        term (each ``None`` when off)."""
         cfg = self.regularization_config
+        consistency = None
+        if cfg.jsd_lambda:
+            loss, consistency = self.augmix_loss(logits, targets)
+        else:
+            loss = self.data_loss(logits, targets)
         reg = self.penalty() if (cfg.l1 or cfg.l2) and self._regularization_scale else None
-        return (loss if reg is None else loss + reg), reg
+        return (loss if reg is None else loss + reg), reg, consistency
 
     def _sam_perturbed_pass(self) -> bool:
         """Whether SAM is evaluating the loss at its perturbed weights (its second closure call)."""
@@ -351,13 +384,15 @@ class ImageClassifier(L.LightningModule):
         # SAM's second pass: the step's BatchNorm statistics and metrics come from the first pass alone.
         with frozen_norm_statistics(self.net) if perturbed else nullcontext():
             logits = self(images)
-        loss, reg = self._objective(logits, targets)
+        loss, reg, consistency = self._objective(logits, targets)
         if not self.nonfinite_guard.check(self, loss, images, batch_idx):
             return None  # "skip": Lightning skips backward and the optimizer step
         if perturbed:
             return loss
         if reg is not None:
             self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
+        if consistency is not None:
+            self.log("train/jsd", consistency.detach(), on_step=True, on_epoch=True)
         # update(), not forward: the accuracy is logged per epoch only, so the per-batch value that
         # forward computes (a state copy and a compute per step) would be thrown away.
         self.train_acc.update(logits.detach(), self._hard_targets(targets))

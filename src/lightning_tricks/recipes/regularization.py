@@ -39,6 +39,9 @@ class RegularizationConfig:
             or ``"off_target"`` (``1-eps`` on the true class, ``eps/(C-1)`` on each other class).
         dropout: Dropout probability of the model's classifier, in ``[0, 1)``.
         drop_connect: DropConnect probability of the model's classifier, in ``[0, 1)``.
+        jsd_lambda: Weight of AugMix's Jensen-Shannon consistency term (12 in Hendrycks et al. 2020;
+            0: off); needs the DataModule's ``augmix_jsd`` views (see
+            :mod:`~lightning_tricks.recipes.consistency`).
 
     Example::
 
@@ -52,9 +55,10 @@ class RegularizationConfig:
     label_smoothing_convention: str = "uniform"
     dropout: float = 0.0
     drop_connect: float = 0.0
+    jsd_lambda: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("l2", "l1"):
+        for name in ("l2", "l1", "jsd_lambda"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"regularization.{name} must be >= 0, got {value}; use 0 to disable it")
