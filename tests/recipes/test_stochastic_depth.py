@@ -83,10 +83,41 @@ def test_drop_block_after_the_last_two_stages_and_identity_at_eval(name, kwargs,
         ({"drop_path": 1.0}, r"drop_path must satisfy 0 <= drop_path < 1; got 1\.0"),
         ({"drop_path": -0.1}, r"drop_path must satisfy 0 <= drop_path < 1; got -0\.1"),
         ({"drop_block": 1.5}, r"drop_block must satisfy 0 <= drop_block < 1; got 1\.5"),
-        ({"drop_block": 0.1, "drop_block_size": 0}, r"drop_block_size must be an integer >= 1; got 0"),
+        ({"drop_block": 0.1, "drop_block_size": 0}, r"drop_block_size must be an odd integer >= 1 .*; got 0"),
+        ({"drop_block": 0.1, "drop_block_size": 4}, r"drop_block_size must be an odd integer >= 1 .*; got 4"),
     ],
 )
 def test_bad_drop_rates_fail_naming_the_argument(kwargs, match):
     for name, extra, _ in RESIDUAL:
         with pytest.raises(ValueError, match=match):
             create_model(name, num_classes=10, **extra, **kwargs)
+
+
+def test_regularization_off_switches_off_drop_path_drop_block_dropout_and_drop_connect():
+    from lightning_tricks.recipes import ImageClassifier, RegularizationConfig
+
+    arch = {"depth": 10, "widen_factor": 1}
+    model = ImageClassifier(
+        "wide_resnet",
+        num_classes=10,
+        model_kwargs={**arch, "drop_path": 0.5, "drop_block": 0.3},
+        regularization=RegularizationConfig(dropout=0.5, drop_connect=0.5),
+    ).train()
+    drop_layers = {type(m).__name__ for m in model.net.modules() if getattr(m, "p", 0) > 0}
+    assert {"StochasticDepth", "DropBlock2d", "Dropout", "DropConnectLinear"} <= drop_layers
+    plain = ImageClassifier("wide_resnet", num_classes=10, model_kwargs=arch).train()
+    plain.load_state_dict(model.state_dict())  # the drop layers add no weights
+    x = torch.randn(4, 3, 16, 16)
+    saved = [getattr(m, "p", None) for m in model.net.modules()]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        assert not torch.allclose(model(x), plain(x))
+        with model.regularization_scaled(0):
+            torch.manual_seed(0)
+            first = model(x)
+            torch.manual_seed(1)
+            second = model(x)
+        expected = plain(x)  # train mode too: batch statistics, no random layer
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, expected)
+    assert saved == [getattr(m, "p", None) for m in model.net.modules()]  # rates restored
