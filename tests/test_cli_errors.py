@@ -219,6 +219,21 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("model-name", ["--model.init_args.model=resnet2"], ("model.init_args.model", "'resnet20'")),
     ("tta-mode", ["--model.init_args.tta=flip"], ("model.init_args.tta",)),
     (
+        "tta-dense-on-mlp",
+        ["--model.init_args.model=mlp", "--model.init_args.tta=[hflip, dense]"],
+        ("model.init_args.tta",),
+    ),
+    (
+        "tta-kwargs-option",
+        ["--model.init_args.tta=dense", "--model.init_args.tta_kwargs={dense: {crop_size: 3}}"],
+        ("model.init_args.tta_kwargs", "dense accepts none"),
+    ),
+    (
+        "progressive-resizing-scale",
+        [f"{CB}+=ProgressiveResizing", f"{CB}.initial_scale=2"],
+        ("trainer.callbacks[2].init_args.initial_scale", "0.5"),
+    ),
+    (
         "label-smoothing",
         ["--model.init_args.regularization.label_smoothing=1.5"],
         ("model.init_args.regularization.label_smoothing",),

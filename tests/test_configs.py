@@ -29,7 +29,7 @@ def seen_metrics(cli) -> set[str]:
 
 def test_every_config_is_covered_here():
     covered = {"digits", "digits_babysit", "cifar10_resnet56", "cifar100_wrn", "cifar10_resnet18_ema"}
-    covered |= {"cifar10_resnet56_snapshot", "imagenet_resnet50", "cifar10_speedrun"}
+    covered |= {"cifar10_resnet56_snapshot", "imagenet_resnet50", "cifar10_speedrun", "digits_wrn_tricks"}
     assert {path.stem for path in CONFIGS.glob("*.yaml")} == covered
 
 
@@ -153,3 +153,39 @@ def test_speedrun_config_trains_and_its_tta_is_the_mean_over_six_views(tmp_path,
     with torch.no_grad():
         expected = torch.stack([model(v).softmax(1) for s in shifted for v in (s, s.flip(-1))]).mean(0)
         torch.testing.assert_close(model.predict_step(images, 0), expected)
+
+
+def test_digits_tricks_config_builds_its_drop_layers_resizes_and_logs_every_view(tmp_path):
+    import torch
+    from torchvision.ops import DropBlock2d, StochasticDepth
+
+    from lightning_tricks.recipes.models.layers import DropConnectConv2d, DropConnectLinear, drop_path_rates
+
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / 'digits_wrn_tricks.yaml'}",
+            *QUICK_TRAINER,
+            "--trainer.limit_train_batches=3",
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+            "--data.init_args.batch_size=16",
+            "--model.init_args.model_kwargs.widen_factor=1",
+            # small crops keep the 50 views cheap; the YAML's own sizes are for real runs
+            "--model.init_args.tta_kwargs.multi_scale_ten_crop={crop_size: 8, scales: [8, 10, 12, 14, 16]}",
+        ]
+    )
+    net = cli.model.net
+    depths = [m.p for m in net.modules() if isinstance(m, StochasticDepth)]
+    assert depths == pytest.approx(drop_path_rates(0.1, 3))
+    assert isinstance(net.drop_block, DropBlock2d) and net.drop_block.p == 0.1
+    layers = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert all(isinstance(m, (DropConnectConv2d, DropConnectLinear)) and m.p == 0.05 for m in layers)
+    (resizing,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ProgressiveResizing"]
+    assert resizing.total_steps == 3 and resizing.size_at(0, 3, (32, 32)) == (16, 16)
+    modes = ["hflip", "dense", "multi_scale_ten_crop", "color_pca"]
+    expected = {"test/acc", "test/acc_tta", *(f"test/acc_tta_{m}" for m in modes), "train/image_size"}
+    assert expected <= seen_metrics(cli)

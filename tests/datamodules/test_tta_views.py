@@ -48,7 +48,7 @@ def test_tta_equals_mean_of_manual_views():
 
 def test_tta_rejects_bad_modes_and_sizes():
     model = PooledNet()
-    modes = r"valid modes are \['hflip', 'ten_crop', 'multi_scale', 'flip_translate'\]"
+    modes = r"valid modes are \['hflip', 'ten_crop', 'multi_scale', 'flip_translate', 'dense'"
     with pytest.raises(ValueError, match=modes):
         tta_probabilities(model, torch.zeros(1, 3, 8, 8), "five_crop")
     with pytest.raises(ValueError, match="crop_size <= image side 8"):

@@ -83,10 +83,61 @@ def test_drop_block_after_the_last_two_stages_and_identity_at_eval(name, kwargs,
         ({"drop_path": 1.0}, r"drop_path must satisfy 0 <= drop_path < 1; got 1\.0"),
         ({"drop_path": -0.1}, r"drop_path must satisfy 0 <= drop_path < 1; got -0\.1"),
         ({"drop_block": 1.5}, r"drop_block must satisfy 0 <= drop_block < 1; got 1\.5"),
-        ({"drop_block": 0.1, "drop_block_size": 0}, r"drop_block_size must be an integer >= 1; got 0"),
+        ({"drop_block": 0.1, "drop_block_size": 0}, r"drop_block_size must be an odd integer >= 1 .*; got 0"),
+        ({"drop_block": 0.1, "drop_block_size": 4}, r"drop_block_size must be an odd integer >= 1 .*; got 4"),
     ],
 )
 def test_bad_drop_rates_fail_naming_the_argument(kwargs, match):
     for name, extra, _ in RESIDUAL:
         with pytest.raises(ValueError, match=match):
             create_model(name, num_classes=10, **extra, **kwargs)
+
+
+def test_regularization_off_switches_off_drop_path_drop_block_dropout_and_drop_connect():
+    from lightning_tricks.recipes import ImageClassifier, RegularizationConfig
+
+    arch = {"depth": 10, "widen_factor": 1}
+    model = ImageClassifier(
+        "wide_resnet",
+        num_classes=10,
+        model_kwargs={**arch, "drop_path": 0.5, "drop_block": 0.3},
+        regularization=RegularizationConfig(dropout=0.5, drop_connect=0.5),
+    ).train()
+    from lightning_tricks.recipes.models.layers import DropConnectLinear
+
+    drop_layers = [m for m in model.net.modules() if getattr(m, "p", 0) > 0]
+    for kind in (StochasticDepth, DropBlock2d, nn.Dropout, DropConnectLinear):
+        assert any(isinstance(m, kind) for m in drop_layers), kind
+    plain = ImageClassifier("wide_resnet", num_classes=10, model_kwargs=arch).train()
+    plain.load_state_dict(model.state_dict())  # the drop layers add no weights
+    x = torch.randn(4, 3, 16, 16)
+    saved = [getattr(m, "p", None) for m in model.net.modules()]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        assert not torch.allclose(model(x), plain(x))
+        with model.regularization_scaled(0):
+            torch.manual_seed(0)
+            first = model(x)
+            torch.manual_seed(1)
+            second = model(x)
+        expected = plain(x)  # train mode too: batch statistics, no random layer
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, expected)
+    assert saved == [getattr(m, "p", None) for m in model.net.modules()]  # rates restored
+
+
+def test_drop_block_fits_its_block_to_small_feature_maps():
+    from torchvision.ops import drop_block2d
+
+    net = create_model(
+        "wide_resnet", num_classes=10, depth=10, widen_factor=1, drop_block=0.5, drop_block_size=5
+    )
+    x = torch.randn(6, 4, 4, 4)
+    with pytest.raises(ValueError, match="block size should be odd"):  # torchvision's clip to 4 fails
+        drop_block2d(x, 0.5, 5, training=True)
+    torch.manual_seed(0)
+    out = net.drop_block.train()(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(out, drop_block2d(x, 0.5, 3, training=True))  # the largest odd side <= 4
+    torch.manual_seed(0)
+    net.train()(torch.randn(2, 3, 8, 8))  # 4x4 and 2x2 maps after the last two stages

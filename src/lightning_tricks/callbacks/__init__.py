@@ -25,6 +25,7 @@ from lightning_tricks.callbacks.lr_finder import LRFinder, LRFinderResults
 from lightning_tricks.callbacks.momentum import MomentumSchedule
 from lightning_tricks.callbacks.optimizer_switch import OptimizerSwitch
 from lightning_tricks.callbacks.overfit import OverfitTinyBatch
+from lightning_tricks.callbacks.progressive_resizing import ProgressiveResizing
 from lightning_tricks.callbacks.sanity import SanityCheckError
 from lightning_tricks.callbacks.snapshot import SnapshotEnsemble
 from lightning_tricks.callbacks.unfreezing import FineTune, GradualUnfreezing
@@ -41,6 +42,7 @@ __all__ = [
     "MomentumSchedule",
     "OptimizerSwitch",
     "OverfitTinyBatch",
+    "ProgressiveResizing",
     "SanityCheckError",
     "SmoothedEarlyStopping",
     "SnapshotEnsemble",

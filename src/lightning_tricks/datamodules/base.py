@@ -90,6 +90,9 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
 
     num_classes: int
     in_channels: int
+    #: Resizes normalised training batches on the device; set by
+    #: :class:`~lightning_tricks.callbacks.ProgressiveResizing` for the duration of a fit.
+    train_resize: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -246,6 +249,8 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
             self._restore_resume_rng()
             images, targets = self.augment_batch(images, targets)
         images = self.normalize_images(images)
+        if training and self.train_resize is not None:
+            images = self.train_resize(images)
         if training and self._batch_augment is not None and self.mixing():
             images, targets = self._batch_augment(images, targets)
         return images, targets

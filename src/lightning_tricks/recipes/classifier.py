@@ -5,7 +5,8 @@ Metric names (stable, read by callbacks and dashboards):
 - ``train/loss`` (the optimised objective: data loss + penalty), ``train/acc``; with SAM, the loss at the
   unperturbed weights; ``train/jsd`` (the AugMix Jensen-Shannon term) with ``regularization.jsd_lambda``
 - ``val/loss``, ``val/acc``, ``val/acc_top5``
-- ``test/loss``, ``test/acc``, ``test/acc_top5``, and ``test/acc_tta`` when test-time augmentation is on
+- ``test/loss``, ``test/acc``, ``test/acc_top5``, and with test-time augmentation ``test/acc_tta_<mode>``
+  for each mode plus ``test/acc_tta`` (the first mode's, the one ``predict`` returns)
 
 Example::
 
@@ -42,6 +43,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks import adapters
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
+from lightning_tricks.recipes import tta as tta_lib
 from lightning_tricks.recipes._combinations import check_fit_combinations
 from lightning_tricks.recipes._validation import check_training_steps
 from lightning_tricks.recipes.clipping import GradientClippingConfig, clip_adaptively
@@ -95,8 +97,15 @@ class ImageClassifier(L.LightningModule):
         scheduler: LR schedule, its interval, and a linear warm-up that composes with it.
         regularization: L1/L2 penalties, label smoothing (two conventions), dropout, DropConnect.
         init: Weight initialisation scheme applied to the freshly built model.
-        tta: Test-time augmentation for test/predict (``"hflip"``, ``"ten_crop"``, ``"multi_scale"``,
-            ``"flip_translate"``); logged as ``test/acc_tta`` beside the plain ``test/acc``.
+        tta: Test-time augmentation for test/predict: one mode or a list of
+            :data:`~lightning_tricks.recipes.tta.TTA_MODES` (``hflip``, ``ten_crop``, ``multi_scale``,
+            ``flip_translate``, ``dense``, ``multi_scale_ten_crop``, ``color_pca``); each logged as
+            ``test/acc_tta_<mode>`` beside the plain ``test/acc``, the first also as ``test/acc_tta``.
+            ``dense`` needs a network with global average pooling (checked here); ``color_pca``
+            reads the colour PCA of the DataModule's training statistics (``datamodule.stats``).
+        tta_kwargs: Per-mode options, e.g. ``{"multi_scale_ten_crop": {"crop_size": 224, "scales":
+            [224, 256, 384, 480, 640]}, "color_pca": {"alpha": 0.1}}`` (see
+            :data:`~lightning_tricks.recipes.tta.TTA_OPTIONS`).
         on_nonfinite_loss: On a NaN/inf training loss, ``"stop"`` the run with a message naming the
             step, the loss, the last finite loss and the likely cause (default), or ``"skip"`` that
             step with a warning; either way the weights never see it.
@@ -133,7 +142,8 @@ class ImageClassifier(L.LightningModule):
         scheduler: SchedulerConfig | None = None,
         regularization: RegularizationConfig | None = None,
         init: InitConfig | None = None,
-        tta: str | None = None,
+        tta: str | list[str] | None = None,
+        tta_kwargs: dict[str, dict[str, Any]] | None = None,
         on_nonfinite_loss: str = "stop",
         channels_last: bool = False,
         compile: str | None = None,
@@ -164,12 +174,8 @@ class ImageClassifier(L.LightningModule):
         self.gradient_clipping: GradientClippingConfig | None = (
             None if gradient_clipping is None else _as_config(gradient_clipping, GradientClippingConfig)
         )
-        if tta is not None:
-            from lightning_tricks.recipes.tta import TTA_MODES
-
-            if tta not in TTA_MODES:
-                raise ValueError(f"tta must be None or one of {', '.join(TTA_MODES)}, got {tta!r}")
-        self.tta = tta
+        self.tta = tta_lib.check_tta(tta, tta_kwargs)
+        self.tta_kwargs = {mode: dict(options) for mode, options in (tta_kwargs or {}).items()}
         # Under LightningCLI this records the config with its class path, so `test --ckpt_path`
         # can rebuild the module; the configs are then stored as plain dicts, not dataclasses,
         # so checkpoints load with torch.load(weights_only=True).
@@ -201,8 +207,10 @@ class ImageClassifier(L.LightningModule):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
         for stage in ("val", "test"):
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top_k, average="micro"))
-        if tta is not None:
-            self.test_acc_tta = MulticlassAccuracy(num_classes, average="micro")
+        if "dense" in self.tta:
+            tta_lib.global_average_pool(self.net)  # refuses a network without one, naming tta
+        for mode in self.tta:
+            setattr(self, f"test_acc_tta_{mode}", MulticlassAccuracy(num_classes, average="micro"))
         # The epoch's running training loss and accuracy live in the module's state_dict, so a run
         # resumed mid-epoch reports the same epoch values (Lightning does not checkpoint its own
         # running epoch aggregates).
@@ -417,24 +425,50 @@ class ImageClassifier(L.LightningModule):
         self._evaluate(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        if self.tta is None:
+        if not self.tta:
             self._evaluate(batch, "test")
             return
-        from lightning_tricks.recipes.tta import plain_view, tta_probabilities
-
         images, targets = adapters.split_batch(batch, self)
-        self._evaluate((plain_view(images, self.tta), targets), "test")
-        probs = tta_probabilities(self, images, self.tta)
-        self.test_acc_tta(probs, self._hard_targets(targets))
-        self.log("test/acc_tta", self.test_acc_tta)
+        crop_size = next(
+            (self.tta_kwargs.get(m, {}).get("crop_size") for m in tta_lib.CROP_MODES if m in self.tta), None
+        )
+        self._evaluate((tta_lib.plain_view(images, self.tta, crop_size), targets), "test")
+        hard = self._hard_targets(targets)
+        for mode in self.tta:
+            metric = getattr(self, f"test_acc_tta_{mode}")
+            metric(self.tta_probabilities(images, mode), hard)
+            self.log(f"test/acc_tta_{mode}", metric)
+            if mode == self.tta[0]:
+                self.log("test/acc_tta", metric)
+
+    def tta_probabilities(self, images: torch.Tensor, mode: str) -> torch.Tensor:
+        """``mode``'s averaged class probabilities ``(N, num_classes)`` on a preprocessed batch, with the
+        options of ``tta_kwargs``; ``color_pca`` reads the DataModule's training colour PCA."""
+        options = dict(self.tta_kwargs.get(mode, {}))
+        if mode == "color_pca":
+            stats = self._color_statistics()
+            options["color_shifts"] = tta_lib.color_pca_shifts(
+                stats.eigval, stats.eigvec, images, options.pop("alpha", tta_lib.COLOR_PCA_ALPHA), stats.apply
+            )
+        return tta_lib.tta_probabilities(self, images, mode, **options)
+
+    def _color_statistics(self) -> Any:
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        stats = getattr(datamodule, "stats", None)
+        if getattr(stats, "eigval", None) is None or not callable(getattr(stats, "apply", None)):
+            raise RuntimeError(
+                "tta='color_pca' needs the training split's colour PCA, read from the DataModule's fitted "
+                "`stats` (the lightning_tricks DataModules have one); got "
+                f"{'no DataModule' if datamodule is None else type(datamodule).__name__}. "
+                "Use such a DataModule or remove color_pca from model.tta"
+            )
+        return stats
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Class probabilities (averaged over test-time views when ``tta`` is set)."""
+        """Class probabilities (averaged over the first ``tta`` mode's test-time views when set)."""
         images = adapters.inputs_of(batch, self)
-        if self.tta is not None:
-            from lightning_tricks.recipes.tta import tta_probabilities
-
-            return tta_probabilities(self, images, self.tta)
+        if self.tta:
+            return self.tta_probabilities(images, self.tta[0])
         return self(images).softmax(dim=1)
 
     # -- optimisation -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import DropBlock2d, StochasticDepth
+from torchvision.ops import DropBlock2d, DropBlock3d, StochasticDepth, drop_block2d
 
 CONV_NORMS: tuple[str, ...] = ("batch", "group", "layer", "none")
 """Normalisation choices for convolutional feature maps."""
@@ -185,7 +185,9 @@ class DropConnectConv2d(nn.Conv2d):
         return f"{super().extra_repr()}, p={self.p}"
 
 
-#: Layers whose drop probability ``p`` is regularisation (torch's common dropout base is private).
+#: Layers whose drop probability ``p`` is regularisation (torch's common dropout base is private):
+#: dropout, DropConnect, and torchvision's stochastic depth (DropPath) and DropBlock, each of which
+#: is the identity at ``p = 0``.
 DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Dropout,
     nn.Dropout1d,
@@ -195,13 +197,17 @@ DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
     nn.FeatureAlphaDropout,
     DropConnectLinear,
     DropConnectConv2d,
+    StochasticDepth,
+    DropBlock2d,
+    DropBlock3d,
 )
 
 
 @contextmanager
 def dropout_disabled(model: nn.Module) -> Iterator[None]:
-    """Set ``p = 0`` on every dropout and DropConnect layer of ``model`` (:data:`DROPOUT_TYPES`) for the
-    duration; the original probabilities are restored afterwards, also on error.
+    """Set ``p = 0`` on every dropout, DropConnect, DropPath and DropBlock layer of ``model``
+    (:data:`DROPOUT_TYPES`) for the duration; the original probabilities are restored afterwards,
+    also on error. In training mode the model is then deterministic (up to batch statistics).
 
     Example::
 
@@ -302,15 +308,35 @@ def make_drop_path(p: float) -> nn.Module:
     return StochasticDepth(p, "row") if p > 0 else nn.Identity()
 
 
+class FittingDropBlock2d(DropBlock2d):
+    """torchvision's ``DropBlock2d`` whose block shrinks to the largest odd side that fits the feature map.
+
+    torchvision clips the block to the map's side and then refuses an even result, so a 3x3 block
+    fails on the 2x2 maps of small images (digits, or progressive resizing's early sizes).
+
+    Example::
+
+        FittingDropBlock2d(0.1, 3).train()(torch.randn(2, 8, 2, 2))  # drops 1x1 blocks here
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        side = min(self.block_size, *input.shape[-2:])
+        side -= 1 - side % 2  # an even side becomes the odd one below it
+        return drop_block2d(input, self.p, side, self.inplace, self.eps, self.training)
+
+
 def make_drop_block(p: float, block_size: int) -> nn.Module:
-    """torchvision's ``DropBlock2d(p, block_size)`` (Ghiasi et al. 2018), or ``nn.Identity`` for ``p = 0``.
+    """torchvision's ``DropBlock2d(p, block_size)`` (Ghiasi et al. 2018; as :class:`FittingDropBlock2d`, whose
+    block fits small maps), or ``nn.Identity`` for ``p = 0``.
 
     Raises ``ValueError`` naming ``drop_block``/``drop_block_size`` when out of range.
     """
     check_probability("drop_block", p)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"drop_block_size must be an integer >= 1; got {block_size!r}")
-    return DropBlock2d(p, block_size) if p > 0 else nn.Identity()
+    odd = isinstance(block_size, int) and not isinstance(block_size, bool) and block_size % 2 == 1
+    if not odd or block_size < 1:
+        # torchvision's drop_block2d refuses even sizes, but only in the first training forward
+        raise ValueError(f"drop_block_size must be an odd integer >= 1 (e.g. 3, 5, 7); got {block_size!r}")
+    return FittingDropBlock2d(p, block_size) if p > 0 else nn.Identity()
 
 
 def make_classifier(in_features: int, num_classes: int, drop_connect: float = 0.0) -> nn.Linear:
