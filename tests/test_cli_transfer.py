@@ -80,7 +80,7 @@ def test_yaml_pretrained_layer_decay_and_gradual_unfreezing(tmp_path):
 
 def test_yaml_fine_tune_on_a_timm_model_ends_with_timms_layer_decayed_lrs(tmp_path):
     model = {
-        "model": "timm/resnet18",
+        "model": "timm/test_resnet",
         "optimizer": {"name": "adamw", "lr": 0.001, "layer_decay": 0.8},
         "scheduler": {"name": "constant"},
     }
@@ -96,20 +96,20 @@ def test_yaml_fine_tune_on_a_timm_model_ends_with_timms_layer_decayed_lrs(tmp_pa
 
 
 def test_yaml_multi_stage_linear_probe_on_a_pretrained_timm_backbone(tmp_path):
-    backbone = create_model("timm/resnet18", num_classes=10, in_channels=1)
-    torch.save(backbone.state_dict(), tmp_path / "resnet18.pt")
+    backbone = create_model("timm/test_resnet", num_classes=10, in_channels=1)
+    torch.save(backbone.state_dict(), tmp_path / "test_resnet.pt")
     model = {
         "model": "linear_probe",
         "model_kwargs": {
-            "backbone": "timm/resnet18",
+            "backbone": "timm/test_resnet",
             "stages": ["layer2", "layer4"],
-            "backbone_pretrained": str(tmp_path / "resnet18.pt"),
+            "backbone_pretrained": str(tmp_path / "test_resnet.pt"),
             "input_size": 8,
         },
     }
     cli = build_cli(["fit", "--config", _config(tmp_path, model)])
     probe = cli.model.net
-    assert probe.classifier.in_features == 128 + 512
+    assert probe.classifier.in_features == 48 + 96  # test_resnet: layer2 and layer4 widths
     kept = probe.backbone.state_dict()
     for key, value in backbone.state_dict().items():
         if key in kept:

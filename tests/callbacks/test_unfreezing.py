@@ -55,7 +55,7 @@ class Snapshot(L.Callback):
 
 
 def _fit(model, callbacks, tmp_path, epochs: int, **kwargs) -> L.Trainer:
-    train, val = digits_loaders(batch_size=32, n_train=96)
+    train, val = digits_loaders(batch_size=16, n_train=64)
     trainer = L.Trainer(
         **{**quiet_trainer_kwargs(tmp_path), **kwargs},
         max_epochs=epochs,
@@ -151,7 +151,7 @@ def test_fine_tune_trains_the_head_for_freeze_epochs_then_everything(tmp_path):
 
 def test_resumed_run_has_the_same_frozen_set_groups_and_weights_as_an_uninterrupted_one(tmp_path):
     schedule = {1: "layer3", 2: "all"}
-    common = dict(limit_train_batches=3, enable_checkpointing=True)
+    common = dict(limit_train_batches=2, enable_checkpointing=True)
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     full = _model("cosine")
     checkpoints = ModelCheckpoint(dirpath=full_dir, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
@@ -160,7 +160,7 @@ def test_resumed_run_has_the_same_frozen_set_groups_and_weights_as_an_uninterrup
 
     resumed = _model("cosine")
     resumed_snapshot = Snapshot()
-    train, val = digits_loaders(batch_size=32, n_train=96)
+    train, val = digits_loaders(batch_size=16, n_train=64)
     trainer = L.Trainer(
         **{**quiet_trainer_kwargs(resumed_dir), **common},
         max_epochs=4,
@@ -188,7 +188,7 @@ def test_a_plain_lightning_module_gets_its_stages_unfrozen_into_one_group_at_its
     model = FilteringPlainClassifier(lr=0.1)  # net: Flatten, Linear "1", ReLU, Linear "3"
     snapshot = Snapshot()
     first = model.net[1].weight.detach().clone()
-    train, _ = digits_loaders(batch_size=32, n_train=96)
+    train, _ = digits_loaders(batch_size=16, n_train=64)
     trainer = L.Trainer(
         **quiet_trainer_kwargs(tmp_path),
         max_epochs=2,

@@ -283,7 +283,10 @@ def _trainable(model: nn.Module) -> set[str]:
 
 def test_weights_path_loads_backbone_and_replaces_head(resnet18_file: tuple[str, dict]) -> None:
     path, state = resnet18_file
-    model = create_model("resnet18", 5, weights_path=path)
+    with pytest.warns(
+        UserWarning, match="its classifier has 1000 classes, the model 5; the classifier is re-init"
+    ):
+        model = create_model("resnet18", 5, weights_path=path)
     loaded = model.state_dict()
     for key, value in state.items():
         if not key.startswith("fc."):
@@ -299,17 +302,26 @@ def test_weights_path_keeps_head_when_classes_match(resnet18_file: tuple[str, di
     torch.testing.assert_close(model.fc.weight, state["fc.weight"])
 
 
+@pytest.mark.filterwarnings(
+    "ignore:weights_path.*the classifier is re-initialised"
+)  # replaced head, on purpose
 def test_weights_path_adapts_grey_stem(resnet18_file: tuple[str, dict]) -> None:
     path, state = resnet18_file
     model = create_model("resnet18", 5, in_channels=1, weights_path=path)
     torch.testing.assert_close(model.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
 
 
+@pytest.mark.filterwarnings(
+    "ignore:weights_path.*the classifier is re-initialised"
+)  # replaced head, on purpose
 def test_freeze_backbone_leaves_only_head(resnet18_file: tuple[str, dict]) -> None:
     model = create_model("resnet18", 5, weights_path=resnet18_file[0], freeze="backbone")
     assert _trainable(model) == {"fc.weight", "fc.bias"}
 
 
+@pytest.mark.filterwarnings(
+    "ignore:weights_path.*the classifier is re-initialised"
+)  # replaced head, on purpose
 def test_freeze_stages_leaves_last_stages_and_head(resnet18_file: tuple[str, dict]) -> None:
     model = create_model("resnet18", 5, weights_path=resnet18_file[0], freeze="stages", trainable_stages=1)
     trainable = _trainable(model)
@@ -321,11 +333,26 @@ def test_freeze_stages_leaves_last_stages_and_head(resnet18_file: tuple[str, dic
         create_model("resnet18", 5, freeze="stages", trainable_stages=5)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:weights_path.*the classifier is re-initialised"
+)  # replaced head, on purpose
 def test_bad_freeze_mode() -> None:
     with pytest.raises(ValueError, match="freeze"):
         create_model("resnet18", 5, freeze="all")
 
 
+def test_weights_file_of_another_architecture_names_the_keys(tmp_path) -> None:
+    state = torchvision.models.resnet34(weights=None).state_dict()
+    torch.save(state, tmp_path / "r34.pt")
+    with pytest.raises(
+        ValueError, match=r"does not fit resnet18: not in the model: layer1\.2\.bn1\.bias, .* and \d+ more\."
+    ):
+        create_model("resnet18", 1000, weights_path=str(tmp_path / "r34.pt"))
+
+
+@pytest.mark.filterwarnings(
+    "ignore:weights_path.*the classifier is re-initialised"
+)  # replaced head, on purpose
 def test_missing_weights_file_names_weights_path(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"weights_path.*nope\.pt"):
         create_model("resnet18", 5, weights_path=str(tmp_path / "nope.pt"))

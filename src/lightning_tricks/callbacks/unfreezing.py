@@ -86,14 +86,14 @@ class GradualUnfreezing(BaseFinetuning):
         for epoch, stage in self.schedule.items():
             if stage != ALL_STAGES and stage not in names:
                 raise ValueError(
-                    f"GradualUnfreezing schedule[{epoch}]={stage!r} is not a stage of the network; "
+                    f"{type(self).__name__} schedule[{epoch}]={stage!r} is not a stage of the network; "
                     f"stages: {', '.join(names)} (or {ALL_STAGES!r})"
                 )
             index = 0 if stage == ALL_STAGES else names.index(stage)
             if index > previous:
                 raise ValueError(
-                    f"GradualUnfreezing schedule[{epoch}]={stage!r} is after an earlier milestone's stage; "
-                    "unfreeze from the head towards the input (later epochs name earlier stages)"
+                    f"{type(self).__name__} schedule[{epoch}]={stage!r} is after an earlier milestone's "
+                    "stage; unfreeze from the head towards the input (later epochs name earlier stages)"
                 )
             previous = index
 
@@ -175,7 +175,7 @@ class GradualUnfreezing(BaseFinetuning):
                 groups.append({**group, "params": params})
         add_param_groups(optimizer, self._schedulers_of(pl_module.trainer, optimizer), groups)
         rank_zero_info(
-            f"GradualUnfreezing: epoch {epoch}, training stages {', '.join(names[first:])} "
+            f"{type(self).__name__}: epoch {epoch}, training stages {', '.join(names[first:])} "
             f"({sum(len(g['params']) for g in groups)} parameter tensors joined the optimizer)"
         )
 

@@ -43,7 +43,8 @@ def read_state_dict(path: str | Path, key: str = "pretrained") -> dict[str, torc
     if not file.is_file():
         raise FileNotFoundError(
             f"{key}={str(path)!r} is not a file; set {key} to a weights file saved with "
-            "torch.save(model.state_dict(), path) (weights are never downloaded), or null for random init"
+            "torch.save(model.state_dict(), path) (weights are never downloaded), or null for random init "
+            "(also when testing or resuming from a checkpoint: the checkpoint holds the weights)"
         )
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -60,6 +61,38 @@ def head_keys(net: nn.Module) -> set[str]:
     head = get_classifier(net)
     prefix = next(name for name, module in net.named_modules() if module is head)
     return {f"{prefix}.{name}" if prefix else name for name in head.state_dict()}
+
+
+def check_fits(
+    target: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, model: str, skip: set[str]
+) -> None:
+    """Raise ``ValueError`` naming the keys of ``state`` that do not fit ``target`` (``skip``: left out).
+
+    Example::
+
+        check_fits(net.state_dict(), torch.load(path, weights_only=True), "weights.pt", "ResNet", set())
+    """
+    missing = sorted(set(target) - set(state) - skip)
+    unexpected = sorted(set(state) - set(target))
+    shapes = sorted(
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(target[k].shape)})"
+        for k in set(state) & set(target)
+        if state[k].shape != target[k].shape
+    )
+    problems = [
+        f"{label}: {_listed(keys)}"
+        for label, keys in (
+            ("missing from the file", missing),
+            ("not in the model", unexpected),
+            ("shape", shapes),
+        )
+        if keys
+    ]
+    if problems:
+        raise ValueError(
+            f"{source} does not fit {model}: " + "; ".join(problems) + ". Check that the file was saved "
+            "from the same architecture (model name and model_kwargs) as this model"
+        )
 
 
 def load_pretrained(net: nn.Module, path: str | Path, key: str = "pretrained") -> list[str]:
@@ -80,27 +113,7 @@ def load_pretrained(net: nn.Module, path: str | Path, key: str = "pretrained") -
     head = head_keys(net) if any(isinstance(m, nn.Linear) for m in net.modules()) else set()
     reinit = sorted(k for k in head if k in state and state[k].shape != target[k].shape)
     state = {k: v for k, v in state.items() if k not in reinit}
-    missing = sorted(set(target) - set(state) - set(reinit))
-    unexpected = sorted(set(state) - set(target))
-    shapes = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(target[k].shape)})"
-        for k in set(state) & set(target)
-        if state[k].shape != target[k].shape
-    )
-    problems = [
-        f"{label}: {_listed(keys)}"
-        for label, keys in (
-            ("missing from the file", missing),
-            ("not in the model", unexpected),
-            ("shape", shapes),
-        )
-        if keys
-    ]
-    if problems:
-        raise ValueError(
-            f"{key}={str(path)!r} does not fit {type(net).__name__}: " + "; ".join(problems) + ". Check that "
-            "the file was saved from the same architecture (model name and model_kwargs) as this model"
-        )
+    check_fits(target, state, f"{key}={str(path)!r}", type(net).__name__, skip=set(reinit))
     net.load_state_dict(state, strict=not reinit)
     if reinit:
         rank_zero_warn(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_tricks.recipes.models.layers import (
@@ -180,7 +181,15 @@ def build_torchvision_model(
 
     model = arch.builder(num_classes=head_classes, **kwargs)
     if state is not None:
+        from lightning_tricks.recipes.pretrained import check_fits
+
+        check_fits(model.state_dict(), state, f"weights_path {weights_path!r}", arch_name, skip=set())
         model.load_state_dict(state)
+        if head_classes != num_classes:
+            rank_zero_warn(
+                f"weights_path {weights_path!r}: its classifier has {head_classes} classes, the model "
+                f"{num_classes}; the classifier is re-initialised, the rest is loaded"
+            )
 
     if in_channels != 3:
         _set_submodule(model, arch.stem, adapt_input_conv(model.get_submodule(arch.stem), in_channels))
