@@ -203,9 +203,7 @@ def _resume_run(tmp_path, optimizer: OptimizerConfig) -> None:
         L.seed_everything(0)
         module = ImageClassifier("small_cnn", num_classes=10, in_channels=1, optimizer=optimizer)
         checkpoint = ModelCheckpoint(dirpath=root, save_last=True)
-        trainer = _trainer(
-            root, max_epochs=epochs, enable_checkpointing=True, callbacks=[checkpoint], limit_train_batches=4
-        )
+        trainer = _trainer(root, max_epochs=epochs, enable_checkpointing=True, callbacks=[checkpoint])
         trainer.fit(module, _digits(), ckpt_path=ckpt_path)
         return module, trainer
 
@@ -223,9 +221,9 @@ def _resume_run(tmp_path, optimizer: OptimizerConfig) -> None:
 
 
 def test_lookahead_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path) -> None:
-    optimizer = _resume_run(tmp_path, OptimizerConfig(name="sgd", lr=0.05, lookahead={"k": 3}))
+    optimizer = _resume_run(tmp_path, OptimizerConfig(name="sgd", lr=0.05, lookahead={"k": 2}))
     assert any("lookahead_slow_buff" in s for s in optimizer.state_dict()["state"].values())
-    assert optimizer.param_groups[0]["lookahead_step"] == 8  # 2 epochs x 4 steps: k=3 puts resume mid-cycle
+    assert optimizer.param_groups[0]["lookahead_step"] == 6  # 2 epochs x 3 steps: k=2 puts resume mid-cycle
 
 
 def test_sam_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path) -> None:
@@ -279,3 +277,11 @@ def test_sam_refuses_gradscaler_and_accumulation_before_training(tmp_path, train
     with pytest.raises(ValueError, match=match):
         _trainer(tmp_path, **trainer_kwargs).fit(module, _digits())
     assert all(torch.equal(before[k], v) for k, v in module.net.state_dict().items())
+
+
+def test_optimizer_switch_from_lamb_asks_for_an_sgd_rate(tmp_path) -> None:
+    """LAMB's steps are trust-ratio scaled, so the Adam-equivalent SGD rate would be wrong."""
+    module = ImageClassifier("small_cnn", num_classes=10, in_channels=1, optimizer={"name": "lamb"})
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[OptimizerSwitch(switch_epoch=1)])
+    with pytest.raises(ValueError, match=r"the optimizer is Lamb; pass `sgd_lr`"):
+        trainer.fit(module, _digits())
