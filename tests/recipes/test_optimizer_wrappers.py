@@ -7,7 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
-from helpers import quiet_trainer_kwargs
+from helpers import DDP_TIMEOUT, ddp_spawn_trainer_kwargs, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -285,3 +285,30 @@ def test_optimizer_switch_from_lamb_asks_for_an_sgd_rate(tmp_path) -> None:
     trainer = _trainer(tmp_path, max_epochs=2, callbacks=[OptimizerSwitch(switch_epoch=1)])
     with pytest.raises(ValueError, match=r"the optimizer is Lamb; pass `sgd_lr`"):
         trainer.fit(module, _digits())
+
+
+def _sam_linear() -> ImageClassifier:
+    L.seed_everything(0)
+    return ImageClassifier(
+        "linear", num_classes=10, in_channels=1, model_kwargs={"input_size": 8},
+        optimizer=OptimizerConfig(name="sgd", lr=0.5, momentum=0.0, sam={"rho": 0.05}),
+    )  # fmt: skip
+
+
+def _fit_sam_linear(batch_size: int, **trainer_kwargs) -> ImageClassifier:
+    module = _sam_linear()
+    data = DigitsDataModule(batch_size=batch_size, image_size=8)
+    L.Trainer(limit_train_batches=3, limit_val_batches=0, max_epochs=1, **trainer_kwargs).fit(module, data)
+    return module
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(DDP_TIMEOUT)
+def test_sam_under_ddp_equals_one_process_on_the_global_batch(tmp_path) -> None:
+    """Both gradients of a SAM step are averaged over the ranks (the second backward syncs too)."""
+    ddp = _fit_sam_linear(16, **ddp_spawn_trainer_kwargs(tmp_path / "ddp"))
+    single = _fit_sam_linear(32, **quiet_trainer_kwargs(tmp_path / "single"))
+    assert not torch.allclose(single.net.classifier.weight, _sam_linear().net.classifier.weight)
+    for (name, a), b in zip(ddp.state_dict().items(), single.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
