@@ -312,3 +312,13 @@ def test_sam_under_ddp_equals_one_process_on_the_global_batch(tmp_path) -> None:
     for (name, a), b in zip(ddp.state_dict().items(), single.state_dict().values(), strict=True):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sam_runs_under_bf16_autocast_like_in_float32(tmp_path) -> None:
+    """bf16-mixed has no GradScaler, so Lightning passes SAM its closure (run under autocast)."""
+    bf16 = _fit_sam_linear(32, **quiet_trainer_kwargs(tmp_path / "bf16"), precision="bf16-mixed")
+    fp32 = _fit_sam_linear(32, **quiet_trainer_kwargs(tmp_path / "fp32"))
+    start = _sam_linear().net.classifier.weight
+    moved = (fp32.net.classifier.weight - start).norm()
+    assert moved > 0.1
+    assert (bf16.net.classifier.weight - fp32.net.classifier.weight).norm() < 0.05 * moved
