@@ -228,7 +228,7 @@ def test_lookahead_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path) -> No
 
 def test_sam_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path) -> None:
     optimizer = _resume_run(tmp_path, OptimizerConfig(name="adamw", lr=1e-3, sam={"rho": 0.05}))
-    assert isinstance(optimizer, SAM) and optimizer.param_groups[0]["rho"] == 0.05
+    assert isinstance(optimizer, SAM) and optimizer.param_groups[0]["sam_rho"] == 0.05
     assert all("exp_avg" in s for s in optimizer.state_dict()["state"].values())  # AdamW's state is saved
 
 
@@ -322,3 +322,8 @@ def test_sam_runs_under_bf16_autocast_like_in_float32(tmp_path) -> None:
     moved = (fp32.net.classifier.weight - start).norm()
     assert moved > 0.1
     assert (bf16.net.classifier.weight - fp32.net.classifier.weight).norm() < 0.05 * moved
+
+
+def test_sam_settings_never_meet_the_base_optimizers_own_keys() -> None:
+    optimizer = build_optimizer(_net(), OptimizerConfig(name="adadelta", sam={"rho": 0.1}))
+    assert all((g["rho"], g["sam_rho"]) == (0.95, 0.1) for g in optimizer.param_groups)  # Adadelta's rho kept
