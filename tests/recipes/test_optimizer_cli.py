@@ -53,7 +53,7 @@ def test_yaml_builds_lookahead_around_sam_around_lamb_and_checkpoints_it(tmp_pat
     assert type(optimizer).__name__ == "Lookahead" and isinstance(optimizer._base_optimizer, SAM)
     assert type(innermost(optimizer)).__name__ == "Lamb"
     group = optimizer.param_groups[0]
-    assert (group["lookahead_k"], group["lookahead_alpha"], group["rho"], group["adaptive"]) == (
+    assert (group["lookahead_k"], group["lookahead_alpha"], group["sam_rho"], group["sam_adaptive"]) == (
         2,
         0.5,
         0.1,

@@ -7,7 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
-from helpers import quiet_trainer_kwargs
+from helpers import DDP_TIMEOUT, ddp_spawn_trainer_kwargs, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -203,9 +203,7 @@ def _resume_run(tmp_path, optimizer: OptimizerConfig) -> None:
         L.seed_everything(0)
         module = ImageClassifier("small_cnn", num_classes=10, in_channels=1, optimizer=optimizer)
         checkpoint = ModelCheckpoint(dirpath=root, save_last=True)
-        trainer = _trainer(
-            root, max_epochs=epochs, enable_checkpointing=True, callbacks=[checkpoint], limit_train_batches=4
-        )
+        trainer = _trainer(root, max_epochs=epochs, enable_checkpointing=True, callbacks=[checkpoint])
         trainer.fit(module, _digits(), ckpt_path=ckpt_path)
         return module, trainer
 
@@ -223,14 +221,14 @@ def _resume_run(tmp_path, optimizer: OptimizerConfig) -> None:
 
 
 def test_lookahead_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path) -> None:
-    optimizer = _resume_run(tmp_path, OptimizerConfig(name="sgd", lr=0.05, lookahead={"k": 3}))
+    optimizer = _resume_run(tmp_path, OptimizerConfig(name="sgd", lr=0.05, lookahead={"k": 2}))
     assert any("lookahead_slow_buff" in s for s in optimizer.state_dict()["state"].values())
-    assert optimizer.param_groups[0]["lookahead_step"] == 8  # 2 epochs x 4 steps: k=3 puts resume mid-cycle
+    assert optimizer.param_groups[0]["lookahead_step"] == 6  # 2 epochs x 3 steps: k=2 puts resume mid-cycle
 
 
 def test_sam_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path) -> None:
     optimizer = _resume_run(tmp_path, OptimizerConfig(name="adamw", lr=1e-3, sam={"rho": 0.05}))
-    assert isinstance(optimizer, SAM) and optimizer.param_groups[0]["rho"] == 0.05
+    assert isinstance(optimizer, SAM) and optimizer.param_groups[0]["sam_rho"] == 0.05
     assert all("exp_avg" in s for s in optimizer.state_dict()["state"].values())  # AdamW's state is saved
 
 
@@ -279,3 +277,53 @@ def test_sam_refuses_gradscaler_and_accumulation_before_training(tmp_path, train
     with pytest.raises(ValueError, match=match):
         _trainer(tmp_path, **trainer_kwargs).fit(module, _digits())
     assert all(torch.equal(before[k], v) for k, v in module.net.state_dict().items())
+
+
+def test_optimizer_switch_from_lamb_asks_for_an_sgd_rate(tmp_path) -> None:
+    """LAMB's steps are trust-ratio scaled, so the Adam-equivalent SGD rate would be wrong."""
+    module = ImageClassifier("small_cnn", num_classes=10, in_channels=1, optimizer={"name": "lamb"})
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[OptimizerSwitch(switch_epoch=1)])
+    with pytest.raises(ValueError, match=r"the optimizer is Lamb; pass `sgd_lr`"):
+        trainer.fit(module, _digits())
+
+
+def _sam_linear() -> ImageClassifier:
+    L.seed_everything(0)
+    return ImageClassifier(
+        "linear", num_classes=10, in_channels=1, model_kwargs={"input_size": 8},
+        optimizer=OptimizerConfig(name="sgd", lr=0.5, momentum=0.0, sam={"rho": 0.05}),
+    )  # fmt: skip
+
+
+def _fit_sam_linear(batch_size: int, **trainer_kwargs) -> ImageClassifier:
+    module = _sam_linear()
+    data = DigitsDataModule(batch_size=batch_size, image_size=8)
+    L.Trainer(limit_train_batches=3, limit_val_batches=0, max_epochs=1, **trainer_kwargs).fit(module, data)
+    return module
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(DDP_TIMEOUT)
+def test_sam_under_ddp_equals_one_process_on_the_global_batch(tmp_path) -> None:
+    """Both gradients of a SAM step are averaged over the ranks (the second backward syncs too)."""
+    ddp = _fit_sam_linear(16, **ddp_spawn_trainer_kwargs(tmp_path / "ddp"))
+    single = _fit_sam_linear(32, **quiet_trainer_kwargs(tmp_path / "single"))
+    assert not torch.allclose(single.net.classifier.weight, _sam_linear().net.classifier.weight)
+    for (name, a), b in zip(ddp.state_dict().items(), single.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sam_runs_under_bf16_autocast_like_in_float32(tmp_path) -> None:
+    """bf16-mixed has no GradScaler, so Lightning passes SAM its closure (run under autocast)."""
+    bf16 = _fit_sam_linear(32, **quiet_trainer_kwargs(tmp_path / "bf16"), precision="bf16-mixed")
+    fp32 = _fit_sam_linear(32, **quiet_trainer_kwargs(tmp_path / "fp32"))
+    start = _sam_linear().net.classifier.weight
+    moved = (fp32.net.classifier.weight - start).norm()
+    assert moved > 0.1
+    assert (bf16.net.classifier.weight - fp32.net.classifier.weight).norm() < 0.05 * moved
+
+
+def test_sam_settings_never_meet_the_base_optimizers_own_keys() -> None:
+    optimizer = build_optimizer(_net(), OptimizerConfig(name="adadelta", sam={"rho": 0.1}))
+    assert all((g["rho"], g["sam_rho"]) == (0.95, 0.1) for g in optimizer.param_groups)  # Adadelta's rho kept

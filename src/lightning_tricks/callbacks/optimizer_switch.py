@@ -258,7 +258,7 @@ class OptimizerSwitch(pl.Callback):
         for group in adam.param_groups:
             lr = self.sgd_lr
             if lr is None:
-                if "betas" not in group:
+                if "betas" not in group or "always_adapt" in group:  # LAMB: trust ratios, not Adam's step
                     raise ValueError(
                         f"OptimizerSwitch derives the SGD rate from Adam state, but the optimizer is"
                         f" {type(innermost(adam)).__name__}; pass `sgd_lr`."

@@ -85,7 +85,7 @@ def _as_config(value: Any, config_type: type) -> Any:
 
 
 class ImageClassifier(L.LightningModule):
-    """Cross-entropy image classifier over a backbone from the model zoo.
+    """Cross-entropy (or multi-class hinge) image classifier over a backbone from the model zoo.
 
     Args:
         model: Registered model name (see :func:`lightning_tricks.recipes.models.list_models`), or

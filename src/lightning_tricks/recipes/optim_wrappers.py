@@ -126,7 +126,7 @@ def rewrap(old: torch.optim.Optimizer, new_base: torch.optim.Optimizer) -> torch
         return new_base
     rebuilt = rewrap(inner, new_base)
     if isinstance(old, SAM):
-        return SAM(rebuilt, rho=old.defaults["rho"], adaptive=old.defaults["adaptive"])
+        return SAM(rebuilt, rho=old.defaults["sam_rho"], adaptive=old.defaults["sam_adaptive"])
     if "lookahead_k" in old.defaults:
         return lookahead(rebuilt, k=old.defaults["lookahead_k"], alpha=old.defaults["lookahead_alpha"])
     raise TypeError(f"cannot rebuild the optimizer wrapper {type(old).__name__} around a new optimizer")

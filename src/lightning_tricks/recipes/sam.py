@@ -37,8 +37,9 @@ from lightning_tricks.recipes.optim_wrappers import share_state
 class SAM(torch.optim.Optimizer):
     """Wrap ``base_optimizer`` so each step descends from the worst nearby point (radius ``rho``).
 
-    Param groups, state and ``state_dict`` are the base optimizer's (``rho``/``adaptive`` are keys of each
-    group), so LR schedulers, checkpoints and code reading ``optimizer.state`` see one optimizer.
+    Param groups, state and ``state_dict`` are the base optimizer's, so LR schedulers, checkpoints and
+    code reading ``optimizer.state`` see one optimizer; ``sam_rho``/``sam_adaptive`` are keys of each
+    group, prefixed so they never meet the base's own keys (Adadelta's ``rho``).
     :attr:`perturbed` is ``True`` while the closure runs at ``w + e``: a LightningModule can skip its
     metric updates there, so each step counts once.
 
@@ -63,7 +64,7 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"optimizer.sam.adaptive must be true or false, got {adaptive!r}")
         self.base_optimizer = base_optimizer
         self.perturbed = False
-        super().__init__(base_optimizer.param_groups, {"rho": rho, "adaptive": adaptive})
+        super().__init__(base_optimizer.param_groups, {"sam_rho": rho, "sam_adaptive": adaptive})
         self.param_groups = base_optimizer.param_groups
         self.defaults.update(base_optimizer.defaults)
         share_state(self, base_optimizer)
@@ -76,11 +77,13 @@ class SAM(torch.optim.Optimizer):
             return {}
         device = pairs[0][1].device
         norms = [
-            ((p.abs() * p.grad) if group["adaptive"] else p.grad).norm(2).to(device) for group, p in pairs
+            ((p.abs() * p.grad) if group["sam_adaptive"] else p.grad).norm(2).to(device) for group, p in pairs
         ]
         norm = torch.linalg.vector_norm(torch.stack(norms))
         return {
-            p: (p.pow(2) if group["adaptive"] else 1.0) * p.grad * (group["rho"] / (norm + 1e-12)).to(p)
+            p: (p.pow(2) if group["sam_adaptive"] else 1.0)
+            * p.grad
+            * (group["sam_rho"] / (norm + 1e-12)).to(p)
             for group, p in pairs
         }
 
@@ -123,5 +126,5 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         for group in self.param_groups:  # a checkpoint written without SAM lacks its keys
-            group.setdefault("rho", self.defaults["rho"])
-            group.setdefault("adaptive", self.defaults["adaptive"])
+            group.setdefault("sam_rho", self.defaults["sam_rho"])
+            group.setdefault("sam_adaptive", self.defaults["sam_adaptive"])
