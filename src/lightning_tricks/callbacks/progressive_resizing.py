@@ -151,7 +151,7 @@ class ProgressiveResizing(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._datamodule is not None and self._datamodule.train_resize == self.resize:
             self._datamodule.train_resize = None
-        self._datamodule = None
+        self._trainer, self._datamodule = None, None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -259,9 +259,10 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         """Continue the checkpoint's random streams at the training batch where it stopped.
 
         Keyed to the data-order position, not to the first batch seen: callbacks may draw training
-        batches before the first step (sanity checks, probes), and each of them gets the same
-        streams as the batch the fit loop then trains on (anything run in between, e.g. the sanity
-        check, is moot). Forgotten once the order has moved to a later epoch.
+        batches before the first step (sanity checks, probes), and each batch drawn at that position
+        gets the same streams as the batch the fit loop then trains on (so does each batch of a
+        several-batch probe there); anything run in between, e.g. the sanity check, is moot.
+        Forgotten once the order has moved to a later epoch.
         """
         if self._resume_rng is None or self._resume_point is None:
             return
@@ -336,7 +337,7 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         if "mean" in statistics:
             self.stats.load_state_dict(statistics)
         self._resume_order = dict(state_dict.get("data_order") or {}) or None
-        self._resume_point = self._resume_order and dict(self._resume_order)
+        self._resume_point = dict(self._resume_order) if self._resume_order else None
         self._resume_rng = state_dict.get("rng")
 
     def _dataloader(self, dataset: Dataset, train: bool) -> DataLoader:

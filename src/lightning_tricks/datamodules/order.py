@@ -89,8 +89,7 @@ class ResumableSampler(DistributedSampler):
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.batch_size = batch_size
-        self.start_batch = 0
-        self.set_epoch(epoch)
+        super().set_epoch(epoch)
         self.start_batch = start_batch
         self.length = length
         self.repeats = repeats

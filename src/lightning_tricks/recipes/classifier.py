@@ -453,7 +453,10 @@ class ImageClassifier(L.LightningModule):
         return tta_lib.tta_probabilities(self, images, mode, **options)
 
     def _color_statistics(self) -> Any:
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        try:
+            datamodule = self.trainer.datamodule
+        except RuntimeError:  # not attached to a Trainer (a bare predict_step call)
+            datamodule = None
         stats = getattr(datamodule, "stats", None)
         if getattr(stats, "eigval", None) is None or not callable(getattr(stats, "apply", None)):
             raise RuntimeError(
