@@ -35,10 +35,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
-from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks import adapters
+from lightning_tricks._lightning_compat import writes_step_logs
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes.init import InitConfig, initialize
 from lightning_tricks.recipes.models import create_model, get_classifier
@@ -46,6 +46,7 @@ from lightning_tricks.recipes.models.layers import dropout_disabled
 from lightning_tricks.recipes.nonfinite import NonFiniteLossGuard
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
+from lightning_tricks.recipes.running_metrics import RunningMean
 from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
 
 #: Modes of ``torch.compile`` accepted by ``ImageClassifier(compile=...)``.
@@ -148,18 +149,21 @@ class ImageClassifier(L.LightningModule):
         self._whitening_pending = hasattr(self.net, "init_whitening")
         self._regularization_scale = 1.0
         top_k = min(5, num_classes)
-        for stage in ("train", "val", "test"):
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
         for stage in ("val", "test"):
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top_k, average="micro"))
         if tta is not None:
             self.test_acc_tta = MulticlassAccuracy(num_classes, average="micro")
-        # The epoch's running training loss and accuracy live in the module's state_dict, so a run
-        # resumed mid-epoch reports the same epoch values (Lightning does not checkpoint its own
-        # running epoch aggregates).
-        self.train_loss = MeanMetric()
+        # The epoch's running training loss and accuracy are updated every step with two in-place
+        # additions each (RunningMean), and live in the module's state_dict, so a run resumed mid-epoch
+        # reports the same epoch values (Lightning does not checkpoint its own running epoch aggregates).
+        self.train_loss = RunningMean()
+        self.train_acc = RunningMean()
         for metric in (self.train_loss, self.train_acc):
             metric.persistent(True)
+        # Not persistent: its sums were never in checkpoints, which keep their keys.
+        self.train_penalty = RunningMean()
+        self._epoch_metrics_logged_in: int | None = None  # epoch whose aggregates are registered
 
     def _model_kwargs(self, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         kwargs = dict(model_kwargs or {})
@@ -252,6 +256,30 @@ class ImageClassifier(L.LightningModule):
         # (saved before Lightning resets them); a mid-epoch resume skips this hook and keeps its sums.
         self.train_loss.reset()
         self.train_acc.reset()
+        self.train_penalty.reset()
+
+    def on_train_start(self) -> None:
+        self._epoch_metrics_logged_in = None  # a new fit registers its epoch aggregates again
+
+    def on_train_epoch_end(self) -> None:
+        self.nonfinite_guard.flush(self)
+
+    def on_train_end(self) -> None:
+        self.nonfinite_guard.flush(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write weights that a recorded non-finite loss has reached (see ``on_nonfinite_loss``)."""
+        self.nonfinite_guard.flush(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Read the running training accuracy of checkpoints that stored it as torchmetrics' stat scores."""
+        state = checkpoint.get("state_dict", {})
+        if "train_acc.tp" in state:
+            tp, fn = state["train_acc.tp"], state["train_acc.fn"]
+            for key in ("tp", "fp", "tn", "fn"):
+                state.pop(f"train_acc.{key}")
+            state["train_acc.mean_value"] = tp.sum().float()
+            state["train_acc.weight"] = (tp + fn).sum().float()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Initialise a patch-whitening first layer from the first training batch of a fresh run."""
@@ -276,17 +304,59 @@ class ImageClassifier(L.LightningModule):
         reg = self.penalty() if (cfg.l1 or cfg.l2) and self._regularization_scale else None
         if reg is not None:
             loss = loss + reg
-        if not self.nonfinite_guard.check(self, loss, images, batch_idx):
+        trainer = self._attached_trainer
+        writes_logs = trainer is None or writes_step_logs(trainer)
+        if not self.nonfinite_guard.check(self, loss, images, batch_idx, read_now=writes_logs):
             return None  # "skip": Lightning skips backward and the optimizer step
-        if reg is not None:
-            self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
-        # update(), not forward: the accuracy is logged per epoch only, so the per-batch value that
-        # forward computes (a state copy and a compute per step) would be thrown away.
-        self.train_acc.update(logits.detach(), self._hard_targets(targets))
-        self.train_loss(loss.detach(), len(images))  # weighted by batch size, as Lightning's own mean
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self._update_train_metrics(logits, targets, loss, reg)
+        if trainer is not None:
+            self._log_train_metrics(loss, reg, writes_logs)
         return loss
+
+    def _update_train_metrics(
+        self, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, reg: torch.Tensor | None
+    ) -> None:
+        """Accumulate the epoch's training metrics on the device (no host read, no per-step compute)."""
+        batch = len(logits)
+        correct = (logits.detach().argmax(dim=1) == self._hard_targets(targets)).sum()
+        self.train_acc.update(correct, batch)
+        self.train_loss.update(loss.detach() * batch, batch)  # batch-size weighted, as Lightning's mean
+        if reg is not None:
+            self.train_penalty.update(reg.detach() * batch, batch)
+
+    def _log_train_metrics(self, loss: torch.Tensor, reg: torch.Tensor | None, writes_logs: bool) -> None:
+        """Log ``train/loss``, ``train/acc`` (and ``train/penalty``) with Lightning's names, cheaply.
+
+        The epoch aggregates are torchmetrics objects registered with ``self.log`` once per epoch:
+        Lightning computes them at the epoch end from every step's update. The step values are logged
+        only on the steps Lightning writes (``Trainer(log_every_n_steps)``), as a host copy, so the other
+        steps pay neither ``self.log`` nor a device read (Lightning converts progress-bar values to
+        numbers after every step). Names are those of ``self.log(name, on_step=True, on_epoch=True)``:
+        ``NAME_step`` and ``NAME_epoch`` in the loggers, plus ``NAME`` (the epoch value) in
+        ``trainer.callback_metrics``.
+        """
+        if self._epoch_metrics_logged_in != self.current_epoch:
+            self._epoch_metrics_logged_in = self.current_epoch
+            aggregates = [("train/loss", self.train_loss, True), ("train/acc", self.train_acc, False)]
+            if reg is not None:
+                aggregates.append(("train/penalty", self.train_penalty, False))
+            for name, metric, prog_bar in aggregates:
+                # the accuracy is epoch-only and keeps its plain name, as before
+                epoch_name = name if name == "train/acc" else f"{name}_epoch"
+                self.log(epoch_name, metric, on_step=False, on_epoch=True, prog_bar=prog_bar)
+                if epoch_name != name:
+                    self.log(name, metric, on_step=False, on_epoch=True, logger=False)
+        if writes_logs:
+            self.log("train/loss_step", loss.detach().cpu(), on_step=True, on_epoch=False, prog_bar=True)
+            if reg is not None:
+                self.log("train/penalty_step", reg.detach().cpu(), on_step=True, on_epoch=False)
+
+    @property
+    def _attached_trainer(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # a step called by hand, outside a Trainer
+            return None
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, targets = batch
