@@ -252,6 +252,7 @@ class ImageClassifier(L.LightningModule):
         """Keep the linear scaling rule on the current global batch (see :meth:`follow_global_batch`)
         and start the epoch's running training metrics empty."""
         self.follow_global_batch()
+        self._set_network_epoch()
         # A new epoch's running metrics start empty, also after resuming from an epoch-end checkpoint
         # (saved before Lightning resets them); a mid-epoch resume skips this hook and keeps its sums.
         self.train_loss.reset()
@@ -260,6 +261,13 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._epoch_metrics_logged_in = None  # a new fit registers its epoch aggregates again
+        self._set_network_epoch()  # also a run resumed mid-epoch, which skips on_train_epoch_start
+
+    def _set_network_epoch(self) -> None:
+        """Tell a network with epoch-dependent training (airbench's whitening-bias freeze) the epoch."""
+        set_epoch = getattr(self.net, "set_training_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
         self.nonfinite_guard.flush(self)
