@@ -81,8 +81,10 @@ class ImageClassifier(L.LightningModule):
         tta: Test-time augmentation for test/predict (``"hflip"``, ``"ten_crop"``, ``"multi_scale"``,
             ``"flip_translate"``); logged as ``test/acc_tta`` beside the plain ``test/acc``.
         on_nonfinite_loss: On a NaN/inf training loss, ``"stop"`` the run with a message naming the
-            step, the loss, the last finite loss and the likely cause (default), or ``"skip"`` that
-            step with a warning; either way the weights never see it.
+            step, the loss, the last finite loss and the likely cause (default; read back without a
+            per-step device sync at the logging steps, epoch ends and before every checkpoint, so no
+            checkpoint holds weights that saw it, see :mod:`lightning_tricks.recipes.nonfinite`), or
+            ``"skip"`` that step with a warning (checked every step, before ``backward``).
         channels_last: Keep the network's weights and its input batches in the ``channels_last``
             memory format (faster convolutions on tensor-core GPUs; results are unchanged).
         compile: ``torch.compile`` the network with this mode (``"default"``, ``"reduce-overhead"``,
