@@ -76,3 +76,14 @@ def early_stopping_checks_on_train_epoch_end(callback: EarlyStopping) -> bool:
     that prepares the monitored value just before the check must run at exactly the same point.
     """
     return bool(callback._check_on_train_epoch_end)
+
+
+def writes_step_logs(trainer: Any) -> bool:
+    """Whether Lightning writes this training step's ``on_step`` metrics to the loggers.
+
+    Private: ``trainer._logger_connector.should_update_logs`` (``log_every_n_steps``, counted in batches
+    that stepped; ``+ 1`` inside, so it holds during ``training_step``), plus ``fast_dev_run``, which logs
+    every step. The recipe logs its per-step values only on these steps, so the values Lightning writes
+    are unchanged while the other steps skip ``self.log`` and its device-to-host copies.
+    """
+    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)

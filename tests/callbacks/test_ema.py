@@ -444,6 +444,8 @@ def test_callback_pickles():
         ({"warmup": "linear"}, "`warmup` must be None or one of"),
         ({"warmup_gamma": 0.0}, "`warmup_gamma`"),
         ({"suffix": ""}, "`suffix`"),
+        ({"lookahead": 0.0}, r"`lookahead` must be None \(off\) or a float in \(0, 1\].*got 0.0"),
+        ({"lookahead": 1.5}, "`lookahead`"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
@@ -766,3 +768,85 @@ def test_checkpoints_that_cannot_hold_their_weights_are_refused_before_training(
         fit(tmp_path, model, [EMA(decay=0.9), *ckpts], max_epochs=1, enable_checkpointing=True)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+class LiveRecorder(Callback):
+    """The live state after every optimizer step, as the callbacks before it in the list leave it."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+@pytest.mark.parametrize(("warmup", "pull"), [(None, 0.5), ("progress", 1.0)])
+def test_lookahead_follows_the_rule_written_out(tmp_path, warmup, pull):
+    torch.manual_seed(0)
+    model = BatchNormClassifier()
+    before, after = LiveRecorder(), LiveRecorder()
+    decay, every, start, power = 0.8, 3, 1, 3.0
+    ema = EMA(
+        decay=decay,
+        warmup=warmup,
+        warmup_power=power,
+        update_every_n_steps=every,
+        start_step=start,
+        lookahead=pull,
+        copy_average_at_end=False,
+    )
+    fit(tmp_path, model, [before, ema, after], limit_val_batches=0)
+    total = len(before.states)  # 2 epochs of 10 steps, one optimizer step per batch
+    assert total == 20
+
+    # The rule: at zero-based step i >= start with (i - start) % every == 0, the average moves towards the
+    # live weights with decay d (the first update copies them), then live <- live + pull * (average - live).
+    floats = [k for k, v in before.states[0].items() if v.is_floating_point()]
+    average: dict[str, torch.Tensor] | None = None
+    for i, (pre, post) in enumerate(zip(before.states, after.states, strict=True)):
+        if i < start or (i - start) % every:
+            assert all(torch.equal(pre[k], post[k]) for k in pre), f"step {i} must not be touched"
+            continue
+        if average is None:
+            average = {k: pre[k].clone() for k in floats}
+        else:
+            d = decay * ((i + 1) / total) ** power if warmup == "progress" else decay
+            average = {k: d * average[k] + (1 - d) * pre[k] for k in floats}
+        for k in floats:
+            expected = pre[k] + pull * (average[k] - pre[k])
+            torch.testing.assert_close(post[k], expected, rtol=0, atol=1e-6, msg=f"step {i} {k}")
+    ours = ema.ema_state_dict()
+    for k in floats:
+        torch.testing.assert_close(ours[k], average[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_lookahead_resume_matches_uninterrupted_run(tmp_path):
+    def make() -> EMA:
+        return EMA(decay=0.9, warmup="progress", warmup_power=3.0, update_every_n_steps=4, lookahead=1.0)
+
+    torch.manual_seed(0)
+    initial = BatchNormClassifier()
+    full_model, full_ema = copy.deepcopy(initial), make()
+    fit(tmp_path / "full", full_model, [full_ema], max_epochs=3, limit_val_batches=0)
+
+    class StopAt(Callback):  # an interrupted run: same plan (3 epochs), stopped mid-epoch 1
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.should_stop or trainer.global_step == 13
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)  # at each epoch end
+    first_model = copy.deepcopy(initial)
+    fit(
+        tmp_path / "first",
+        first_model,
+        [make(), checkpoints, StopAt()],
+        max_epochs=3,
+        enable_checkpointing=True,
+        limit_val_batches=0,
+    )
+    torch.manual_seed(1)
+    resumed_model, resumed_ema = BatchNormClassifier(), make()
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=10.ckpt"  # between two updates (steps 9 and 13)
+    fit(tmp_path / "resumed", resumed_model, [resumed_ema], max_epochs=3, ckpt_path=ckpt, limit_val_batches=0)
+    assert resumed_ema.num_updates == full_ema.num_updates
+    for name, value in full_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=0, atol=1e-7, msg=name)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import ddp_spawn_trainer_kwargs, quiet_trainer_kwargs
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks.recipes import ImageClassifier
+from lightning_tricks.recipes import ImageClassifier, OptimizerConfig
 from lightning_tricks.recipes.models import create_model
 from lightning_tricks.recipes.tta import tta_probabilities
 
@@ -91,3 +96,81 @@ def test_classifier_initialises_whitening_from_the_first_training_batch_only():
     model.on_train_batch_start((first, torch.zeros(8, dtype=torch.long)), 0)
     model.on_train_batch_start((second, torch.zeros(8, dtype=torch.long)), 1)
     torch.testing.assert_close(model.net.whiten.weight, reference.whiten.weight)
+
+
+def _image_loader(n: int = 64, size: int = 16, batch: int = 8) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, size, size, generator=generator)
+    return DataLoader(TensorDataset(images, torch.randint(5, (n,), generator=generator)), batch_size=batch)
+
+
+class BiasPerEpoch(L.Callback):
+    """The whitening bias and a block bias at the start of every epoch and at the end of training."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _record(self, pl_module) -> None:
+        net = pl_module.net
+        self.seen.append((net.whiten.bias.detach().clone(), net.blocks[0].norm1.bias.detach().clone()))
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._record(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._record(pl_module)
+
+
+def test_whitening_bias_trains_for_its_epochs_then_stays_frozen(tmp_path):
+    torch.manual_seed(0)
+    model = ImageClassifier(
+        "airbench",
+        num_classes=5,
+        model_kwargs={"widths": (8, 16, 16), "whitening_bias_epochs": 1},
+        optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-2),
+    )
+    record = BiasPerEpoch()
+    trainer = L.Trainer(max_epochs=3, callbacks=[record], **quiet_trainer_kwargs(tmp_path))
+    trainer.fit(model, train_dataloaders=_image_loader())
+    (w0, _), (w1, b1), (w2, b2), (w3, b3) = record.seen  # starts of epochs 0, 1, 2 and the end
+    assert not torch.equal(w0, w1)  # trained in epoch 0
+    assert torch.equal(w1, w2) and torch.equal(w2, w3)  # frozen from epoch 1 on (momentum, decay too)
+    assert not torch.equal(b1, b2) and not torch.equal(b2, b3)  # the rest keeps training
+    assert not model.net.whiten.bias.requires_grad
+
+
+def test_whitening_bias_epochs_is_checked():
+    with pytest.raises(ValueError, match=r"whitening_bias_epochs must be None .* got -1; airbench94 uses 3"):
+        small_airbench(whitening_bias_epochs=-1)
+
+
+class FirstBatchAndFilters(L.Callback):
+    """Each rank's first training batch and its whitening filters after the first step, saved to a file."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.first_batch = batch[0].detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            payload = {"batch": self.first_batch, "filters": pl_module.net.whiten.weight.detach().clone()}
+            torch.save(payload, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_whitening_filters_are_rank_zeros_on_every_rank(tmp_path):
+    torch.manual_seed(0)
+    model = ImageClassifier("airbench", num_classes=5, model_kwargs={"widths": (8, 16, 16)})
+    trainer = L.Trainer(
+        **ddp_spawn_trainer_kwargs(tmp_path), max_steps=1, callbacks=[FirstBatchAndFilters(str(tmp_path))]
+    )
+    trainer.fit(model, train_dataloaders=_image_loader())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(ranks[0]["batch"], ranks[1]["batch"])  # the ranks saw different images
+    assert torch.equal(ranks[0]["filters"], ranks[1]["filters"])
+    expected = small_airbench()
+    expected.init_whitening(ranks[0]["batch"])  # computed from rank 0's batch, broadcast to rank 1
+    torch.testing.assert_close(ranks[1]["filters"], expected.whiten.weight)

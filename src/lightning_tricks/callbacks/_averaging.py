@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-WARMUPS = ("num_updates", "power")
+WARMUPS = ("num_updates", "power", "progress")
 
 
 def ema_decay(
@@ -21,6 +21,7 @@ def ema_decay(
     warmup: str | None = None,
     warmup_gamma: float = 1.0,
     warmup_power: float = 2 / 3,
+    progress: float = 1.0,
 ) -> float:
     """Decay applied by the update that follows ``num_updates`` earlier updates.
 
@@ -31,6 +32,8 @@ def ema_decay(
     - ``warmup="num_updates"`` (torch-ema's ``use_num_updates``): ``min(decay, (1 + t) / (10 + t))``;
     - ``warmup="power"`` (timm's ``ModelEmaV3(use_warmup=True)``):
       ``min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``,
+    - ``warmup="progress"`` (airbench's lookahead schedule): ``decay * progress ** warmup_power``, with
+      ``progress`` the fraction of the run's optimizer steps done (airbench: ``0.95 ** 5 * progress ** 3``),
 
     with ``t = num_updates``.
 
@@ -49,6 +52,8 @@ def ema_decay(
         return min(decay, (1 + num_updates) / (10 + num_updates))
     if warmup == "power":
         return min(decay, 1.0 - (1.0 + num_updates / warmup_gamma) ** -warmup_power)
+    if warmup == "progress":
+        return decay * min(max(progress, 0.0), 1.0) ** warmup_power
     raise ValueError(f"`warmup` must be one of {(None, *WARMUPS)}, got {warmup!r}.")
 
 
@@ -103,6 +108,17 @@ class TensorListEMA:
                 torch._foreach_lerp_(avgs, curs, weight)
         for avg, cur in self._copies:
             avg.copy_(cur)
+
+    @torch.no_grad()
+    def pull_live(self, weight: float) -> None:
+        """``live += weight * (average - live)`` for averaged tensors (``weight=1`` copies the average)."""
+        for (device, dtype), (avgs, curs) in self._groups.items():
+            if curs[0].device != device or curs[0].dtype != dtype:
+                avgs = [a.to(device=c.device, dtype=c.dtype) for a, c in zip(avgs, curs, strict=True)]
+            if weight == 1.0:
+                torch._foreach_copy_(curs, avgs)
+            else:
+                torch._foreach_lerp_(curs, avgs, weight)
 
     @torch.no_grad()
     def copy_live_to_average(self) -> None:

@@ -42,6 +42,9 @@ class EMA(WeightAveraging):
     - ``warmup="num_updates"`` (the default; TensorFlow's ``ExponentialMovingAverage(num_updates)``
       and torch-ema): ``min(decay, (1 + t) / (10 + t))``;
     - ``warmup="power"`` (timm ``ModelEmaV3``): ``min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``;
+    - ``warmup="progress"`` (airbench): ``decay * progress ** warmup_power``, ``progress`` the fraction
+      of the run's optimizer steps done (``trainer.estimated_stepping_batches``): weak averaging early,
+      strong at the end;
     - ``warmup=None``: ``decay`` from the second update on (Lightning's ``EMAWeightAveraging``);
 
     where ``t`` is the number of updates already applied (counted in updates, not optimizer steps).
@@ -57,6 +60,17 @@ class EMA(WeightAveraging):
     without warm-up the initial weights then still weigh ``decay ** updates`` in the final average,
     with warm-up ``decay`` is never reached. The message names the decay, the planned updates and
     the largest decay that fits.
+
+    **Lookahead** (``lookahead=w``, Zhang et al. 2019's Lookahead in EMA form, as airbench trains): after
+    each update the live weights are pulled towards the average, ``live = live + w * (average - live)``
+    for every averaged tensor (parameters, and float buffers when ``average_buffers``); ``w = 1`` copies
+    the average into the live weights. airbench94's rule is ``EMA(decay=0.95 ** 5, warmup="progress",
+    warmup_power=3, update_every_n_steps=5, start_step=4, lookahead=1.0)``: every 5th step
+    ``average = lerp(average, live, 1 - 0.95 ** 5 * (step / total) ** 3)``, then ``live = average``
+    (airbench starts its average from the initial weights, this callback from the first update's live
+    weights, a difference of ``(5 / total) ** 3`` in the first decay). The optimizer keeps its state
+    (momentum), as in airbench. The pulled weights are the live weights, so checkpoints and a resume
+    carry them as they do the raw weights.
 
     **Validation of both weights.** Each validation epoch first runs as usual on the *raw* weights
     (so ``val/acc`` keeps its meaning for :class:`~lightning.pytorch.callbacks.ModelCheckpoint`,
@@ -119,9 +133,10 @@ class EMA(WeightAveraging):
 
     Args:
         decay: EMA decay in ``(0, 1)``; ``0.999`` averages roughly the last 1000 updates.
-        warmup: ``None``, ``"num_updates"`` or ``"power"`` (see above).
+        warmup: ``None``, ``"num_updates"``, ``"power"`` or ``"progress"`` (see above).
         warmup_gamma: ``gamma > 0`` of the ``"power"`` warm-up.
-        warmup_power: ``power > 0`` of the ``"power"`` warm-up (timm uses 2/3, or 3/4 for short runs).
+        warmup_power: ``power > 0`` of the ``"power"`` warm-up (timm uses 2/3, or 3/4 for short runs) and
+            of the ``"progress"`` schedule (airbench: 3).
         update_every_n_steps: update after every n-th optimizer step, ``n >= 1``.
         start_step: zero-based optimizer step of the first update, ``>= 0``.
         average_buffers: average floating-point buffers (BatchNorm statistics) too; if ``False`` they
@@ -133,6 +148,8 @@ class EMA(WeightAveraging):
         copy_average_at_end: copy the EMA into the model when ``fit`` ends.
         checkpoint_weights: which weights ``checkpoint["state_dict"]`` holds: ``"auto"`` (those the
             checkpoint's monitor measures, see above), ``"ema"`` or ``"raw"``.
+        lookahead: ``None`` (off) or the pull ``w`` in ``(0, 1]`` of the live weights towards the average
+            after each update (see above).
 
     Example::
 
@@ -162,6 +179,7 @@ class EMA(WeightAveraging):
         suffix: str = "_ema",
         copy_average_at_end: bool = True,
         checkpoint_weights: str = "auto",
+        lookahead: float | None = None,
     ) -> None:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
             raise ValueError(f"`decay` must be a float in (0, 1), got {decay!r}.")
@@ -183,6 +201,13 @@ class EMA(WeightAveraging):
             raise ValueError(
                 f"`checkpoint_weights` must be one of {CHECKPOINT_WEIGHTS}, got {checkpoint_weights!r}."
             )
+        if lookahead is not None and (
+            isinstance(lookahead, bool) or not isinstance(lookahead, (int, float)) or not 0 < lookahead <= 1
+        ):
+            raise ValueError(
+                f"`lookahead` must be None (off) or a float in (0, 1] (1.0 copies the average into the live "
+                f"weights), got {lookahead!r}."
+            )
         super().__init__(device=_parse_device(device), use_buffers=bool(average_buffers))
         self.decay = float(decay)
         self.warmup = warmup
@@ -195,6 +220,8 @@ class EMA(WeightAveraging):
         self.suffix = suffix
         self.copy_average_at_end = bool(copy_average_at_end)
         self.checkpoint_weights = checkpoint_weights
+        self.lookahead = None if lookahead is None else float(lookahead)
+        self._progress = 0.0  # fraction of the run's optimizer steps done, for warmup="progress"
         self._holds_state_dict = True
         self._num_updates = 0
         self._ema: TensorListEMA | None = None
@@ -237,7 +264,9 @@ class EMA(WeightAveraging):
 
     def current_decay(self) -> float:
         """Decay the next update will use."""
-        return ema_decay(self.decay, self._num_updates, self.warmup, self.warmup_gamma, self.warmup_power)
+        return ema_decay(
+            self.decay, self._num_updates, self.warmup, self.warmup_gamma, self.warmup_power, self._progress
+        )
 
     @override
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
@@ -337,6 +366,8 @@ class EMA(WeightAveraging):
             self._ema = self._build_ema(pl_module)
         self._ema.update(self.current_decay())
         self._num_updates += 1
+        if self.lookahead is not None:
+            self._ema.pull_live(self.lookahead)
 
     @override
     def on_train_batch_end(
@@ -351,6 +382,8 @@ class EMA(WeightAveraging):
         if trainer.global_step > self._latest_update_step and self.should_update(
             step_idx=trainer.global_step - 1
         ):
+            total = trainer.estimated_stepping_batches
+            self._progress = trainer.global_step / total if math.isfinite(total) and total > 0 else 1.0
             self._update(pl_module)
             self._latest_update_step = trainer.global_step
 
@@ -446,6 +479,7 @@ class EMA(WeightAveraging):
             "latest_update_step": self._latest_update_step,
             "latest_update_epoch": self._latest_update_epoch,
             "num_updates": self._num_updates,
+            "lookahead": self.lookahead,
         }
 
     @override
@@ -453,6 +487,12 @@ class EMA(WeightAveraging):
         self._latest_update_step = int(state_dict.get("latest_update_step", 0))
         self._latest_update_epoch = int(state_dict.get("latest_update_epoch", -1))
         self._num_updates = int(state_dict.get("num_updates", self._num_updates))
+        saved = state_dict.get("lookahead")
+        if saved != self.lookahead:
+            rank_zero_warn(
+                f"EMA(suffix={self.suffix!r}): the checkpoint was trained with lookahead={saved}, this run "
+                f"uses lookahead={self.lookahead}; the resumed run differs from an uninterrupted one."
+            )
 
     @override
     def on_save_checkpoint(

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks import adapters
+from lightning_tricks._lightning_compat import writes_step_logs
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.recipes import tta as tta_lib
 from lightning_tricks.recipes._combinations import check_fit_combinations
@@ -55,6 +55,7 @@ from lightning_tricks.recipes.nonfinite import NonFiniteLossGuard
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer, build_param_groups, scaled_lr
 from lightning_tricks.recipes.optim_wrappers import find_wrapper
 from lightning_tricks.recipes.regularization import RegularizationConfig, classification_loss, penalty
+from lightning_tricks.recipes.running_metrics import RunningMean
 from lightning_tricks.recipes.sam import SAM
 from lightning_tricks.recipes.schedules import (
     SchedulerConfig,
@@ -107,8 +108,10 @@ class ImageClassifier(L.LightningModule):
             [224, 256, 384, 480, 640]}, "color_pca": {"alpha": 0.1}}`` (see
             :data:`~lightning_tricks.recipes.tta.TTA_OPTIONS`).
         on_nonfinite_loss: On a NaN/inf training loss, ``"stop"`` the run with a message naming the
-            step, the loss, the last finite loss and the likely cause (default), or ``"skip"`` that
-            step with a warning; either way the weights never see it.
+            step, the loss, the last finite loss and the likely cause (default; read back without a
+            per-step device sync at the logging steps, epoch ends and before every checkpoint, so no
+            checkpoint holds weights that saw it, see :mod:`lightning_tricks.recipes.nonfinite`), or
+            ``"skip"`` that step with a warning (checked every step, before ``backward``).
         channels_last: Keep the network's weights and its input batches in the ``channels_last``
             memory format (faster convolutions on tensor-core GPUs; results are unchanged).
         compile: ``torch.compile`` the network with this mode (``"default"``, ``"reduce-overhead"``,
@@ -203,20 +206,24 @@ class ImageClassifier(L.LightningModule):
         self._whitening_pending = hasattr(self.net, "init_whitening")
         self._regularization_scale = 1.0
         top_k = min(5, num_classes)
-        for stage in ("train", "val", "test"):
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
         for stage in ("val", "test"):
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top_k, average="micro"))
         if "dense" in self.tta:
             tta_lib.global_average_pool(self.net)  # refuses a network without one, naming tta
         for mode in self.tta:
             setattr(self, f"test_acc_tta_{mode}", MulticlassAccuracy(num_classes, average="micro"))
-        # The epoch's running training loss and accuracy live in the module's state_dict, so a run
-        # resumed mid-epoch reports the same epoch values (Lightning does not checkpoint its own
-        # running epoch aggregates).
-        self.train_loss = MeanMetric()
+        # The epoch's running training loss and accuracy are updated every step with two in-place
+        # additions each (RunningMean), and live in the module's state_dict, so a run resumed mid-epoch
+        # reports the same epoch values (Lightning does not checkpoint its own running epoch aggregates).
+        self.train_loss = RunningMean()
+        self.train_acc = RunningMean()
         for metric in (self.train_loss, self.train_acc):
             metric.persistent(True)
+        # Not persistent: its sums were never in checkpoints, which keep their keys.
+        self.train_penalty = RunningMean()
+        self.train_jsd = RunningMean()
+        self._epoch_metrics_logged_in: int | None = None  # epoch whose aggregates are registered
         self._schedule_length: tuple[int, int] | None = None  # (length, steps per epoch) of this fit
         self._resumed_schedule_length: int | None = None  # the checkpoint's, when resuming
 
@@ -342,10 +349,54 @@ class ImageClassifier(L.LightningModule):
         """Keep the linear scaling rule on the current global batch (see :meth:`follow_global_batch`)
         and start the epoch's running training metrics empty."""
         self.follow_global_batch()
+        self._set_network_epoch()
         # A new epoch's running metrics start empty, also after resuming from an epoch-end checkpoint
         # (saved before Lightning resets them); a mid-epoch resume skips this hook and keeps its sums.
         self.train_loss.reset()
         self.train_acc.reset()
+        self.train_penalty.reset()
+        self.train_jsd.reset()
+
+    def on_train_start(self) -> None:
+        """Refuse to resume a schedule fitted to a shorter run (see
+        :func:`~lightning_tricks.recipes.schedules.check_resumed_length`): here, because both lengths
+        are known whatever order the strategy restores in, and no step has run."""
+        saved, current = self._resumed_schedule_length, self._schedule_length
+        if saved is not None and current is not None and self.trainer.ckpt_path is not None:
+            check_resumed_length(self.scheduler_config, saved, *current)
+        self._epoch_metrics_logged_in = None  # a new fit registers its epoch aggregates again
+        self._set_network_epoch()  # also a run resumed mid-epoch, which skips on_train_epoch_start
+
+    def _set_network_epoch(self) -> None:
+        """Tell a network with epoch-dependent training (airbench's whitening-bias freeze) the epoch."""
+        set_epoch = getattr(self.net, "set_training_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        self.nonfinite_guard.flush(self)
+
+    def on_train_end(self) -> None:
+        self.nonfinite_guard.flush(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write weights that a recorded non-finite loss has reached (see ``on_nonfinite_loss``);
+        record the run length the LR schedule was fitted to."""
+        self.nonfinite_guard.flush(self)
+        if self._schedule_length is not None:
+            checkpoint[SCHEDULE_LENGTH_KEY] = self._schedule_length[0]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Read the schedule's fitted run length, and the running training accuracy of checkpoints that
+        stored it as torchmetrics' stat scores."""
+        self._resumed_schedule_length = checkpoint.get(SCHEDULE_LENGTH_KEY)
+        state = checkpoint.get("state_dict", {})
+        if "train_acc.tp" in state:
+            tp, fn = state["train_acc.tp"], state["train_acc.fn"]
+            for key in ("tp", "fp", "tn", "fn"):
+                state.pop(f"train_acc.{key}")
+            state["train_acc.mean_value"] = tp.sum().float()
+            state["train_acc.weight"] = (tp + fn).sum().float()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Initialise a patch-whitening first layer from the first training batch of a fresh run."""
@@ -393,21 +444,79 @@ class ImageClassifier(L.LightningModule):
         with frozen_norm_statistics(self.net) if perturbed else nullcontext():
             logits = self(images)
         loss, reg, consistency = self._objective(logits, targets)
-        if not self.nonfinite_guard.check(self, loss, images, batch_idx):
+        trainer = self._attached_trainer
+        writes_logs = trainer is None or writes_step_logs(trainer)
+        if not self.nonfinite_guard.check(self, loss, images, batch_idx, read_now=writes_logs):
             return None  # "skip": Lightning skips backward and the optimizer step
         if perturbed:
             return loss
-        if reg is not None:
-            self.log("train/penalty", reg.detach(), on_step=True, on_epoch=True)
-        if consistency is not None:
-            self.log("train/jsd", consistency.detach(), on_step=True, on_epoch=True)
-        # update(), not forward: the accuracy is logged per epoch only, so the per-batch value that
-        # forward computes (a state copy and a compute per step) would be thrown away.
-        self.train_acc.update(logits.detach(), self._hard_targets(targets))
-        self.train_loss(loss.detach(), len(images))  # weighted by batch size, as Lightning's own mean
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self._update_train_metrics(logits, targets, loss, reg, consistency)
+        if trainer is not None:
+            self._log_train_metrics(loss, reg, consistency, writes_logs)
         return loss
+
+    def _update_train_metrics(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        loss: torch.Tensor,
+        reg: torch.Tensor | None,
+        consistency: torch.Tensor | None = None,
+    ) -> None:
+        """Accumulate the epoch's training metrics on the device (no host read, no per-step compute)."""
+        batch = len(logits)
+        correct = (logits.detach().argmax(dim=1) == self._hard_targets(targets)).sum()
+        self.train_acc.update(correct, batch)
+        self.train_loss.update(loss.detach() * batch, batch)  # batch-size weighted, as Lightning's mean
+        if reg is not None:
+            self.train_penalty.update(reg.detach() * batch, batch)
+        if consistency is not None:
+            self.train_jsd.update(consistency.detach() * batch, batch)
+
+    def _log_train_metrics(
+        self,
+        loss: torch.Tensor,
+        reg: torch.Tensor | None,
+        consistency: torch.Tensor | None,
+        writes_logs: bool,
+    ) -> None:
+        """Log ``train/loss``, ``train/acc`` (and ``train/penalty``, ``train/jsd``) with Lightning's
+        names, cheaply.
+
+        The epoch aggregates are torchmetrics objects registered with ``self.log`` once per epoch:
+        Lightning computes them at the epoch end from every step's update. The step values are logged
+        only on the steps Lightning writes (``Trainer(log_every_n_steps)``), as a host copy, so the other
+        steps pay neither ``self.log`` nor a device read (Lightning converts progress-bar values to
+        numbers after every step). Names are those of ``self.log(name, on_step=True, on_epoch=True)``:
+        ``NAME_step`` and ``NAME_epoch`` in the loggers, plus ``NAME`` (the epoch value) in
+        ``trainer.callback_metrics``.
+        """
+        if self._epoch_metrics_logged_in != self.current_epoch:
+            self._epoch_metrics_logged_in = self.current_epoch
+            aggregates = [("train/loss", self.train_loss, True), ("train/acc", self.train_acc, False)]
+            if reg is not None:
+                aggregates.append(("train/penalty", self.train_penalty, False))
+            if consistency is not None:
+                aggregates.append(("train/jsd", self.train_jsd, False))
+            for name, metric, prog_bar in aggregates:
+                # the accuracy is epoch-only and keeps its plain name, as before
+                epoch_name = name if name == "train/acc" else f"{name}_epoch"
+                self.log(epoch_name, metric, on_step=False, on_epoch=True, prog_bar=prog_bar)
+                if epoch_name != name:
+                    self.log(name, metric, on_step=False, on_epoch=True, logger=False)
+        if writes_logs:
+            self.log("train/loss_step", loss.detach().cpu(), on_step=True, on_epoch=False, prog_bar=True)
+            if reg is not None:
+                self.log("train/penalty_step", reg.detach().cpu(), on_step=True, on_epoch=False)
+            if consistency is not None:
+                self.log("train/jsd_step", consistency.detach().cpu(), on_step=True, on_epoch=False)
+
+    @property
+    def _attached_trainer(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # a step called by hand, outside a Trainer
+            return None
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, targets = batch
@@ -548,21 +657,6 @@ class ImageClassifier(L.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._schedule_length is not None:
-            checkpoint[SCHEDULE_LENGTH_KEY] = self._schedule_length[0]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resumed_schedule_length = checkpoint.get(SCHEDULE_LENGTH_KEY)
-
-    def on_train_start(self) -> None:
-        """Refuse to resume a schedule fitted to a shorter run (see
-        :func:`~lightning_tricks.recipes.schedules.check_resumed_length`): here, because both lengths
-        are known whatever order the strategy restores in, and no step has run."""
-        saved, current = self._resumed_schedule_length, self._schedule_length
-        if saved is not None and current is not None and self.trainer.ckpt_path is not None:
-            check_resumed_length(self.scheduler_config, saved, *current)
 
     def follow_global_batch(self) -> None:
         """Rescale the learning rates when the global batch differs from the one they were scaled for.

@@ -110,6 +110,11 @@ class AirbenchNet(nn.Module):
         whitening_eps: Added to the patch eigenvalues before the inverse square root.
         bn_momentum: Running-statistics momentum in PyTorch's convention (airbench's 0.6 decay is 0.4).
         logit_scale: Constant multiplying the logits (airbench: 1/9).
+        whitening_bias_epochs: Train the whitening layer's bias for this many epochs, then freeze it
+            (airbench94: 3, "it trains quickly"); ``None`` trains it throughout.
+            :meth:`set_training_epoch` applies it (``ImageClassifier`` calls it at every epoch start
+            and when a run starts or resumes). A frozen bias gets no
+            gradient, so the optimizer leaves it alone (weight decay included), as in airbench.
 
     Example::
 
@@ -126,8 +131,19 @@ class AirbenchNet(nn.Module):
         whitening_eps: float = 5e-4,
         bn_momentum: float = 0.4,
         logit_scale: float = 1 / 9,
+        whitening_bias_epochs: int | None = None,
     ) -> None:
         super().__init__()
+        if whitening_bias_epochs is not None and (
+            isinstance(whitening_bias_epochs, bool)
+            or not isinstance(whitening_bias_epochs, int)
+            or whitening_bias_epochs < 0
+        ):
+            raise ValueError(
+                "model_kwargs.whitening_bias_epochs must be None (always trained) or an int >= 0, "
+                f"got {whitening_bias_epochs!r}; airbench94 uses 3"
+            )
+        self.whitening_bias_epochs = whitening_bias_epochs
         if len(widths) != 3 or min(widths) < 1:
             raise ValueError(f"widths must be three positive channel counts, got {list(widths)}")
         if whitening_size < 1:
@@ -160,6 +176,11 @@ class AirbenchNet(nn.Module):
         filters = whitening_filters(images, weight.shape[-1], self.whitening_eps)
         weight.copy_(filters)
         self.whitening_initialized.fill_(True)
+
+    def set_training_epoch(self, epoch: int) -> None:
+        """Freeze the whitening bias from epoch ``whitening_bias_epochs`` on (zero-based epochs)."""
+        if self.whitening_bias_epochs is not None:
+            self.whiten.bias.requires_grad_(epoch < self.whitening_bias_epochs)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.blocks(self.act(self.whiten(x)))
