@@ -41,6 +41,7 @@ from lightning_tricks.datamodules.augment import (
     build_transform,
     preset_names,
 )
+from lightning_tricks.datamodules.flip import AlternatingFlip, check_flip_mode
 from lightning_tricks.datamodules.in_memory import TensorBatchLoader, TransformedTensorDataset
 from lightning_tricks.datamodules.on_device import ON_DEVICE_PRESETS, OnDeviceAugment
 from lightning_tricks.datamodules.order import ResumableSampler, capture_rng_states, restore_rng_states
@@ -398,6 +399,10 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
             ``flip``, ``translate``, ``crop_flip``, ``salt_pepper``, ``lens_distortion``) instead
             of per sample on the CPU (any preset).
         pad_mode: Padding of ``translate``/``crop_flip``: ``"reflect"`` or ``"zeros"``.
+        flip_mode: How ``flip``/``crop_flip`` flip: ``"random"`` (each image with probability
+            ``p`` in every epoch, the default) or ``"alternating"`` (airbench: each image with
+            probability ``p`` in epoch 0, then the opposite way in every following epoch;
+            deterministic per image index, so resumed runs repeat it exactly).
         data_on_device: Keep every split resident on the training device (moved once, at the
             first dataloader), so an epoch copies no images from host to device.
         **kwargs: See :class:`PreprocessedImageDataModule`.
@@ -425,6 +430,7 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
         augment: str | Sequence[str] | None = None,
         augment_on_device: bool = True,
         pad_mode: str = "reflect",
+        flip_mode: str = "random",
         data_on_device: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -454,6 +460,7 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
                 f"num_workers={num_workers} has no effect: in-memory batches are gathered in the main "
                 "process (workers only serve augment_on_device=False); set num_workers=0"
             )
+        self.flip_mode = check_flip_mode(flip_mode, self.augment, augment_on_device)
         self.augment_on_device = augment_on_device
         self.pad_mode = pad_mode
         self.data_on_device = data_on_device
@@ -473,11 +480,23 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
         if self.augment and not self.augment_on_device:
             self.train_transform()  # options that depend on the image side fail here, not in a worker
         if self.augment_on_device and self._device_augment is None:
-            pad = self._pad()
-            flip_p = next((kw["p"] for kw in self.augment_kwargs.values() if "p" in kw), 0.5)
             self._device_augment = OnDeviceAugment(
-                self.augment, pad=pad, pad_mode=self.pad_mode, flip_p=flip_p, options=self.augment_kwargs
+                self._device_presets(),
+                pad=self._pad(),
+                pad_mode=self.pad_mode,
+                flip_p=self._flip_p(),
+                options=self.augment_kwargs,
             )
+
+    def _device_presets(self) -> list[str]:
+        """The on-device presets; with alternating flips the loader flips, so they only translate."""
+        if self.flip_mode == "random":
+            return self.augment
+        renamed = {"flip": None, "crop_flip": "translate"}
+        return [renamed.get(name, name) for name in self.augment if renamed.get(name, name) is not None]
+
+    def _flip_p(self) -> float:
+        return next((kw["p"] for kw in self.augment_kwargs.values() if "p" in kw), 0.5)
 
     def _pad(self) -> int:
         default = max(1, self.image_size // 8)
@@ -526,8 +545,18 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
         if self.bootstrap_seed is not None:
             index = bootstrap_indices(len(tensors[1]), self.bootstrap_seed)
         length = len(tensors[1]) if index is None else len(index)
+        flip = None
+        if self.flip_mode == "alternating":
+            flip = AlternatingFlip(
+                len(tensors[1]), p=self._flip_p(), seed=self.seed, device=tensors[0].device
+            )
         return TensorBatchLoader(
-            tensors, self.batch_size, self.train_sampler(length), index=index, pin_memory=self.pin_memory
+            tensors,
+            self.batch_size,
+            self.train_sampler(length),
+            index=index,
+            pin_memory=self.pin_memory,
+            flip=flip,
         )
 
     def _eval_loader(self, split: str) -> TensorBatchLoader:

@@ -50,7 +50,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
             sample on CPU workers.
         stats_cache: Folder for the statistics cache, ``"data_dir"`` (default) for ``data_dir``,
             or ``None`` to always recompute.
-        **kwargs: ``augment_kwargs``, ``pad_mode``, ``batch_augment``, ``mixup_alpha``,
+        **kwargs: ``augment_kwargs``, ``pad_mode``, ``flip_mode``, ``batch_augment``, ``mixup_alpha``,
             ``cutmix_alpha``, ``mixup_off_epoch``, ``aug_repeats``, ``augmix_jsd``, ``normalize``,
             ``mean_image``, ``std_image``, ``whitening``, ``whitening_eps``
             (see :class:`~lightning_tricks.datamodules.base.InMemoryImageDataModule`).

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from lightning_tricks.datamodules.flip import AlternatingFlip
 from lightning_tricks.datamodules.order import ResumableSampler
 
 __all__ = ["TensorBatchLoader", "TransformedTensorDataset"]
@@ -41,6 +42,8 @@ class TensorBatchLoader:
         index: Optional map from positions to rows of ``tensors`` (e.g. a bootstrap resample).
         drop_last: Drop the final incomplete batch.
         pin_memory: Pin each CPU batch for asynchronous host-to-device copies.
+        flip: Optional per-index flip of the images (``tensors[0]``) in the sampler's epoch, applied
+            right after the gather, where each row's dataset index is known (``flip_mode: alternating``).
 
     Example::
 
@@ -59,6 +62,7 @@ class TensorBatchLoader:
         index: torch.Tensor | None = None,
         drop_last: bool = False,
         pin_memory: bool = False,
+        flip: AlternatingFlip | None = None,
     ) -> None:
         sizes = {len(t) for t in tensors}
         if len(sizes) != 1:
@@ -75,6 +79,7 @@ class TensorBatchLoader:
         self.index = None if index is None else index.to(self.device)
         self.drop_last = drop_last
         self.pin_memory = pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
+        self.flip = flip
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -89,6 +94,8 @@ class TensorBatchLoader:
             if self.drop_last and len(rows) < self.batch_size:
                 return
             batch = tuple(t.index_select(0, rows) for t in self.tensors)
+            if self.flip is not None:
+                batch = (self.flip(batch[0], rows, self.sampler.epoch), *batch[1:])
             yield tuple(b.pin_memory() for b in batch) if self.pin_memory else batch
 
     def state_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class SyntheticDataModule(InMemoryImageDataModule):
             (padding ``max(1, image_size // 8)``); ``None`` (default) for none.
         augment_on_device: Augment whole batches on the training device (default); ``False`` runs
             ``augment`` per sample on the CPU with ``transforms.v2`` (the slow reference path).
+        flip_mode: ``"random"`` or ``"alternating"`` (airbench), see :class:`InMemoryImageDataModule`.
         data_on_device: Keep the splits resident on the training device (no host-to-device copies).
     """
 
@@ -53,6 +54,7 @@ class SyntheticDataModule(InMemoryImageDataModule):
         augment: str | list[str] | None = None,
         bootstrap_seed: int | None = None,
         augment_on_device: bool = True,
+        flip_mode: str = "random",
         data_on_device: bool = False,
     ) -> None:
         super().__init__(
@@ -63,6 +65,7 @@ class SyntheticDataModule(InMemoryImageDataModule):
             augment=augment,
             bootstrap_seed=bootstrap_seed,
             augment_on_device=augment_on_device,
+            flip_mode=flip_mode,
             data_on_device=data_on_device,
         )
         for name, value in (
