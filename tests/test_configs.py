@@ -136,6 +136,7 @@ def test_speedrun_config_trains_and_its_tta_is_the_mean_over_six_views(tmp_path,
     )
     model = cli.model
     assert cli.trainer.global_step == 3
+    assert cli.datamodule.flip_mode == "alternating"
     assert "test/acc_tta" in seen_metrics(cli)
     assert bool(model.net.whitening_initialized)
     groups = cli.trainer.optimizers[0].param_groups
