@@ -90,6 +90,7 @@ def make_datamodule(num_train: int, batch: int, accelerator: str) -> SyntheticDa
         num_test=0,
         batch_size=batch,
         augment="crop_flip",
+        flip_mode="alternating",  # as airbench's loader (altflip=True) below
         data_on_device=accelerator == "cuda",
     )
 
