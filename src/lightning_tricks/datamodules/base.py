@@ -402,7 +402,8 @@ class InMemoryImageDataModule(PreprocessedImageDataModule):
         flip_mode: How ``flip``/``crop_flip`` flip: ``"random"`` (each image with probability
             ``p`` in every epoch, the default) or ``"alternating"`` (airbench: each image with
             probability ``p`` in epoch 0, then the opposite way in every following epoch;
-            deterministic per image index, so resumed runs repeat it exactly).
+            deterministic per image index, so resumed runs repeat it exactly; with ``aug_repeats``
+            an image's copies share the flip and differ in the other draws).
         data_on_device: Keep every split resident on the training device (moved once, at the
             first dataloader), so an epoch copies no images from host to device.
         **kwargs: See :class:`PreprocessedImageDataModule`.
