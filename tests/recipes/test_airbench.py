@@ -98,6 +98,26 @@ def test_classifier_initialises_whitening_from_the_first_training_batch_only():
     torch.testing.assert_close(model.net.whiten.weight, reference.whiten.weight)
 
 
+def test_whitening_off_makes_the_first_layer_a_plain_trained_conv(tmp_path):
+    torch.manual_seed(0)
+    model = ImageClassifier(
+        "airbench",
+        num_classes=5,
+        model_kwargs={"widths": (8, 16, 16), "whitening": False},
+        optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.9),
+    )
+    torch.manual_seed(0)
+    default = nn.Conv2d(3, 24, 2)  # the same draw as PyTorch's default init of that layer
+    start = model.net.whiten.weight.detach().clone()
+    torch.testing.assert_close(start, default.weight.detach())
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, **quiet_trainer_kwargs(tmp_path))
+    trainer.fit(model, train_dataloaders=_image_loader())
+    assert not bool(model.net.whitening_initialized)
+    assert model.net.whiten.weight.requires_grad and not torch.equal(model.net.whiten.weight, start)
+    with pytest.raises(ValueError, match="init_whitening needs whitening=True"):
+        model.net.init_whitening(torch.randn(4, 3, 8, 8))
+
+
 def _image_loader(n: int = 64, size: int = 16, batch: int = 8) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(n, 3, size, size, generator=generator)

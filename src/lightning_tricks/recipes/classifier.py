@@ -203,7 +203,7 @@ class ImageClassifier(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         if compile is not None:
             self.net.compile(mode=compile)  # in place: parameter names and state_dict keys unchanged
-        self._whitening_pending = hasattr(self.net, "init_whitening")
+        self._whitening_pending = hasattr(self.net, "init_whitening") and getattr(self.net, "whitening", True)
         self._regularization_scale = 1.0
         top_k = min(5, num_classes)
         for stage in ("val", "test"):

@@ -115,6 +115,8 @@ class AirbenchNet(nn.Module):
             :meth:`set_training_epoch` applies it (``ImageClassifier`` calls it at every epoch start
             and when a run starts or resumes). A frozen bias gets no
             gradient, so the optimizer leaves it alone (weight decay included), as in airbench.
+        whitening: ``False`` makes the first layer a plain trainable convolution of the same shape
+            (PyTorch's default init, no :meth:`init_whitening`), to measure what the whitening is worth.
 
     Example::
 
@@ -132,6 +134,7 @@ class AirbenchNet(nn.Module):
         bn_momentum: float = 0.4,
         logit_scale: float = 1 / 9,
         whitening_bias_epochs: int | None = None,
+        whitening: bool = True,
     ) -> None:
         super().__init__()
         if whitening_bias_epochs is not None and (
@@ -152,9 +155,11 @@ class AirbenchNet(nn.Module):
             raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
         whiten_width = 2 * in_channels * whitening_size**2
         self.whitening_eps = whitening_eps
+        self.whitening = whitening
         self.whiten = nn.Conv2d(in_channels, whiten_width, whitening_size, padding=0, bias=True)
-        self.whiten.weight.requires_grad_(False)
-        nn.init.zeros_(self.whiten.bias)
+        if whitening:
+            self.whiten.weight.requires_grad_(False)
+            nn.init.zeros_(self.whiten.bias)
         self.register_buffer("whitening_initialized", torch.tensor(False))
         self.act = nn.GELU()
         channels = (whiten_width, *widths)
@@ -168,6 +173,10 @@ class AirbenchNet(nn.Module):
     @torch.no_grad()
     def init_whitening(self, images: Tensor) -> None:
         """Set the whitening filters from preprocessed training images ``(N, C, H, W)``."""
+        if not self.whitening:
+            raise ValueError(
+                "init_whitening needs whitening=True; this network's first layer is a plain conv"
+            )
         weight = self.whiten.weight
         if images.ndim != 4 or images.shape[1] != weight.shape[1]:
             expected = f"(N, {weight.shape[1]}, H, W)"
