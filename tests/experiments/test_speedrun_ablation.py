@@ -29,7 +29,13 @@ EXPECTED = {
     "no_tta": {M + "tta": None},
     "no_channels_last": {M + "channels_last": False},
     "plus_compile": {M + "compile": "default"},
-    "per_sample_loader": {D + "augment_on_device": False, D + "data_on_device": False, D + "num_workers": 8},
+    "random_flip": {D + "flip_mode": "random"},
+    "per_sample_loader": {
+        D + "augment_on_device": False,
+        D + "data_on_device": False,
+        D + "num_workers": 8,
+        D + "flip_mode": "random",
+    },
 }
 
 
