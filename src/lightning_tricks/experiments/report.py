@@ -15,6 +15,7 @@ import io
 import json
 import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -248,5 +249,9 @@ def _plots(study: optuna.Study, stage: str, out: Path) -> None:
         return
     from optuna.visualization import matplotlib as optuna_plots
 
-    _save_plot(optuna_plots.plot_optimization_history(study), out / f"history_{stage}.png")
-    _save_plot(optuna_plots.plot_slice(study), out / f"slice_{stage}.png")
+    with warnings.catch_warnings():
+        # Optuna's matplotlib plots are marked experimental since v2.2 and stable in use since;
+        # the report's own files are what users read, so the marker is not repeated to them.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        _save_plot(optuna_plots.plot_optimization_history(study), out / f"history_{stage}.png")
+        _save_plot(optuna_plots.plot_slice(study), out / f"slice_{stage}.png")
