@@ -40,7 +40,8 @@ def machine_description() -> str:
     text = f"cpu: {len(os.sched_getaffinity(0))} cores {cpu}, torch threads {torch.get_num_threads()}"
     if torch.cuda.is_available():
         text += f" | gpu: {torch.cuda.get_device_name()}"
-    return text
+    load = os.getloadavg()
+    return text + f" | load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min, when written)"
 
 
 def write_result(
