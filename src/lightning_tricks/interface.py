@@ -17,6 +17,11 @@ member                                  read by (and what happens without it)
                                         dropout layers are switched off.
 ``num_classes``                         InitLossCheck, OverfitTinyBatch: checked against the
                                         logits' width (fallback: the width is trusted).
+``expected_initial_loss()``             InitLossCheck, TrainingDiagnostics: ``(value, formula)``
+                                        of the data loss at near-zero logits (fallback:
+                                        cross-entropy's ``ln(C)``; see
+                                        :func:`expected_initial_loss`). Not announced when
+                                        missing: ``ln(C)`` is right for a cross-entropy module.
 ======================================  =========================================================
 
 Example:
@@ -45,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -118,3 +124,34 @@ def fallback_message(callback: str, module: Any, members: tuple[str, ...], conse
         f"{callback}: {type(module).__name__} does not implement {names} (see "
         f"lightning_tricks.interface.ModuleInterface), so {consequence}."
     )
+
+
+def expected_initial_loss(module: Any, num_classes: int) -> tuple[float, str]:
+    """The data loss a freshly initialised ``num_classes``-way classifier should show, and its formula.
+
+    The module's own ``expected_initial_loss()`` when it has one (e.g. the recipe's hinge loss),
+    otherwise cross-entropy's ``ln(C)``: uniform predictions cost ``-log(1/C)``.
+
+    Example:
+
+        >>> import torch
+        >>> expected_initial_loss(torch.nn.Linear(2, 10), 10)
+        (2.302585092994046, 'ln(10) = 2.3026')
+    """
+    own = getattr(module, "expected_initial_loss", None)
+    if callable(own):
+        value, formula = own()
+        return float(value), str(formula)
+    return cross_entropy_initial_loss(num_classes)
+
+
+def cross_entropy_initial_loss(num_classes: int) -> tuple[float, str]:
+    """Cross-entropy at uniform predictions, ``ln(C)``, and its formula.
+
+    Example:
+
+        >>> cross_entropy_initial_loss(10)[1]
+        'ln(10) = 2.3026'
+    """
+    value = math.log(num_classes)
+    return value, f"ln({num_classes}) = {value:.4f}"

@@ -1,4 +1,4 @@
-"""The multi-class hinge (SVM) loss as the recipe's data loss: the formula, the CLI, refused combinations."""
+"""The multi-class hinge (SVM) loss as the recipe's data loss: the formula, the CLI, the init-loss checks."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import torch
 from helpers import quiet_trainer_kwargs
 
 from lightning_tricks.callbacks import InitLossCheck, TrainingDiagnostics
+from lightning_tricks.callbacks.sanity import SanityCheckError
 from lightning_tricks.cli import build_cli
 from lightning_tricks.datamodules import DigitsDataModule
 from lightning_tricks.recipes import ImageClassifier
+from lightning_tricks.recipes.models import get_classifier
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -81,20 +83,58 @@ def test_label_smoothing_with_the_hinge_loss_is_refused() -> None:
         ImageClassifier("linear", loss="hinge")
 
 
-@pytest.mark.parametrize(
-    ("data_kwargs", "callbacks", "match"),
-    [
-        ({"batch_augment": "mixup"}, [], r"model.init_args.loss='multi_margin'.*batch_augment=\['mixup'\]"),
-        ({}, [InitLossCheck()], r"model.init_args.loss='multi_margin'.*InitLossCheck.*ln\(C\)"),
-        (
-            {},
-            [TrainingDiagnostics()],
-            r"TrainingDiagnostics, whose expected.*TrainingDiagnostics: check_init=false",
-        ),
-    ],
-)
-def test_soft_targets_and_the_ln_c_check_are_refused_before_training(tmp_path, data_kwargs, callbacks, match):
+def test_mixup_with_the_hinge_loss_is_refused_before_training(tmp_path) -> None:
     module = ImageClassifier("small_cnn", num_classes=10, in_channels=1, loss="multi_margin")
-    trainer = L.Trainer(**quiet_trainer_kwargs(tmp_path), max_steps=1, callbacks=callbacks)
-    with pytest.raises(ValueError, match=match):
-        trainer.fit(module, DigitsDataModule(batch_size=32, image_size=8, **data_kwargs))
+    trainer = L.Trainer(**quiet_trainer_kwargs(tmp_path), max_steps=1)
+    with pytest.raises(ValueError, match=r"model.init_args.loss='multi_margin'.*batch_augment=\['mixup'\]"):
+        trainer.fit(module, DigitsDataModule(batch_size=32, image_size=8, batch_augment="mixup"))
+
+
+def _hinge_module(logit_scale: float = 1.0) -> ImageClassifier:
+    L.seed_everything(0)
+    module = ImageClassifier("small_cnn", num_classes=10, in_channels=1, loss="multi_margin")
+    with torch.no_grad():
+        get_classifier(module.net).weight.mul_(logit_scale)  # large last-layer weights: large logits
+    return module
+
+
+def _fit(tmp_path, module: ImageClassifier, callbacks: list) -> None:
+    kwargs = quiet_trainer_kwargs(tmp_path)
+    trainer = L.Trainer(**kwargs, max_steps=1, limit_val_batches=1, callbacks=callbacks)
+    trainer.fit(module, DigitsDataModule(batch_size=32, image_size=8))
+
+
+def test_init_loss_check_expects_c_minus_1_over_c_for_the_hinge_loss(tmp_path) -> None:
+    c = 10
+    hinge_at_zero = float(_hinge(torch.zeros(4, c), torch.arange(4)))  # every wrong class costs 1, / C
+    assert hinge_at_zero == pytest.approx((c - 1) / c)
+    check = InitLossCheck(num_batches=4, on_fail="raise")
+    _fit(tmp_path, _hinge_module(), [check])
+    assert check.passed is True
+    assert check.expected == pytest.approx(hinge_at_zero)
+    # the small initial logit spread can only raise the hinge (Jensen: E max(0, 1 + d) >= 1 for E d = 0)
+    assert hinge_at_zero - 0.02 <= check.measured <= hinge_at_zero + 0.15
+
+    check = InitLossCheck(num_batches=4, on_fail="raise")
+    with pytest.raises(
+        SanityCheckError,
+        match=r"initialization \d+\.\d+, expected \(C-1\)/C = 9/10 = 0\.9000 for the multi-class hinge",
+    ):
+        _fit(tmp_path, _hinge_module(logit_scale=100.0), [check])
+    assert check.passed is False and check.measured > 1.3 * hinge_at_zero
+
+
+def test_training_diagnostics_init_check_expects_c_minus_1_over_c_for_the_hinge_loss(tmp_path) -> None:
+    expected = 9 / 10
+    healthy = TrainingDiagnostics()
+    _fit(tmp_path, _hinge_module(), [healthy])
+    assert healthy.init["expected_loss"][0] == pytest.approx(expected)
+    assert expected - 0.02 <= healthy.init["initial_loss"] <= expected + 0.15
+    assert "init_loss" not in {f.check for f in healthy.findings}
+
+    scaled = TrainingDiagnostics()
+    _fit(tmp_path, _hinge_module(logit_scale=100.0), [scaled])
+    assert scaled.init["initial_loss"] > 1.5 * expected
+    (finding,) = [f for f in scaled.findings if f.check == "init_loss"]
+    assert "expected about (C-1)/C = 9/10 = 0.9000 for the multi-class hinge loss" in finding.message
+    assert "far from uniform" in finding.cause

@@ -15,6 +15,7 @@ from lightning_tricks.callbacks._sanity import (
     regularization_off,
     split_batch,
 )
+from lightning_tricks.interface import expected_initial_loss
 
 _PROBED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -23,7 +24,8 @@ _PROBED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def probe_initialization(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
     """Per-layer variance of Linear/Conv outputs and of their gradients on one training batch.
 
-    Returns ``initial_loss`` and ``num_classes`` (when the module looks like a classifier), ``layers`` /
+    Returns ``initial_loss``, ``num_classes`` and ``expected_loss`` (``[value, formula]``) (when the
+    module looks like a classifier), ``layers`` /
     ``activation_var`` in forward order and ``gradient_layers`` / ``gradient_var`` in backward order,
     the output layer left out; ``{}`` when no training batch can be split into inputs and targets.
     Runs with regularization off and gradients accumulated into the module: the caller restores
@@ -71,6 +73,7 @@ def probe_initialization(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
                 loss = data_loss(pl_module, logits, y)
                 result["initial_loss"] = float(loss.detach())
                 result["num_classes"] = int(logits.shape[1])
+                result["expected_loss"] = list(expected_initial_loss(pl_module, result["num_classes"]))
                 if loss.requires_grad:
                     loss.backward()
     finally:

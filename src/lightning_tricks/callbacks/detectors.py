@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lightning_tricks.callbacks._explosion import first_explosion
+from lightning_tricks.interface import cross_entropy_initial_loss
 
 SEVERITIES: tuple[str, ...] = ("error", "warning", "not checked")
 
@@ -184,24 +185,32 @@ def detect_underfitting(
     return None
 
 
-def detect_init_loss(initial_loss: float, num_classes: int, tolerance: float = 0.5) -> Finding | None:
-    """Flag an initial cross-entropy more than ``tolerance`` (relative) away from ``ln(num_classes)``.
+def detect_init_loss(
+    initial_loss: float,
+    num_classes: int,
+    tolerance: float = 0.5,
+    expected: tuple[float, str] | None = None,
+) -> Finding | None:
+    """Flag an initial loss more than ``tolerance`` (relative) away from the expected one.
+
+    ``expected`` is ``(value, formula)`` (see :func:`lightning_tricks.interface.expected_initial_loss`);
+    by default cross-entropy's ``ln(num_classes)``.
 
     Example::
 
-        detect_init_loss(9.0, num_classes=10).check  # "init_loss": ln(10) = 2.30
+        detect_init_loss(9.0, num_classes=10).check  # "init_loss": ln(10) = 2.3026
+        detect_init_loss(9.0, 10, expected=(0.9, "(C-1)/C = 9/10 = 0.9000 for the multi-class hinge loss"))
     """
     if num_classes < 2 or not math.isfinite(initial_loss):
         return None
-    expected = math.log(num_classes)
-    if abs(initial_loss - expected) > tolerance * expected:
+    value, formula = expected or cross_entropy_initial_loss(num_classes)
+    if abs(initial_loss - value) > tolerance * value:
         return Finding(
             "init_loss",
             "warning",
-            f"the loss at initialization is {initial_loss:.4g}, expected about "
-            f"ln({num_classes}) = {expected:.4g}",
+            f"the loss at initialization is {initial_loss:.4g}, expected about {formula}",
             "the initial predictions are far from uniform (too-large initial weights or un-normalised inputs)"
-            if initial_loss > expected
+            if initial_loss > value
             else "the model beats chance before training (labels leak into inputs, or trained weights)",
             "use He/Glorot initialization with a small last layer and normalised inputs",
         )

@@ -91,7 +91,8 @@ class TrainingDiagnostics(Callback):
         underfit_fraction: Final losses above this fraction of the initial loss count as underfitting
             when train and val are close (``(0, 1)``).
         variance_factor: First-to-last-layer variance ratio that flags a bad initialization (``> 1``).
-        init_tolerance: Relative distance of the initial loss from ``ln C`` that is flagged (``> 0``).
+        init_tolerance: Relative distance of the initial loss from ``ln C`` (or the module's
+            ``expected_initial_loss()``, e.g. ``(C-1)/C`` for the hinge loss) that is flagged (``> 0``).
         check_init: Probe activations and gradients at initialization.
 
     Attributes:
@@ -306,7 +307,15 @@ class TrainingDiagnostics(Callback):
                 )
             )
             return []
-        found = [detect_init_loss(self.init["initial_loss"], self.init["num_classes"], self.init_tolerance)]
+        expected = self.init.get("expected_loss")
+        found = [
+            detect_init_loss(
+                self.init["initial_loss"],
+                self.init["num_classes"],
+                self.init_tolerance,
+                tuple(expected) if expected else None,
+            )
+        ]
         if self.init.get("layers"):
             found.append(
                 detect_variance_drift(

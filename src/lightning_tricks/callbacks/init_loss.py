@@ -1,4 +1,5 @@
-"""Check the loss at initialization against ln(C), and that more regularization raises the loss.
+"""Check the loss at initialization against ln(C) (or the module's own expectation), and that more
+regularization raises the loss.
 
 What to expect: a freshly initialised C-class classifier should predict (close to) the uniform
 distribution ``u = 1/C``. The cross-entropy of ``u`` against any target distribution ``q`` is
@@ -9,6 +10,10 @@ the expectation is ``ln(C)`` whether or not smoothing is on. (Smoothing changes 
 reachable loss, the entropy of ``q``, not the loss at uniform predictions.) Random logits with
 standard deviation ``s`` raise the expected loss by roughly ``s^2/2``, which is what a too-large
 initialization looks like.
+
+A module whose data loss is not cross-entropy states its own expectation through
+``expected_initial_loss()`` (see :mod:`lightning_tricks.interface`): the recipe's multi-class hinge
+loss ``sum_{j != y} max(0, 1 - x_y + x_j) / C`` is ``(C-1)/C`` at near-zero logits.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from lightning_tricks.callbacks._sanity import (
     validate_on_fail,
 )
 from lightning_tricks.callbacks._training_state import preserved_training_state
-from lightning_tricks.interface import fallback_message
+from lightning_tricks.interface import expected_initial_loss, fallback_message
 
 
 @dataclass
@@ -42,6 +47,8 @@ class _Measure:
     loss_sum: float = 0.0
     count: int = 0
     num_classes: int = 0
+    expected: float = math.nan  # data loss at near-zero logits
+    formula: str = ""  # how ``expected`` is computed, for the report
     skip_reason: str | None = None
     base_total: float = math.nan  # data loss + penalty, regularization off
     cranked_total: float = math.nan  # data loss + penalty, regularization x factor
@@ -50,7 +57,10 @@ class _Measure:
 
 
 class InitLossCheck(Callback):
-    """Before the first optimizer step, compare the cross-entropy at initialization with ``ln(C)``.
+    """Before the first optimizer step, compare the loss at initialization with ``ln(C)``.
+
+    ``ln(C)`` is cross-entropy's value at uniform predictions; a module with another data loss gives
+    its own value through ``expected_initial_loss()`` (the recipe's hinge loss: ``(C-1)/C``).
 
     At ``on_train_start`` (after Lightning's sanity validation, before any optimizer step) the callback
     draws ``num_batches`` batches from the training loader, sends them through
@@ -58,7 +68,7 @@ class InitLossCheck(Callback):
     with regularization off: the module's ``data_loss(logits, targets)`` if it has one, otherwise
     ``F.cross_entropy(pl_module(x), y)``. The module is in training mode (batch-norm uses batch
     statistics, as in the first step) with dropout set to 0. The measured loss passes when
-    ``|measured - ln(C)| <= tolerance * ln(C)``; the mean is reduced over all ranks.
+    ``|measured - expected| <= tolerance * expected``; the mean is reduced over all ranks.
 
     When the module offers ``regularization_scaled(factor)`` and ``penalty()`` (like
     :class:`~lightning_tricks.recipes.classifier.ImageClassifier`), it also checks that cranking the
@@ -72,8 +82,8 @@ class InitLossCheck(Callback):
 
     Args:
         num_batches: Number of training batches to average the loss over (``>= 1``).
-        tolerance: Allowed relative deviation from ``ln(C)``, in ``(0, 1]``: ``0.3`` accepts
-            ``[0.7 ln C, 1.3 ln C]``.
+        tolerance: Allowed relative deviation from the expected loss, in ``(0, 1]``: ``0.3`` accepts
+            ``[0.7 ln C, 1.3 ln C]`` for cross-entropy.
         regularization_factor: Factor passed to ``regularization_scaled`` for the crank-up check
             (``> 1``; the lectures use 10 to 1000).
         on_fail: ``"warn"`` (default) or ``"raise"`` a
@@ -81,7 +91,7 @@ class InitLossCheck(Callback):
 
     Attributes:
         measured: Mean loss measured at initialization (``None`` before the check or when skipped).
-        expected: ``ln(C)``.
+        expected: ``ln(C)``, or the module's ``expected_initial_loss()``.
         passed: ``True``/``False`` after the check, ``None`` when skipped.
         regularization_passed: Result of the crank-up check, ``None`` when it could not run.
         skip_reason: Why the check was skipped (for example a regression model).
@@ -106,7 +116,9 @@ class InitLossCheck(Callback):
         if not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"`num_batches` must be an int >= 1, got {num_batches!r}")
         if not 0 < tolerance <= 1:
-            raise ValueError(f"`tolerance` must be in (0, 1] (relative to ln C), got {tolerance!r}")
+            raise ValueError(
+                f"`tolerance` must be in (0, 1] (relative to the expected loss), got {tolerance!r}"
+            )
         if not regularization_factor > 1:
             raise ValueError(f"`regularization_factor` must be > 1, got {regularization_factor!r}; e.g. 100")
         self.num_batches = num_batches
@@ -140,9 +152,9 @@ class InitLossCheck(Callback):
         totals = torch.tensor([m.loss_sum, float(m.count)], dtype=torch.float64, device=pl_module.device)
         totals = trainer.strategy.reduce(totals, reduce_op="sum")
         self.measured = float(totals[0] / totals[1])
-        self.expected = math.log(m.num_classes)
+        self.expected = m.expected
         self.passed = abs(self.measured - self.expected) <= self.tolerance * self.expected
-        self._report_loss(m.num_classes)
+        self._report_loss(m.formula)
         self._report_regularization(m, pl_module)
 
     @torch.no_grad()
@@ -164,7 +176,9 @@ class InitLossCheck(Callback):
                 logits, m.skip_reason = classifier_forward(trainer, pl_module, x, y)
                 if m.skip_reason is not None:
                     return m
-                m.num_classes = logits.shape[1]
+                if not m.formula:
+                    m.num_classes = logits.shape[1]
+                    m.expected, m.formula = expected_initial_loss(pl_module, m.num_classes)
                 m.loss_sum += float(data_loss(pl_module, logits, y)) * logits.shape[0]
                 m.count += logits.shape[0]
                 if first is None:
@@ -184,10 +198,10 @@ class InitLossCheck(Callback):
         penalty = getattr(pl_module, "penalty", None)
         return float(penalty()) if callable(penalty) else 0.0
 
-    def _report_loss(self, num_classes: int) -> None:
+    def _report_loss(self, formula: str) -> None:
         assert self.measured is not None and self.expected is not None
         summary = (
-            f"loss at initialization {self.measured:.4f}, expected ln({num_classes}) = {self.expected:.4f} "
+            f"loss at initialization {self.measured:.4f}, expected {formula} "
             f"(tolerance +-{self.tolerance:.0%})"
         )
         if self.passed:

@@ -64,16 +64,3 @@ def check_fit_combinations(module: Any, trainer: Any) -> None:
                 f"needs class-index targets, but data.init_args.batch_augment={soft} makes soft (mixed) ones",
                 "data.init_args.batch_augment=null, or model.init_args.loss=cross_entropy",
             )
-        from lightning_tricks.callbacks.diagnostics import TrainingDiagnostics
-        from lightning_tricks.callbacks.init_loss import InitLossCheck
-
-        for cb in trainer.callbacks:
-            if isinstance(cb, InitLossCheck) or (isinstance(cb, TrainingDiagnostics) and cb.check_init):
-                name = type(cb).__name__
-                fix = "check_init=false" if isinstance(cb, TrainingDiagnostics) else "remove the callback"
-                raise ConfigError(
-                    "model.init_args.loss",
-                    module.loss,
-                    f"cannot be checked by {name}, whose expected initial loss ln(C) is cross-entropy's",
-                    f"{name}: {fix}, or model.init_args.loss=cross_entropy",
-                )

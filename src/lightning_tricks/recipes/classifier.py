@@ -43,6 +43,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_tricks import adapters
 from lightning_tricks._lightning_compat import writes_step_logs
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
+from lightning_tricks.interface import cross_entropy_initial_loss
 from lightning_tricks.recipes import tta as tta_lib
 from lightning_tricks.recipes._combinations import check_fit_combinations
 from lightning_tricks.recipes._validation import check_training_steps
@@ -274,6 +275,22 @@ class ImageClassifier(L.LightningModule):
         )
 
     # -- losses -------------------------------------------------------------------------------
+    def expected_initial_loss(self) -> tuple[float, str]:
+        """The data loss at near-zero initial logits and its formula, read by InitLossCheck and
+        TrainingDiagnostics: ``ln(C)`` for cross-entropy (with or without label smoothing), ``(C-1)/C``
+        for the multi-class hinge loss (every wrong class costs the margin 1, divided by ``C``).
+
+        Example::
+
+            ImageClassifier("linear", num_classes=10, loss="multi_margin").expected_initial_loss()
+            # (0.9, '(C-1)/C = 9/10 = 0.9000 for the multi-class hinge loss')
+        """
+        c = self.num_classes
+        if self.loss == "multi_margin":
+            value = (c - 1) / c
+            return value, f"(C-1)/C = {c - 1}/{c} = {value:.4f} for the multi-class hinge loss"
+        return cross_entropy_initial_loss(c)
+
     def data_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with the configured label smoothing (targets are class indices or soft), or the
         multi-class hinge loss (class indices only)."""
