@@ -126,6 +126,21 @@ def fallback_message(callback: str, module: Any, members: tuple[str, ...], conse
     )
 
 
+def attached_trainer(module: Any) -> Any:
+    """The Trainer ``module`` is attached to, or ``None`` when a step is called by hand outside one
+    (Lightning's ``module.trainer`` raises then).
+
+    Example::
+
+        trainer = attached_trainer(model)
+        step = 0 if trainer is None else trainer.global_step
+    """
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
 def expected_initial_loss(module: Any, num_classes: int) -> tuple[float, str]:
     """The data loss a freshly initialised ``num_classes``-way classifier should show, and its formula.
 

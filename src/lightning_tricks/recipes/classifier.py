@@ -43,7 +43,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_tricks import adapters
 from lightning_tricks._lightning_compat import writes_step_logs
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
-from lightning_tricks.interface import cross_entropy_initial_loss
+from lightning_tricks.interface import attached_trainer, cross_entropy_initial_loss
 from lightning_tricks.recipes import tta as tta_lib
 from lightning_tricks.recipes._combinations import check_fit_combinations
 from lightning_tricks.recipes._validation import check_training_steps
@@ -446,13 +446,10 @@ class ImageClassifier(L.LightningModule):
 
     def _sam_perturbed_pass(self) -> bool:
         """Whether SAM is evaluating the loss at its perturbed weights (its second closure call)."""
-        if self.optimizer_config.sam is None:
+        trainer = attached_trainer(self)
+        if self.optimizer_config.sam is None or trainer is None:
             return False
-        try:
-            optimizers = self.trainer.optimizers
-        except RuntimeError:  # a step called by hand, outside a Trainer
-            return False
-        return any(getattr(find_wrapper(opt, SAM), "perturbed", False) for opt in optimizers)
+        return any(getattr(find_wrapper(opt, SAM), "perturbed", False) for opt in trainer.optimizers)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, targets = batch
@@ -461,7 +458,7 @@ class ImageClassifier(L.LightningModule):
         with frozen_norm_statistics(self.net) if perturbed else nullcontext():
             logits = self(images)
         loss, reg, consistency = self._objective(logits, targets)
-        trainer = self._attached_trainer
+        trainer = attached_trainer(self)
         writes_logs = trainer is None or writes_step_logs(trainer)
         if not self.nonfinite_guard.check(self, loss, images, batch_idx, read_now=writes_logs):
             return None  # "skip": Lightning skips backward and the optimizer step
@@ -528,13 +525,6 @@ class ImageClassifier(L.LightningModule):
             if consistency is not None:
                 self.log("train/jsd_step", consistency.detach().cpu(), on_step=True, on_epoch=False)
 
-    @property
-    def _attached_trainer(self) -> L.Trainer | None:
-        try:
-            return self.trainer
-        except RuntimeError:  # a step called by hand, outside a Trainer
-            return None
-
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
@@ -579,10 +569,8 @@ class ImageClassifier(L.LightningModule):
         return tta_lib.tta_probabilities(self, images, mode, **options)
 
     def _color_statistics(self) -> Any:
-        try:
-            datamodule = self.trainer.datamodule
-        except RuntimeError:  # not attached to a Trainer (a bare predict_step call)
-            datamodule = None
+        trainer = attached_trainer(self)  # None for a bare predict_step call
+        datamodule = None if trainer is None else trainer.datamodule
         stats = getattr(datamodule, "stats", None)
         if getattr(stats, "eigval", None) is None or not callable(getattr(stats, "apply", None)):
             raise RuntimeError(

@@ -34,6 +34,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_tricks.interface import attached_trainer
+
 NONFINITE_ACTIONS = ("stop", "skip")
 #: "stop" reads back at least this often, whatever ``log_every_n_steps`` is (bounds the kept losses).
 MAX_PENDING_STEPS = 1000
@@ -80,7 +82,7 @@ class NonFiniteLossGuard:
         For ``"stop"`` the loss is recorded on its device and read back only when ``read_now`` (or outside
         a Trainer); a non-finite loss recorded earlier then raises.
         """
-        trainer = _trainer(module)
+        trainer = attached_trainer(module)
         step = trainer.global_step if trainer is not None else 0
         epoch = trainer.current_epoch if trainer is not None else 0
         if self.action == "skip":
@@ -111,7 +113,7 @@ class NonFiniteLossGuard:
                 first_bad = (loss, not math.isfinite(inputs), where)
                 break
             self.last_finite = (where[0], loss)
-        trainer = _trainer(module)
+        trainer = attached_trainer(module)
         finite = first_bad is None
         if trainer is not None and trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
@@ -140,13 +142,6 @@ class NonFiniteLossGuard:
         self.skipped_steps.append(where[0])
         rank_zero_warn(f"{message} Skipped this step (on_nonfinite_loss=skip).")
         return False
-
-
-def _trainer(module: L.LightningModule) -> L.Trainer | None:
-    try:
-        return module.trainer
-    except RuntimeError:  # a step called by hand, outside a Trainer
-        return None
 
 
 def _message(
