@@ -10,6 +10,7 @@ import atexit
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch.strategies import DDPStrategy
 from sklearn.datasets import load_digits
@@ -86,6 +87,44 @@ def quiet_trainer_kwargs(tmp_path) -> dict:
         enable_checkpointing=False,
         deterministic=True,
     )
+
+
+def write_digits_recipe_config(
+    tmp_path,
+    model: dict,
+    callbacks: list[dict] | None = None,
+    data: dict | None = None,
+    **trainer: object,
+) -> str:
+    """A `lightning-tricks fit` YAML file: the recipe with ``model`` as its init_args on 8x8 digits
+    (``data`` adds DataModule init_args), 2 short epochs unless ``trainer`` overrides; returns its path."""
+    config = {
+        "seed_everything": 0,
+        "test_after_fit": False,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 2,
+            "limit_train_batches": 2,
+            "limit_val_batches": 1,
+            "num_sanity_val_steps": 0,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": callbacks or [],
+            **trainer,
+        },
+        "model": {"class_path": "lightning_tricks.recipes.ImageClassifier", "init_args": model},
+        "data": {
+            "class_path": "lightning_tricks.datamodules.DigitsDataModule",
+            "init_args": {"batch_size": 32, "image_size": 8, **(data or {})},
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
 
 
 class MetricRecorder(L.Callback):

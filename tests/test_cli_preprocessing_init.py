@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import yaml
+from helpers import write_digits_recipe_config
 from torch import nn
 
 from lightning_tricks.cli import build_cli
@@ -13,39 +13,21 @@ from lightning_tricks.datamodules.stats import STD_IMAGE_FLOOR
 
 
 def _cli(tmp_path, run: bool) -> object:
-    config = {
-        "seed_everything": 0,
-        "test_after_fit": False,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 2,
-            "limit_val_batches": 1,
-            "num_sanity_val_steps": 0,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp_path),
+    path = write_digits_recipe_config(
+        tmp_path,
+        {
+            "model": "small_cnn",
+            "model_kwargs": {"activation": "gelu"},
+            "init": {"scheme": "small_normal", "std": 0.01},
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
         },
-        "model": {
-            "class_path": "lightning_tricks.recipes.ImageClassifier",
-            "init_args": {
-                "model": "small_cnn",
-                "model_kwargs": {"activation": "gelu"},
-                "init": {"scheme": "small_normal", "std": 0.01},
-                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-            },
-        },
-        "data": {
-            "class_path": "lightning_tricks.datamodules.DigitsDataModule",
-            "init_args": {"batch_size": 32, "image_size": 8, "std_image": True},
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+        data={"std_image": True},
+        max_epochs=None,
+        max_steps=2,
+        limit_train_batches=None,
+    )
     subcommand = ["fit"] if run else []  # run=False parses without subcommands
-    return build_cli([*subcommand, "--config", str(path)], run=run)
+    return build_cli([*subcommand, "--config", path], run=run)
 
 
 def test_yaml_std_image_small_normal_init_and_gelu_reach_the_data_and_the_network(tmp_path):

@@ -3,11 +3,9 @@ gradual unfreezing and fine_tune, the multi-stage linear probe and timm models, 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
+from helpers import write_digits_recipe_config
 from test_cli import run_cli
 
 from lightning_tricks.cli import build_cli
@@ -15,35 +13,6 @@ from lightning_tricks.recipes.models import create_model
 
 pytest.importorskip("timm")
 from timm.optim import param_groups_layer_decay
-
-
-def _config(tmp_path: Path, model: dict, callbacks: list[dict] | None = None) -> str:
-    config = {
-        "seed_everything": 0,
-        "test_after_fit": False,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 2,
-            "limit_train_batches": 2,
-            "limit_val_batches": 1,
-            "num_sanity_val_steps": 0,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp_path),
-            "callbacks": callbacks or [],
-        },
-        "model": {"class_path": "lightning_tricks.recipes.ImageClassifier", "init_args": model},
-        "data": {
-            "class_path": "lightning_tricks.datamodules.DigitsDataModule",
-            "init_args": {"batch_size": 32, "image_size": 8},
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 def _groups_by_name(cli) -> dict[str, dict]:
@@ -65,7 +34,7 @@ def test_yaml_pretrained_layer_decay_and_gradual_unfreezing(tmp_path):
         "init_args": {"schedule": {1: "layer3"}, "train_bn": False},
     }
     with pytest.warns(UserWarning, match="re-initialised"):
-        cli = build_cli(["fit", "--config", _config(tmp_path, model, [unfreezing])])
+        cli = build_cli(["fit", "--config", write_digits_recipe_config(tmp_path, model, [unfreezing])])
     trained = cli.model.net.state_dict()
     for key, value in source.state_dict().items():
         if key.startswith(("stem", "layer1", "layer2")):  # frozen all along: still the file's values
@@ -85,7 +54,7 @@ def test_yaml_fine_tune_on_a_timm_model_ends_with_timms_layer_decayed_lrs(tmp_pa
         "scheduler": {"name": "constant"},
     }
     fine_tune = {"class_path": "lightning_tricks.callbacks.FineTune", "init_args": {"freeze_epochs": 1}}
-    cli = build_cli(["fit", "--config", _config(tmp_path, model, [fine_tune])])
+    cli = build_cli(["fit", "--config", write_digits_recipe_config(tmp_path, model, [fine_tune])])
     reference = param_groups_layer_decay(cli.model.net, weight_decay=0.0, layer_decay=0.8)
     scale = {id(p): g["lr_scale"] for g in reference for p in g["params"]}
     optimizer = cli.trainer.optimizers[0]
@@ -107,7 +76,7 @@ def test_yaml_multi_stage_linear_probe_on_a_pretrained_timm_backbone(tmp_path):
             "input_size": 8,
         },
     }
-    cli = build_cli(["fit", "--config", _config(tmp_path, model)])
+    cli = build_cli(["fit", "--config", write_digits_recipe_config(tmp_path, model)])
     probe = cli.model.net
     assert probe.classifier.in_features == 48 + 96  # test_resnet: layer2 and layer4 widths
     kept = probe.backbone.state_dict()
@@ -129,5 +98,5 @@ def test_yaml_multi_stage_linear_probe_on_a_pretrained_timm_backbone(tmp_path):
     ],
 )
 def test_yaml_bad_transfer_options_fail_early_naming_key_and_value(tmp_path, args, expected):
-    config = _config(tmp_path, {"model": "resnet20"})
+    config = write_digits_recipe_config(tmp_path, {"model": "resnet20"})
     assert expected in run_cli(["fit", "--config", config, *args])
