@@ -127,6 +127,21 @@ def write_digits_recipe_config(
     return str(path)
 
 
+class Interrupted(Exception):
+    """Raised by :class:`StopAtStep`."""
+
+
+class StopAtStep(L.Callback):
+    """Ends ``fit`` with an error after ``step`` optimizer steps, the way a crashed run ends."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Interrupted
+
+
 class MetricRecorder(L.Callback):
     """Records the names of every metric seen at the end of validation and test (``seen``)."""
 

@@ -7,7 +7,7 @@ import contextlib
 import lightning as L
 import pytest
 import torch
-from helpers import quiet_trainer_kwargs
+from helpers import Interrupted, StopAtStep, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
@@ -89,19 +89,6 @@ class RecordFlips(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StopAtStep(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Interrupted
 
 
 def _fit(tmp_path, callbacks=(), ckpt_path=None, data_on_device=False) -> RecordFlips:

@@ -8,7 +8,7 @@ import itertools
 import lightning as L
 import pytest
 import torch
-from helpers import quiet_trainer_kwargs
+from helpers import Interrupted, StopAtStep, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
@@ -52,21 +52,6 @@ class RecordOrder(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StopAtStep(L.Callback):
-    """Ends ``fit`` with an error after ``step`` optimizer steps, the way a crashed run ends."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Interrupted
 
 
 def _fit(tmp_path, callbacks=(), ckpt_path=None, max_epochs=3, aug_repeats=1) -> RecordOrder:
