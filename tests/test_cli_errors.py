@@ -344,6 +344,21 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
         [f"{SCHED}.name=plateau", f"{SCHED}.interval=epoch", f"{SCHED}.monitor=val/los"],
         ("model.init_args.scheduler.monitor", "=val/loss"),
     ),
+    # an example with its own parentheses keeps them in the fix line
+    (
+        "layer-decay-out-of-range",
+        [f"{OPT}.layer_decay=2"],
+        (
+            "model.init_args.optimizer.layer_decay",
+            "fix: e.g. 0.7 (each layer below the head trains at 0.7x the lr of the layer above)\n",
+        ),
+    ),
+    # a message that names the full config key is not prefixed with it a second time
+    (
+        "pretrained-missing-file",
+        ["--model.init_args.pretrained={root}/nowhere.pt"],
+        ("error: model.init_args.pretrained (ImageClassifier)", "fix: point model.init_args.pretrained at"),
+    ),
     # -- checkpoints to resume from
     ("ckpt-last-never-saved", ["--ckpt_path=last"], ("ckpt_path", "save_last")),
     ("ckpt-missing", ["--ckpt_path={root}/nowhere.ckpt"], ("ckpt_path", "nowhere.ckpt")),

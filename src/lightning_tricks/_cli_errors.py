@@ -291,13 +291,27 @@ def _file_of_failed_load(err: BaseException) -> str | None:
 
 
 def _fix_from_message(message: str, token: str | None, key: str) -> str | None:
-    match = re.search(r"e\.g\.\s*(.+?)(?:\)|$)", message)
+    match = re.search(r"e\.g\.\s*(.+)$", message)
     if not match:
         return None
-    example = match.group(1).strip().rstrip(".;")
+    example = _until_unopened_paren(match.group(1)).strip().rstrip(".;")
     if token and example.startswith(token) and key.endswith(token):
         example = key + example[len(token) :]
     return f"e.g. {example}"
+
+
+def _until_unopened_paren(text: str) -> str:
+    """``text`` up to the ``)`` that closes a parenthesis opened before it ("(e.g. 0.9)" ends there),
+    keeping parentheses the example opens itself ("e.g. 0.7 (each layer ...)")."""
+    depth = 0
+    for index, char in enumerate(text):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            if depth == 0:
+                return text[:index]
+            depth -= 1
+    return text
 
 
 def describe_error(err: BaseException) -> list[str]:
@@ -341,6 +355,8 @@ def describe_error(err: BaseException) -> list[str]:
     defaults = _signature_defaults(owner_class)
     token = _argument_token(message, set(init_args) | set(defaults)) or _argument_holding(message, init_args)
     arguments = component if component == "trainer" else f"{component}.init_args"
+    if token is not None and token.startswith(f"{arguments}."):  # the message already names the full key
+        token = token[len(arguments) + 1 :]
     key = f"{arguments}.{token}" if token else component
     lines = [f"error: {key} ({owner_class.__name__}): {kind}{message}"]
     fix = _fix_from_message(message, token, key) or suggestion
