@@ -50,7 +50,7 @@ def test_per_sample_presets_and_augmix_jsd_from_yaml(tmp_path):
         f"{DATA}.augmix_jsd=true",
         "--model.init_args.regularization.jsd_lambda=12",
     )
-    views = cli.datamodule.train_dataloader().dataset.transform
+    views = cli.datamodule.train_dataloader().dataset.dataset.transform
     shared = [type(t) for t in views.base.transforms]
     assert shared == [v2.ToDtype, v2.JPEG, v2.ElasticTransform, LensDistortion, SaltAndPepper]
     assert tuple(views.base.transforms[1].quality) == (30, 90)
@@ -93,7 +93,7 @@ def test_readme_augmentation_yaml_builds_the_documented_pipeline(tmp_path):
     jsd = "--model.init_args.regularization.jsd_lambda=12"
     cli = build_cli(["--config", CONFIG, "--config", str(fragment), jsd], run=False)
     cli.datamodule.setup("fit")
-    views = cli.datamodule.train_dataloader().dataset.transform
+    views = cli.datamodule.train_dataloader().dataset.dataset.transform
     assert [type(t).__name__ for t in views.base.transforms] == [
         "RandomCrop",
         "RandomHorizontalFlip",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 
 import lightning as L
 import pytest
@@ -26,27 +27,29 @@ N, BATCH = 44, 8  # 6 batches per epoch, the last one partial
 
 
 class IndexImages(InMemoryImageDataModule):
-    """Image ``i`` is a 1x1 pixel holding the value ``i``, so a batch tells which rows it holds."""
+    """Image ``i`` is one row ``[i, N + i]``, so a batch tells which rows it holds and which it flipped."""
 
     num_classes, in_channels, image_size = 4, 1, 1
 
     def load_splits(self):
-        images = torch.arange(N, dtype=torch.float32).view(N, 1, 1, 1)
+        images = torch.stack([torch.arange(N), N + torch.arange(N)], dim=1).float().view(N, 1, 1, 2)
         return {"train": (images, torch.arange(N) % 4)}
 
 
 class RecordOrder(L.LightningModule):
-    """Records the row indices of every training batch and one draw of the global random stream."""
+    """Records the row indices and images of every training batch and one draw of the global stream."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.layer = nn.Linear(1, 4)
+        self.layer = nn.Linear(2, 4)
         self.rows: list[list[int]] = []
+        self.images: list[list[list[float]]] = []
         self.draws: list[float] = []
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        self.rows.append(images.flatten().long().tolist())
+        self.rows.append(images.flatten(1).amin(1).long().tolist())
+        self.images.append(images.flatten(1).tolist())
         self.draws.append(torch.rand(()).item())  # stands in for dropout masks and augmentation draws
         return F.cross_entropy(self.layer(images.flatten(1)), labels)
 
@@ -54,12 +57,12 @@ class RecordOrder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path, callbacks=(), ckpt_path=None, max_epochs=3, aug_repeats=1) -> RecordOrder:
+def _fit(tmp_path, callbacks=(), ckpt_path=None, max_epochs=3, **data_kwargs) -> RecordOrder:
     L.seed_everything(0, verbose=False)
     model = RecordOrder()
     kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True}
     trainer = L.Trainer(max_epochs=max_epochs, callbacks=list(callbacks), **kwargs)
-    data = IndexImages(batch_size=BATCH, normalize=False, aug_repeats=aug_repeats)
+    data = IndexImages(batch_size=BATCH, normalize=False, **data_kwargs)
     with contextlib.suppress(Interrupted):
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model
@@ -129,23 +132,43 @@ def test_datamodule_trains_on_batched_loader_with_same_statistics():
     assert torch.equal(labels.sort().values, dm._splits["train"].tensors[1].sort().values)
 
 
-@pytest.mark.parametrize("interrupt_step", [8, 6], ids=["mid_epoch", "epoch_end"])
-def test_resumed_run_sees_the_uninterrupted_order_and_random_stream(tmp_path, interrupt_step):
-    uninterrupted = _fit(tmp_path / "a")
+PER_SAMPLE = {"augment": "flip", "augment_on_device": False}
+
+
+@pytest.mark.parametrize(
+    ("interrupt_step", "data", "workers"),
+    [
+        (8, {}, 0),
+        (6, {}, 0),
+        # Flipped per sample on the CPU: the uninterrupted run in the main process, the interrupted
+        # and the resumed run in two workers, which fetch batches ahead of training.
+        (8, PER_SAMPLE, 2),
+    ],
+    ids=["mid_epoch", "epoch_end", "per_sample_mid_epoch"],
+)
+def test_resumed_run_sees_the_uninterrupted_order_and_random_stream(tmp_path, interrupt_step, data, workers):
+    uninterrupted = _fit(tmp_path / "a", **data)
     epochs = [list(itertools.chain(*uninterrupted.rows[e * 6 : (e + 1) * 6])) for e in range(3)]
     assert all(sorted(order) == list(range(N)) for order in epochs) and len(set(map(tuple, epochs))) == 3
 
     folder = tmp_path / "b" / "ckpt"
     checkpoints = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=-1, save_last=True)
-    interrupted = _fit(tmp_path / "b", [checkpoints, StopAtStep(interrupt_step)])
+    interrupted = _fit(tmp_path / "b", [checkpoints, StopAtStep(interrupt_step)], num_workers=workers, **data)
     assert len(interrupted.rows) == interrupt_step
     ckpt = next(folder.glob(f"*step={interrupt_step}.ckpt"))
     state = torch.load(ckpt, weights_only=True)["IndexImages"]["data_order"]
     assert state == {"epoch": interrupt_step // 6, "batches_consumed": interrupt_step % 6}
 
-    resumed = _fit(tmp_path / "b", ckpt_path=ckpt)
+    with warnings.catch_warnings():  # the loader says it resumes mid-epoch, and it does
+        warnings.filterwarnings("error", message=r".*dataloader is\s+not resumable")
+        resumed = _fit(tmp_path / "b", ckpt_path=ckpt, num_workers=workers, **data)
     assert interrupted.rows + resumed.rows == uninterrupted.rows
+    assert interrupted.images + resumed.images == uninterrupted.images
     assert interrupted.draws + resumed.draws == uninterrupted.draws
+    assert torch.equal(resumed.layer.weight, uninterrupted.layer.weight)
+    if data:  # the flips are drawn, not all the same way
+        flipped = [image[0] > image[1] for batch in uninterrupted.images for image in batch]
+        assert 0 < sum(flipped) < len(flipped)
 
 
 def test_repeated_augmentation_serves_every_index_k_times_per_epoch_in_groups():

@@ -4,6 +4,7 @@ from lightning_tricks.datamodules.augment import PRESETS, BatchAugment, PCALight
 from lightning_tricks.datamodules.base import InMemoryImageDataModule, PreprocessedImageDataModule
 from lightning_tricks.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_tricks.datamodules.digits import DigitsDataModule
+from lightning_tricks.datamodules.draws import SeededDraws, SeededDrawSampler
 from lightning_tricks.datamodules.folder import ImageFolderDataModule
 from lightning_tricks.datamodules.in_memory import TensorBatchLoader
 from lightning_tricks.datamodules.on_device import OnDeviceAugment
@@ -25,6 +26,8 @@ __all__ = [
     "PCALighting",
     "PreprocessedImageDataModule",
     "ResumableSampler",
+    "SeededDrawSampler",
+    "SeededDraws",
     "SyntheticDataModule",
     "TensorBatchLoader",
     "bootstrap_indices",

@@ -14,7 +14,8 @@ drawn, so callbacks that draw training batches before the first step leave the r
 in [0, 1]) and serves batches with one gather each
 (:class:`~lightning_tricks.datamodules.in_memory.TensorBatchLoader`), optionally from tensors
 resident on the accelerator; its training batches are augmented either on the device, vectorised
-per batch, or per sample on the CPU with torchvision ``transforms.v2`` presets.
+per batch, or per sample on the CPU with torchvision ``transforms.v2`` presets, each sample from its
+own seed (:mod:`~lightning_tricks.datamodules.draws`), so that path resumes its draws exactly too.
 
 Lightning calls ``setup`` before it restores a checkpoint's DataModule state and builds the
 training loader after, so restored statistics and data order are in place before any batch.
@@ -41,10 +42,16 @@ from lightning_tricks.datamodules.augment import (
     build_transform,
     preset_names,
 )
+from lightning_tricks.datamodules.draws import SeededDraws, SeededDrawSampler
 from lightning_tricks.datamodules.flip import AlternatingFlip, check_flip_mode
 from lightning_tricks.datamodules.in_memory import TensorBatchLoader, TransformedTensorDataset
 from lightning_tricks.datamodules.on_device import ON_DEVICE_PRESETS, OnDeviceAugment
-from lightning_tricks.datamodules.order import ResumableSampler, capture_rng_states, restore_rng_states
+from lightning_tricks.datamodules.order import (
+    ResumableDataLoader,
+    ResumableSampler,
+    capture_rng_states,
+    restore_rng_states,
+)
 from lightning_tricks.datamodules.resampling import bootstrap_indices
 from lightning_tricks.datamodules.stats import ImageStatistics
 
@@ -283,14 +290,19 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def train_sampler(self, length: int) -> ResumableSampler:
+    def train_sampler(self, length: int, seeded_draws: bool = False) -> ResumableSampler:
         """The shuffled order of the training split: a restored checkpoint's epoch and position, else
-        the trainer's current epoch (Lightning calls ``set_epoch`` at every epoch start)."""
+        the trainer's current epoch (Lightning calls ``set_epoch`` at every epoch start).
+
+        ``seeded_draws`` yields ``(index, draw_seed)`` items for a
+        :class:`~lightning_tricks.datamodules.draws.SeededDraws` dataset (the per-sample path).
+        """
         replicas, rank = self._replicas()
         resume = self._resume_order or {}
         self._resume_order = None
         epoch = resume.get("epoch", self.trainer.current_epoch if self.trainer is not None else 0)
-        self._train_sampler = ResumableSampler(
+        sampler_cls = SeededDrawSampler if seeded_draws else ResumableSampler
+        self._train_sampler = sampler_cls(
             length,
             batch_size=self.batch_size,
             num_replicas=replicas,
@@ -341,13 +353,20 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         self._resume_point = dict(self._resume_order) if self._resume_order else None
         self._resume_rng = state_dict.get("rng")
 
-    def _dataloader(self, dataset: Dataset, train: bool) -> DataLoader:
-        if train and self.bootstrap_seed is not None:
-            dataset = Subset(dataset, bootstrap_indices(len(dataset), self.bootstrap_seed).tolist())
-        return DataLoader(
+    def _dataloader(self, dataset: Dataset, train: bool) -> ResumableDataLoader:
+        """A ``DataLoader`` over ``dataset``: for training in the resumable order, each sample's
+        augmentation drawn from its own seed (:mod:`~lightning_tricks.datamodules.draws`)."""
+        if train:
+            if self.bootstrap_seed is not None:
+                dataset = Subset(dataset, bootstrap_indices(len(dataset), self.bootstrap_seed).tolist())
+            dataset = SeededDraws(dataset)
+            sampler = self.train_sampler(len(dataset), seeded_draws=True)
+        else:
+            sampler = self.eval_sampler(len(dataset))
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=self.train_sampler(len(dataset)) if train else self.eval_sampler(len(dataset)),
+            sampler=sampler,
             drop_last=False,
             # Its own generator, so starting an epoch never draws from the global random stream.
             generator=torch.Generator().manual_seed(self.seed),

@@ -11,6 +11,7 @@ draw other augmentations and dropout masks. Two pieces close that gap:
   before the first training step (a sanity check, a probe) cannot use up the resume position.
 - :func:`capture_rng_states` / :func:`restore_rng_states` copy the Python, NumPy, torch CPU and
   CUDA streams as plain tensors and numbers (checkpoints stay ``weights_only``-loadable).
+- :class:`ResumableDataLoader` is the ``DataLoader`` that tells Lightning it resumes mid-epoch.
 
 Example::
 
@@ -27,9 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["ResumableSampler", "capture_rng_states", "restore_rng_states"]
+__all__ = ["ResumableDataLoader", "ResumableSampler", "capture_rng_states", "restore_rng_states"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -121,6 +122,26 @@ class ResumableSampler(DistributedSampler):
             return []
         indices = (indices * math.ceil(total / len(indices)))[:total]
         return indices[self.rank : total : self.num_replicas]
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler` whose position the DataModule saves.
+
+    ``state_dict`` is empty: the owning DataModule keeps the order's position and the random streams
+    in its own state, and per-sample draws are a function of that position
+    (:mod:`~lightning_tricks.datamodules.draws`). Present so Lightning treats the loader as
+    resumable instead of warning that a mid-epoch resume is unreliable.
+
+    Example::
+
+        loader = ResumableDataLoader(dataset, batch_size=64, sampler=ResumableSampler(len(dataset), 64))
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to load; see the class docstring."""
 
 
 def capture_rng_states() -> dict[str, Any]:
