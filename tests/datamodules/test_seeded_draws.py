@@ -11,11 +11,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from data_files import make_tree
 from torch.utils.data import Dataset
 
 from lightning_tricks.datamodules import (
     PRESETS,
     DigitsDataModule,
+    ImageFolderDataModule,
     ImageStatistics,
     InMemoryImageDataModule,
     ResumableSampler,
@@ -102,6 +104,25 @@ def test_workers_serve_the_batches_of_the_main_process(main_process_epochs, pers
         assert all(torch.equal(a, b) for a, b in zip(served, expected, strict=True))
     # Two epochs draw differently (noise alone makes an accidental match impossible).
     assert not torch.equal(main_process_epochs[0][0], main_process_epochs[1][0])
+
+
+def test_image_folder_batches_do_not_depend_on_workers(tmp_path):
+    make_tree(tmp_path)
+    served = []
+    for workers in (0, 2):
+        data = ImageFolderDataModule(
+            tmp_path,
+            augment=["inception", "flip", "color_jitter"],
+            crop_size=32,
+            resize_size=40,
+            batch_size=4,
+            num_workers=workers,
+            stats_cache=None,
+        )
+        data.setup("fit")
+        with one_thread():
+            served.append(torch.cat([images for images, _ in data.train_dataloader()]))
+    assert torch.equal(served[0], served[1])
 
 
 def test_each_item_is_its_transform_under_the_seed_of_its_position():
