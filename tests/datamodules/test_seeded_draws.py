@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from data_files import make_tree
-from torch.utils.data import Dataset
 
 from lightning_tricks.datamodules import (
     PRESETS,
@@ -27,21 +26,9 @@ from lightning_tricks.datamodules import (
 )
 from lightning_tricks.datamodules.augment import PresetContext
 from lightning_tricks.datamodules.draws import draw_seeds
+from lightning_tricks.datamodules.in_memory import TransformedTensorDataset
 
 N, BATCH = 30, 4
-
-
-class Transformed(Dataset):
-    """``transform(images[i])``: a dataset whose items are nothing but an augmentation draw."""
-
-    def __init__(self, images: torch.Tensor, transform) -> None:
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(self.images[index])
 
 
 class LeftRight(InMemoryImageDataModule):
@@ -102,8 +89,6 @@ def test_workers_serve_the_batches_of_the_main_process(main_process_epochs, pers
     for served, expected in zip(worker_epochs, main_process_epochs, strict=True):
         assert len(served) == len(expected) == 13  # 2 x 400 bootstrap draws in batches of 64
         assert all(torch.equal(a, b) for a, b in zip(served, expected, strict=True))
-    # Two epochs draw differently (noise alone makes an accidental match impossible).
-    assert not torch.equal(main_process_epochs[0][0], main_process_epochs[1][0])
 
 
 def test_image_folder_batches_do_not_depend_on_workers(tmp_path):
@@ -128,7 +113,7 @@ def test_image_folder_batches_do_not_depend_on_workers(tmp_path):
 def test_each_item_is_its_transform_under_the_seed_of_its_position():
     images = torch.randint(0, 256, (N, 3, 8, 8), dtype=torch.uint8)
     transform = build_transform(["crop_flip", "noise"], PresetContext(size=8))
-    dataset = SeededDraws(Transformed(images, transform))
+    dataset = SeededDraws(TransformedTensorDataset(images, torch.arange(N), transform))
     order = list(ResumableSampler(N, batch_size=BATCH, seed=5, epoch=2))
     seeds = draw_seeds(5, 2, N)
     items = list(SeededDrawSampler(N, batch_size=BATCH, seed=5, epoch=2, start_batch=3))
@@ -138,12 +123,15 @@ def test_each_item_is_its_transform_under_the_seed_of_its_position():
     caller_stream = torch.get_rng_state()
     served = [dataset[item] for item in items]
     assert torch.equal(torch.get_rng_state(), caller_stream)  # the caller's stream is left as it was
-    for (index, seed), image in zip(items, served, strict=True):
+    for (index, seed), (image, label) in zip(items, served, strict=True):
         torch.manual_seed(seed)
-        assert torch.equal(image, transform(images[index]))
+        assert label == index and torch.equal(image, transform(images[index]))
+    # Another epoch or another DataModule seed: other seeds at every position.
+    assert not set(seeds.tolist()) & set(draw_seeds(5, 3, N).tolist())
+    assert not set(seeds.tolist()) & set(draw_seeds(6, 2, N).tolist())
     # A sampler without seeds (Lightning's for overfit_batches) draws from the current stream.
     torch.manual_seed(7)
-    plain = dataset[3]
+    plain, _ = dataset[3]
     torch.manual_seed(7)
     assert torch.equal(plain, transform(images[3]))
 
@@ -167,7 +155,8 @@ def test_flip_rate_and_independence_of_draws_stay_binomial():
     flips = []
     for epoch in (0, 1):
         loader.sampler.set_epoch(epoch)
-        served = torch.cat([x for x, _ in loader]).view(-1, 2)
+        with one_thread():
+            served = torch.cat([x for x, _ in loader]).view(-1, 2)
         index, flipped = served.amin(dim=1).long(), served[:, 0] > served[:, 1]
         first, second = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
         # aug_repeats puts an image's two copies side by side in the epoch's order.

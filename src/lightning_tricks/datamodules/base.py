@@ -68,7 +68,7 @@ class PreprocessedImageDataModule(L.LightningDataModule, ABC):
         pin_memory: Pin host memory for faster host-to-device copies.
         persistent_workers: Keep workers alive between epochs (default: when ``num_workers > 0``).
         normalize: Subtract the training mean and divide by the training std per channel.
-        seed: Seed for splits, statistics subsets and sampling order.
+        seed: Seed for splits, statistics subsets, sampling order and per-sample augmentation draws.
         augment: Per-sample augmentation preset name(s), see :mod:`~lightning_tricks.datamodules.augment`.
         augment_kwargs: Per-preset keyword overrides, e.g. ``{"random_erasing": {"p": 0.25}}``.
         batch_augment: ``"mixup"``, ``"cutmix"`` or both (soft ``(N, C)`` float targets).

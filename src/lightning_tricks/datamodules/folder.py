@@ -85,7 +85,7 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
         num_workers: DataLoader workers that decode and augment.
         pin_memory: Pin host memory.
         persistent_workers: Keep workers alive between epochs (default: ``num_workers > 0``).
-        seed: Seed of the statistics sample and shuffling.
+        seed: Seed of the statistics sample, the shuffling and the augmentation draws.
         augment: Preset name(s); without ``resnet_scale``/``inception`` training images are first
             resized and centre-cropped like evaluation images.
         augment_kwargs: Per-preset keyword overrides.
