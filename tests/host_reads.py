@@ -94,6 +94,10 @@ def _kind(func: Any, args: tuple, kwargs: dict) -> str | None:
             return f"{name}(boolean mask)"
     if name == "to" and _names_the_cpu(args[1:], kwargs):
         return "to('cpu')"
+    # Host data uploaded to a device: a blocking host -> device copy there, which CUDA syncs on.
+    data = args[0] if args else kwargs.get("data")
+    if name in ("tensor", "as_tensor") and kwargs.get("device") is not None and not torch.is_tensor(data):
+        return f"{name}(host data, device=...)"
     return None
 
 

@@ -5,6 +5,8 @@
   with a narrow airbench network so a few steps take milliseconds.
 * :func:`stack_parts`: the recipe with the callback stack of ``benchmarks/step_overhead.py`` (EMA,
   SnapshotEnsemble, SmoothedEarlyStopping, TrainingDiagnostics) on the digits.
+* :func:`one_step_loss_and_grads`: one training step's loss and gradients, for comparing a speed
+  switch (channels_last, compile, bf16 autocast) with the plain path on one device.
 * :class:`StepPhases`: a callback that labels each moment of ``fit`` with the training step it
   belongs to and whether Lightning writes step logs on it.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 
 from lightning_tricks._lightning_compat import writes_step_logs
@@ -73,6 +76,22 @@ def stack_parts() -> tuple[ImageClassifier, DigitsDataModule, list[L.Callback]]:
     return model, DigitsDataModule(batch_size=64, augment=None), callbacks
 
 
+def one_step_loss_and_grads(
+    device: str = "cpu", autocast: torch.dtype | None = None, **kwargs: Any
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss and gradients of one ``training_step`` of a seeded ``small_cnn`` recipe (``kwargs``:
+    its switches) on a seeded batch on ``device``, under ``torch.autocast(dtype=autocast)`` if given."""
+    torch.manual_seed(0)
+    model = ImageClassifier("small_cnn", num_classes=4, in_channels=3, **kwargs).to(device)
+    model.log = lambda *args, **kw: None
+    torch.manual_seed(1)
+    batch = (torch.randn(6, 3, 16, 16).to(device), torch.randint(4, (6,)).to(device))
+    with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+        loss = model.training_step(batch, 0)
+    loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+
 @dataclass(frozen=True)
 class Step:
     """A training step as :class:`StepPhases` labels it."""
@@ -81,6 +100,12 @@ class Step:
     batch_idx: int
     writes_logs: bool  # Lightning writes step metrics on it (``log_every_n_steps``)
     last_of_epoch: bool
+
+    @property
+    def quiet(self) -> bool:
+        """A step that must not read the device: no logs written, not an epoch's last, not the
+        fit's first (which initialises, e.g. the whitening layer)."""
+        return not self.writes_logs and not self.last_of_epoch and self.global_step > 0
 
 
 class StepPhases(L.Callback):
