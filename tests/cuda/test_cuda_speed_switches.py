@@ -8,11 +8,18 @@ TF32 is off for the exact comparisons so that both paths compute in fp32.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from speed_setups import one_step_loss_and_grads
 
 pytestmark = pytest.mark.cuda
+# Triton builds its launcher with the system C compiler the first time it runs.
+needs_c_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="torch.compile (Triton) needs a C compiler",
+)
 
 
 @pytest.fixture
@@ -24,7 +31,12 @@ def no_tf32():
 
 
 @pytest.mark.parametrize(
-    "switch", [{"channels_last": True}, {"compile": "default"}, {"channels_last": True, "compile": "default"}]
+    "switch",
+    [
+        pytest.param({"channels_last": True}, id="channels_last"),
+        pytest.param({"compile": "default"}, id="compile", marks=needs_c_compiler),
+        pytest.param({"channels_last": True, "compile": "default"}, id="both", marks=needs_c_compiler),
+    ],
 )
 def test_switch_gives_the_plain_loss_and_gradients_on_cuda(switch, no_tf32):
     plain_loss, plain_grads = one_step_loss_and_grads("cuda")
