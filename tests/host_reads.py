@@ -3,7 +3,10 @@
 On a GPU, reading a device value on the host (``.item()``, ``if tensor:``, ``float(t)``, ``.tolist()``,
 ``.cpu()``...) or running an op whose output shape depends on device data (``nonzero``, boolean-mask
 indexing...) blocks the host until the queued kernels have run, so the host can no longer queue the
-next steps ahead. On the CPU nothing waits, but the same calls can be seen: :class:`HostReadRecorder`
+next steps ahead; so does uploading host data to the device (``torch.tensor(data, device=...)``,
+``t.new_tensor(data)``: a blocking copy). A ``.to(torch.device(...))`` is not counted (on a CPU-only
+machine the trainer's own host -> device moves target the CPU too); ``tests/cuda`` catches those.
+On the CPU nothing waits, but the same calls can be seen: :class:`HostReadRecorder`
 is a ``torch.overrides.TorchFunctionMode`` (torch's public hook that sees every torch function and
 ``Tensor`` method, dunders included) that records each such call with the first stack frame outside
 torch and a label for the phase of training it happened in. No library records these calls on the
@@ -98,6 +101,8 @@ def _kind(func: Any, args: tuple, kwargs: dict) -> str | None:
     data = args[0] if args else kwargs.get("data")
     if name in ("tensor", "as_tensor") and kwargs.get("device") is not None and not torch.is_tensor(data):
         return f"{name}(host data, device=...)"
+    if name == "new_tensor" and not torch.is_tensor(args[1] if len(args) > 1 else kwargs.get("data")):
+        return "new_tensor(host data)"
     return None
 
 

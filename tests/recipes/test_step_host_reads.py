@@ -96,6 +96,7 @@ def test_recorder_sees_each_kind_of_host_read_and_no_device_op():
         t.nonzero()
         f"{total:.3f}"
         torch.tensor([1.0], device="cpu")
+        t.new_tensor([2.0])
     kinds = [read.kind for read in recorder.reads]
     assert kinds == [
         "item",
@@ -109,6 +110,7 @@ def test_recorder_sees_each_kind_of_host_read_and_no_device_op():
         "nonzero",
         "__format__",
         "tensor(host data, device=...)",
+        "new_tensor(host data)",
     ]
     assert all(
         read.called_from(__file__, "test_recorder_sees_each_kind_of_host_read_and_no_device_op")
