@@ -51,7 +51,9 @@ class PlantedRead(L.Callback):
             trainer.should_stop = True
 
 
-def record_fit(tmp_path, model, datamodule, callbacks) -> tuple[list[HostRead], list[Step]]:
+def record_fit(
+    tmp_path, model, datamodule, callbacks, precision: str = "32-true"
+) -> tuple[list[HostRead], list[Step]]:
     """Fit for ``EPOCHS`` epochs under a :class:`HostReadRecorder`; the reads and the steps taken."""
     torch.set_num_threads(1)  # tiny convolutions; steadier on a shared machine (conftest restores it)
     recorder = HostReadRecorder()
@@ -60,6 +62,7 @@ def record_fit(tmp_path, model, datamodule, callbacks) -> tuple[list[HostRead], 
         accelerator="cpu",
         devices=1,
         max_epochs=EPOCHS,
+        precision=precision,
         limit_train_batches=BATCHES_PER_EPOCH,
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -119,17 +122,22 @@ def test_recorder_sees_each_kind_of_host_read_and_no_device_op():
 
 
 @pytest.mark.parametrize(
-    "parts",
+    ("parts", "precision"),
     [
-        pytest.param(lambda: speedrun_parts(num_train=16 * BATCHES_PER_EPOCH, batch_size=16), id="speedrun"),
-        pytest.param(lambda: (*stack_parts()[:2], []), id="recipe"),
-        pytest.param(stack_parts, id="recipe_callback_stack"),
+        # the speedrun config's GPU precision (Lightning runs bf16-mixed on the CPU too)
+        pytest.param(
+            lambda: speedrun_parts(num_train=16 * BATCHES_PER_EPOCH, batch_size=16),
+            "bf16-mixed",
+            id="speedrun",
+        ),
+        pytest.param(lambda: (*stack_parts()[:2], []), "32-true", id="recipe"),
+        pytest.param(stack_parts, "32-true", id="recipe_callback_stack"),
     ],
 )
-def test_training_step_reads_the_device_only_on_logging_steps_and_epoch_ends(tmp_path, parts):
+def test_training_step_reads_the_device_only_on_logging_steps_and_epoch_ends(tmp_path, parts, precision):
     torch.manual_seed(0)
     model, datamodule, callbacks = parts()
-    reads, steps = record_fit(tmp_path, model, datamodule, callbacks)
+    reads, steps = record_fit(tmp_path, model, datamodule, callbacks, precision)
 
     quiet = {s for s in steps if s.quiet}
     assert len(steps) == EPOCHS * BATCHES_PER_EPOCH and len(quiet) >= 6
