@@ -3,8 +3,10 @@
 Runs, each as its own process with its own time budget (``timeout``; a failing or timed-out step is
 reported and the next one runs):
 
-1. ``cuda_tests``: ``pytest -m cuda tests/cuda`` (no device sync on the speedrun recipe's quiet steps,
-   no host-to-device copies with ``data_on_device``, channels_last / compile / bf16 one-step losses).
+1. ``cuda_tests``: ``pytest -m cuda`` on ``tests/cuda``'s sync and data tests (no device sync on the
+   speedrun recipe's quiet steps, no host-to-device copies with ``data_on_device``), then
+   ``cuda_switch_tests`` on its switch tests (channels_last / compile / bf16 one-step losses; compiling
+   takes the longest, so it runs in a process of its own and cannot cost the other results).
 2. ``cifar_speed``: ``benchmarks/cifar_speed.py`` at full size (8,192-image epochs, airbench widths, bf16):
    the recipe's epoch against a plain loop and, when the ``airbench`` package imports, airbench's
    own loop; the fraction of the GPU's bf16 peak.
@@ -13,7 +15,7 @@ reported and the next one runs):
 
 Every result (JSON in the benchmarks' shape, the tests' JUnit XML, one log per step) is written to
 the output folder, plus ``gpu_checks.json`` with the summary; the table at the end compares each
-measured value with its target. The budgets add up to 7 min 40 s (``--budget-scale`` scales them).
+measured value with its target. The budgets add up to 7 min 30 s (``--budget-scale`` scales them).
 
 Run::
 
@@ -50,7 +52,6 @@ except ModuleNotFoundError:  # imported from outside benchmarks/, which running 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 KILL_GRACE_S = 10
-CUDA_TEST_ORDER = ("step_sync", "data_on_device", "speed_switches")
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,13 @@ def _python(script: str, *args: str) -> list[str]:
     return [sys.executable, str(BENCHMARKS / script), *args]
 
 
-def _pytest(out: Path) -> list[str]:
-    # addopts cleared: the project's --timeout needs pytest-timeout, which a bare machine may lack;
-    # this script's own budget bounds the run instead.
-    return [
+def _pytest(name: str, *files: str) -> Callable[[Path], list[str]]:
+    """``pytest -m cuda`` on ``tests/cuda/test_cuda_FILE.py`` for each file, JUnit XML in ``NAME.xml``.
+
+    addopts cleared: the project's ``--timeout`` needs pytest-timeout, which a bare machine may lack;
+    this script's own budget bounds the run instead.
+    """
+    return lambda out: [
         sys.executable,
         "-m",
         "pytest",
@@ -83,18 +87,18 @@ def _pytest(out: Path) -> list[str]:
         "-rA",
         "-m",
         "cuda",
-        f"--junitxml={out / 'cuda_tests.xml'}",
-        # the sync test first: the compiling switch tests last, where a budget overrun costs least
-        *(str(REPO / "tests" / "cuda" / f"test_cuda_{name}.py") for name in CUDA_TEST_ORDER),
+        f"--junitxml={out / f'{name}.xml'}",
+        *(str(REPO / "tests" / "cuda" / f"test_cuda_{file}.py") for file in files),
     ]
 
 
 STEPS = (
-    Step("cuda_tests", _pytest, 150),
+    Step("cuda_tests", _pytest("cuda_tests", "step_sync", "data_on_device"), 60),
+    Step("cuda_switch_tests", _pytest("cuda_switch_tests", "speed_switches"), 100),
     Step(
         "cifar_speed",
         lambda out: _python("cifar_speed.py", "--out", str(out / "cifar_speed.json")),
-        150,
+        140,
         lambda out: _python(
             "cifar_speed.py",
             *("--quick", "--num-train", "64", "--batch", "32", "--repeats", "1"),
@@ -104,7 +108,7 @@ STEPS = (
     Step(
         "data_throughput",
         lambda out: _python("data_throughput.py", "--out", str(out / "data_throughput.json")),
-        60,
+        50,
         lambda out: _python(
             "data_throughput.py",
             *("--num-train", "256", "--repeats", "1", "--workers", "0"),
@@ -244,7 +248,7 @@ def junit_outcomes(junit: Path) -> dict[str, str]:
 def summarise(out: Path, device: str = "cuda") -> list[Check]:
     """The summary rows from the files the steps wrote into ``out`` (missing ones: not measured);
     ``device`` picks the step_overhead and data_throughput rows (``cpu`` for a dry run)."""
-    tests = junit_outcomes(out / "cuda_tests.xml")
+    tests = {**junit_outcomes(out / "cuda_tests.xml"), **junit_outcomes(out / "cuda_switch_tests.xml")}
     suffix = "_cuda" if device == "cuda" else ""
     speed, data, steps = _load(out, "cifar_speed"), _load(out, "data_throughput"), _load(out, "step_overhead")
     speed_ratios, data_ratios, step_ratios = (r.get("ratios", {}) for r in (speed, data, steps))
@@ -301,7 +305,7 @@ def summarise(out: Path, device: str = "cuda") -> list[Check]:
 def print_summary(checks: list[Check], outcomes: list[Outcome]) -> None:
     print("\nsteps")
     for outcome in outcomes:
-        print(f"  {outcome.name:16} {outcome.status:28} {outcome.seconds:6.0f} s")
+        print(f"  {outcome.name:18} {outcome.status:28} {outcome.seconds:6.0f} s")
     print(f"\n{'check':44} {'target':>8} {'measured':>14}  verdict")
     for check in checks:
         target = f"{check.op} {check.target:g}" if check.target is not None else ""
