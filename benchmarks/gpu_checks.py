@@ -363,6 +363,8 @@ def main() -> int:
     path = write_summary(args.out, checks, outcomes)
     _print_failed_logs(args.out, outcomes)
     print_summary(checks, outcomes)
+    if args.cpu_dry_run:
+        print("(CPU dry run: tiny sizes on a CPU; the verdicts show the plumbing works, not the targets)")
     print(f"\nwrote {path} and the step results in {args.out}")
     return 0 if all(o.status == "ok" for o in outcomes) else 1
 
