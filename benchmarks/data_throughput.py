@@ -94,12 +94,20 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads of the main process"
     )
+    parser.add_argument(
+        "--num-train",
+        type=int,
+        default=None,
+        help=f"images per epoch (default {BATCH * 16}, quick {BATCH * 8})",
+    )
     parser.add_argument("--out", default=str(result_path("data_throughput")))
     args = parser.parse_args()
+    if args.num_train is not None and args.num_train < 1:
+        parser.error(f"--num-train must be >= 1, got {args.num_train}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
-    num_train = BATCH * (8 if args.quick else 16)
+    num_train = args.num_train or BATCH * (8 if args.quick else 16)
 
     cuda = torch.cuda.is_available()
     accelerator = "cuda" if cuda else "cpu"

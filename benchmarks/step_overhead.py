@@ -23,10 +23,15 @@ ratios. The 1-minute load average before and after is recorded.
 Two workloads: the digits ``small_cnn`` at batch 64 (8x8 images, a step of a few ms: the fixed cost
 shows) and ``resnet20`` at batch 128 on CIFAR-shaped random tensors (compute-bound).
 
+``--device cuda`` runs every case on the GPU, the batches resident there (no host-to-device copies),
+timed between ``torch.cuda.synchronize()`` calls; its workload names end in ``_cuda``
+(``small_cnn_b64_cuda/wall/...``), so its JSON never reads as the CPU figures.
+
 Run::
 
     python benchmarks/step_overhead.py            # both workloads
     python benchmarks/step_overhead.py --quick    # fewer rounds and ResNet-20 steps
+    python benchmarks/step_overhead.py --device cuda --out /tmp/step_overhead_cuda.json
 
 Writes ``benchmarks/results/step_overhead.json``. Ratios: ``WORKLOAD/recipe_minus_bare_ms`` (the
 recipe's fixed per-step cost over a bare LightningModule, target <= 0.5 on small_cnn),
@@ -66,6 +71,7 @@ except ModuleNotFoundError:  # imported from outside benchmarks/, which running 
 
 LR, MOMENTUM, CYCLES = 0.05, 0.9, 2
 CLOCKS = ("wall", "cpu")
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ class Workload:
     in_channels: int
     batches: Batches
     epochs: int
+    device: torch.device = CPU
 
     @property
     def steps_per_epoch(self) -> int:
@@ -133,7 +140,13 @@ def _scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.opti
 
 def _network(workload: Workload) -> nn.Module:
     torch.manual_seed(0)
-    return ImageClassifier(workload.model, in_channels=workload.in_channels).net
+    return ImageClassifier(workload.model, in_channels=workload.in_channels).net.to(workload.device)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so wall time covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_plain_loop(workload: Workload) -> Timing:
@@ -145,6 +158,7 @@ def time_plain_loop(workload: Workload) -> Timing:
     start = Timing(0.0, 0.0)
     for epoch in range(workload.epochs):
         if epoch == 1:
+            _sync(workload.device)
             start = Timing.now()
         for images, labels in workload.batches:
             loss = F.cross_entropy(model(images), labels)
@@ -152,6 +166,7 @@ def time_plain_loop(workload: Workload) -> Timing:
             loss.backward()
             optimizer.step()
             scheduler.step()
+    _sync(workload.device)
     return _per_step_ms(Timing.now() - start, workload)
 
 
@@ -181,9 +196,11 @@ class _EpochTimer(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == 1:
+            _sync(pl_module.device)
             self.start = Timing.now()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
         self.end = Timing.now()
 
 
@@ -191,7 +208,7 @@ def _fit(workload: Workload, module: L.LightningModule, callbacks: list[L.Callba
     timer = _EpochTimer()
     with tempfile.TemporaryDirectory() as folder:
         trainer = L.Trainer(
-            accelerator="cpu",
+            accelerator=workload.device.type,
             devices=1,
             max_epochs=workload.epochs,
             logger=CSVLogger(folder),
@@ -312,14 +329,38 @@ def main() -> None:
         "--workloads", nargs="+", default=["small_cnn", "resnet20"], choices=["small_cnn", "resnet20"]
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every case runs")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per round, the first untimed (default 6 / ResNet-20 3)",
+    )
     parser.add_argument("--out", default=str(result_path("step_overhead")))
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine; use --device cpu")
+    if args.epochs is not None and args.epochs < 2:
+        parser.error(f"--epochs must be >= 2 (the first epoch is not timed), got {args.epochs}")
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
+    device = torch.device(args.device)
+    suffix = "" if device.type == "cpu" else f"_{device.type}"
+
+    def on_device(batches: Batches) -> Batches:
+        return [(images.to(device), labels.to(device)) for images, labels in batches]
+
     workloads = {
-        "small_cnn": lambda: Workload("small_cnn_b64", "small_cnn", 1, digits_batches(64), epochs=6),
+        "small_cnn": lambda: Workload(
+            f"small_cnn_b64{suffix}", "small_cnn", 1, on_device(digits_batches(64)), args.epochs or 6, device
+        ),
         "resnet20": lambda: Workload(
-            "resnet20_b128", "resnet20", 3, random_batches(128, 4 if args.quick else 8), epochs=3
+            f"resnet20_b128{suffix}",
+            "resnet20",
+            3,
+            on_device(random_batches(128, 4 if args.quick else 8)),
+            args.epochs or 3,
+            device,
         ),
     }
     warnings.filterwarnings("ignore")  # Lightning's advice on tiny runs (few batches, no workers)
@@ -335,13 +376,13 @@ def main() -> None:
             ratios.update(clock_ratios)
     load_after = os.getloadavg()[0]
     print(
-        f"\n{repeats} interleaved rounds, {args.threads} torch thread(s), "
+        f"\n{repeats} interleaved rounds on {device.type}, {args.threads} torch thread(s), "
         f"load average (1 min) {load_before:.1f} -> {load_after:.1f}"
     )
     rows.append({"case": "load_average_1min/before", "value": round(load_before, 2), "unit": "load"})
     rows.append({"case": "load_average_1min/after", "value": round(load_after, 2), "unit": "load"})
     targets = {
-        f"{workload}/{clock}/{key}": value
+        f"{workload}{suffix}/{clock}/{key}": value
         for workload, key, value in (
             ("small_cnn_b64", "recipe_minus_bare_ms", 0.5),
             ("resnet20_b128", "recipe_vs_plain_loop", 1.10),

@@ -15,11 +15,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import DDP_TIMEOUT
 
+NO_CUDA = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
+
 
 def pytest_collection_modifyitems(config, items):
+    cuda = torch.cuda.is_available()
     for item in items:
         if item.get_closest_marker("ddp") is not None and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(DDP_TIMEOUT))
+        if item.get_closest_marker("cuda") is not None and not cuda:
+            item.add_marker(NO_CUDA)
 
 
 @pytest.fixture(autouse=True)

@@ -6,21 +6,11 @@ import shutil
 
 import pytest
 import torch
+from speed_setups import one_step_loss_and_grads
 from torch import nn
 
 from lightning_tricks.recipes import ImageClassifier, OptimizerConfig
 from lightning_tricks.recipes.optim import build_optimizer
-
-
-def one_step_loss_and_grads(**kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    torch.manual_seed(0)
-    model = ImageClassifier("small_cnn", num_classes=4, in_channels=3, **kwargs)
-    model.log = lambda *args, **kw: None
-    torch.manual_seed(1)
-    batch = (torch.randn(6, 3, 16, 16), torch.randint(4, (6,)))
-    loss = model.training_step(batch, 0)
-    loss.backward()
-    return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
 
 
 def test_channels_last_changes_the_layout_but_not_the_loss_or_gradients():
