@@ -54,8 +54,13 @@ def test_cli_trains_and_tests_digits_well_above_chance(tmp_path):
     assert checkpoint["hyper_parameters"]["model"] == "small_cnn"
     assert "mean" in checkpoint["DigitsDataModule"]["statistics"]
 
-    # The other subcommands rebuild the model from the checkpoint's hyperparameters alone.
-    same_data = ["--data.init_args.image_size=8"]
+    # The other subcommands rebuild the model from the checkpoint's hyperparameters, given the same
+    # settings it was trained with (another network would be refused, see test_cli_checkpoint.py).
+    same_data = [
+        "--data.init_args.image_size=8",
+        "--model.init_args.model=small_cnn",
+        "--model.init_args.scheduler.name=cosine",
+    ]
     tested = build_cli(
         ["test", "--config", str(CONFIGS / "digits.yaml"), *FAST, *same_data, f"--ckpt_path={best}"]
     )

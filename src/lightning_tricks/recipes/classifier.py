@@ -31,7 +31,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -135,6 +135,20 @@ class ImageClassifier(L.LightningModule):
     the first training batch of a fresh run (rank 0's batch, broadcast to all ranks), so its
     patch-whitening layer comes from the training data as the DataModule delivers it.
     """
+
+    #: Init args that define the network and what its weights mean: ``--ckpt_path`` refuses other values.
+    architecture_hparams: ClassVar[tuple[str, ...]] = ("model", "num_classes", "in_channels", "model_kwargs")
+    #: Init args a run from a checkpoint takes from the command line: how the network is evaluated and
+    #: run, and where its initial weights come from (the checkpoint's then replace them). The others
+    #: only matter for training and keep the checkpoint's values (:mod:`lightning_tricks._cli_checkpoint`).
+    runtime_hparams: ClassVar[tuple[str, ...]] = (
+        "tta",
+        "tta_kwargs",
+        "channels_last",
+        "compile",
+        "pretrained",
+        "init",
+    )
 
     def __init__(
         self,
