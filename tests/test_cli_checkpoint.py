@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -144,6 +145,7 @@ def test_resuming_with_a_different_training_setting_is_refused(trained, capsys, 
     assert status == 1 and steps == [], tail
     assert tail[0].startswith("error: model.init_args.optimizer.lr=0.2 differs from the checkpoint's 0.05")
     assert "a resumed run continues with the checkpoint's training settings" in tail[0]
+    assert "would not go on as if never stopped" in tail[0]
     assert tail[1] == (
         "  fix: set model.init_args.optimizer.lr=0.05 (or leave it out) to resume the run as it was, or "
         f"start a new run from these weights: model.init_args.pretrained={ckpt} without --ckpt_path"
@@ -171,3 +173,30 @@ def test_plain_lightning_module_keeps_lightnings_rule_with_a_warning(tmp_path):
         )
     assert ours(caught) and "model.init_args.hidden=32 (checkpoint: 16)" in ours(caught)[0]
     assert cli.model.hparams.hidden == 16 and "test/acc" in cli.trainer.callback_metrics
+
+
+def test_ckpt_path_last_refuses_what_the_checkpoint_cannot_resume(trained, capsys, evaluated):
+    config, _, ckpt = trained
+    Path("out").mkdir()
+    shutil.copy(ckpt, "out/last.ckpt")  # found by `--ckpt_path last` under default_root_dir
+    base = ["--config", config, "--ckpt_path=last", *QUIET]
+    status, tail = run_main(["test", *base, "--model.init_args.model=mlp"], capsys)
+    assert status == 1 and evaluated == []
+    assert tail[0].startswith("error: model.init_args.model='mlp' differs from the checkpoint's 'small_cnn'")
+    status, tail = run_main(
+        ["fit", *base, "--trainer.max_epochs=2", "--model.init_args.optimizer.lr=0.2"], capsys
+    )
+    assert status == 1 and evaluated == []
+    assert tail[0].startswith("error: model.init_args.optimizer.lr=0.2 differs from the checkpoint's 0.05")
+    assert "last.ckpt" in tail[0] and "as if never stopped" in tail[0]
+
+
+def test_data_with_another_shape_than_the_checkpoint_is_refused(trained, capsys, evaluated):
+    config, _, ckpt = trained
+    data = ["--data=SyntheticDataModule", "--data.image_size=8", "--data.num_test=32", "--data.in_channels=3"]
+    status, tail = run_main(["test", "--config", config, f"--ckpt_path={ckpt}", *QUIET, *data], capsys)
+    assert status == 1 and evaluated == []
+    assert tail[0].startswith(
+        "error: model.init_args.in_channels=3 (linked from data.in_channels) differs from the checkpoint's 1"
+    )
+    assert tail[1].startswith("  fix: use the DataModule and data settings the checkpoint was trained with")

@@ -177,7 +177,7 @@ def reconcile_model_config(
     ckpt_path: str,
     given: Any,
     before: Any,
-    merged: Any,
+    merged: Any | None,
     saved: dict[str, Any],
     linked: tuple[str, ...] = (),
 ) -> None:
@@ -189,6 +189,8 @@ def reconcile_model_config(
         given: The subcommand's config parsed without defaults (only what the user wrote).
         before: The subcommand's parsed config before the checkpoint's hyper-parameters were merged.
         merged: The subcommand's config after that merge; run settings the user gave are put back here.
+            ``None`` when no merge happened (``--ckpt_path last``, resolved once the trainer is built):
+            the user's values are then in effect, and only the refusals apply.
         saved: The checkpoint's ``hyper_parameters``.
         linked: Init args linked from the DataModule when the model is built (not compared here).
 
@@ -198,7 +200,7 @@ def reconcile_model_config(
     given_model = given.get("model") if given is not None else None
     if not isinstance(given_model, Namespace):
         return
-    module_path = saved.get("_class_path") or merged.get("model.class_path")
+    module_path = saved.get("_class_path") or (before if merged is None else merged).get("model.class_path")
     given_path = given_model.get("class_path")
     module_class = pydoc.locate(module_path) if isinstance(module_path, str) else None
     if isinstance(given_path, str) and module_path and pydoc.locate(given_path) is not module_class:
@@ -221,6 +223,8 @@ def reconcile_model_config(
     architecture = getattr(module_class, "architecture_hparams", None)
     runtime = getattr(module_class, "runtime_hparams", None)
     if architecture is None or runtime is None:
+        if merged is None:
+            return
         rank_zero_warn(
             f"`{subcommand} --ckpt_path {ckpt_path}` builds the model from the checkpoint's hyper-parameters "
             f"(Lightning's rule), not from these given values: {'; '.join(map(str, found))}"
@@ -245,11 +249,13 @@ def reconcile_model_config(
             first.key,
             first.given,
             f"differs from the checkpoint's {first.saved!r} ({ckpt_path}): a resumed run continues with "
-            "the checkpoint's training settings and optimizer state, so the new value would be ignored"
-            + _with_others(first, training),
+            "the checkpoint's training settings and optimizer state, so the run would not go on as if never "
+            "stopped" + _with_others(first, training),
             f"set {first.key}={first.saved!r} (or leave it out) to resume the run as it was, or start a "
             f"new run from these weights: model.init_args.pretrained={ckpt_path} without --ckpt_path",
         )
+    if merged is None:
+        return
     for argument in dict.fromkeys(diff.argument for diff in applied):
         merged["model"]["init_args"][argument] = before["model"]["init_args"][argument]
     if applied:
@@ -262,3 +268,23 @@ def reconcile_model_config(
             f"`{subcommand}` keeps the checkpoint's training settings, which only set how its weights were "
             f"trained; ignored given values: {'; '.join(map(str, training))}"
         )
+
+
+def check_linked_args(module: Any, saved: dict[str, Any], ckpt_path: str, linked: tuple[str, ...]) -> None:
+    """Refuse a DataModule whose linked ``num_classes``/``in_channels`` differ from the checkpoint's.
+
+    The CLI links them into the model when it is built, after the checkpoint's values were merged, so a
+    different DataModule would otherwise end in a tensor size mismatch while loading the weights.
+    """
+    architecture = getattr(type(module), "architecture_hparams", ())
+    hparams = getattr(module, "hparams", {})
+    for name in linked:
+        if name in architecture and name in hparams and name in saved and hparams[name] != saved[name]:
+            raise ConfigError(
+                f"model.init_args.{name}",
+                hparams[name],
+                f"(linked from data.{name}) differs from the checkpoint's {saved[name]!r} ({ckpt_path}): "
+                "the DataModule gives another shape than the network was trained on",
+                "use the DataModule and data settings the checkpoint was trained with, or a checkpoint "
+                f"trained on this data ({name}={hparams[name]!r})",
+            )

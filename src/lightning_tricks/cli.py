@@ -29,7 +29,7 @@ import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
 from lightning_tricks import cli_help
-from lightning_tricks._cli_checkpoint import checkpoint_hparams, reconcile_model_config
+from lightning_tricks._cli_checkpoint import check_linked_args, checkpoint_hparams, reconcile_model_config
 from lightning_tricks._cli_checks import check_run_config
 from lightning_tricks._cli_errors import pop_debug_flag, run_reporting_errors
 from lightning_tricks._lightning_compat import CheckpointHparamsHook
@@ -98,6 +98,7 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
         before = self.config.clone()
         merge()
         saved = checkpoint_hparams(ckpt_path)
+        self._checkpoint_hparams = (str(ckpt_path), saved)
         if saved:
             reconcile_model_config(
                 subcommand,
@@ -110,8 +111,27 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
             )
 
     def after_instantiate_classes(self) -> None:
-        if self.subcommand is not None:
-            check_run_config(self)
+        if self.subcommand is None:
+            return
+        config = self.config_init[self.subcommand]
+        requested = config.get("ckpt_path")
+        check_run_config(self)  # resolves `--ckpt_path last` to a file
+        if requested == "last" and config.get("ckpt_path"):
+            # Lightning merged nothing for `last`: the model follows the config; refuse what cannot resume.
+            ckpt_path = config["ckpt_path"]
+            self._checkpoint_hparams = (ckpt_path, checkpoint_hparams(ckpt_path))
+            reconcile_model_config(
+                self.subcommand,
+                ckpt_path,
+                self.given_config()[self.subcommand],
+                self.config[self.subcommand],
+                None,
+                self._checkpoint_hparams[1],
+                linked=LINKED_MODEL_ARGS,
+            )
+        ckpt_path, saved = getattr(self, "_checkpoint_hparams", (None, {}))
+        if saved:
+            check_linked_args(self.model, saved, ckpt_path, LINKED_MODEL_ARGS)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
