@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,12 @@ def test_cli_trains_and_tests_digits_well_above_chance(tmp_path):
         "--model.init_args.model=small_cnn",
         "--model.init_args.scheduler.name=cosine",
     ]
-    tested = build_cli(
-        ["test", "--config", str(CONFIGS / "digits.yaml"), *FAST, *same_data, f"--ckpt_path={best}"]
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tested = build_cli(
+            ["test", "--config", str(CONFIGS / "digits.yaml"), *FAST, *same_data, f"--ckpt_path={best}"]
+        )
+    assert not [w for w in caught if "(checkpoint: " in str(w.message)]  # the fit's config: quiet
     assert type(tested.model.net).__name__ == type(cli.model.net).__name__
     assert tested.trainer.callback_metrics["test/acc"].item() == pytest.approx(test_acc)
     predicted = build_cli(
