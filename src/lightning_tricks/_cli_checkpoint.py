@@ -4,7 +4,8 @@ LightningCLI rebuilds the model of ``validate``/``test``/``predict``/``fit --ckp
 checkpoint's ``hyper_parameters``, parsed over the user's config, so every model value given in YAML or
 on the command line loses to the checkpoint's without a word. :func:`reconcile_model_config` runs right
 after that merge and sorts each value the user gave (read from a parse without defaults) that differs
-from the checkpoint's, by the module's declared ``architecture_hparams`` and ``runtime_hparams``:
+from the checkpoint's, by the module's declared ``architecture_hparams`` and ``runtime_hparams``
+(and its optional ``saved_hparam(name, value)``, the value as its checkpoint stores it):
 
 * architecture settings (the network and what its weights mean) are refused with a
   :class:`ConfigError`: the checkpoint's weights cannot serve another network;
@@ -112,12 +113,19 @@ def _config_class(module_class: type | None, argument: str) -> type | None:
 
 
 def _as_saved(module_class: type | None, argument: str, value: Any) -> Any:
-    """``value`` the way the module stores it in its hyper-parameters: a config dataclass's resolved
-    fields (``momentum: null`` of SGD is saved as its 0.9; ``None`` as the defaults), else as written."""
-    config_class = _config_class(module_class, argument)
-    if config_class is not None and (value is None or isinstance(value, dict)):
+    """``value`` the way the module stores it in its hyper-parameters: by the module's
+    ``saved_hparam(name, value)`` when it has one, else a config dataclass's resolved fields
+    (``momentum: null`` of SGD is saved as its 0.9), else as written."""
+    saved_hparam = getattr(module_class, "saved_hparam", None)
+    if callable(saved_hparam):
         try:
-            return dataclasses.asdict(config_class(**(value or {})))
+            return saved_hparam(argument, value)
+        except Exception:  # an invalid config: compare as written (the module reports it when built)
+            return value
+    config_class = _config_class(module_class, argument)
+    if config_class is not None and isinstance(value, dict):
+        try:
+            return dataclasses.asdict(config_class(**value))
         except Exception:  # an invalid config: compare as written (the module reports it when built)
             return value
     return value
