@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -14,8 +15,9 @@ import pytest
 import torch
 from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs, write_digits_recipe_config
 
+from lightning_tricks._cli_checkpoint import differences
 from lightning_tricks.cli import build_cli, main
-from lightning_tricks.recipes import ImageClassifier
+from lightning_tricks.recipes import GradientClippingConfig, ImageClassifier, RegularizationConfig
 
 FIT_MODEL = {"model": "small_cnn", "optimizer": {"name": "sgd", "lr": 0.05}}
 # Each test writes into its own folder (its working directory), never beside the shared config.
@@ -200,3 +202,16 @@ def test_data_with_another_shape_than_the_checkpoint_is_refused(trained, capsys,
         "error: model.init_args.in_channels=3 (linked from data.in_channels) differs from the checkpoint's 1"
     )
     assert tail[1].startswith("  fix: use the DataModule and data settings the checkpoint was trained with")
+
+
+def test_null_config_compares_as_its_defaults_but_null_clipping_as_off():
+    saved = {
+        "regularization": asdict(RegularizationConfig()),
+        "gradient_clipping": asdict(GradientClippingConfig()),  # AGC on, with its defaults
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+    }
+    given = {"regularization": None, "gradient_clipping": None, "optimizer": {"name": "sgd", "lr": 0.1}}
+    found = differences(given, given, saved, ImageClassifier)
+    assert [(diff.key, diff.given, diff.saved) for diff in found] == [
+        ("model.init_args.gradient_clipping", None, saved["gradient_clipping"])
+    ]
