@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,11 +55,19 @@ def test_cli_trains_and_tests_digits_well_above_chance(tmp_path):
     assert checkpoint["hyper_parameters"]["model"] == "small_cnn"
     assert "mean" in checkpoint["DigitsDataModule"]["statistics"]
 
-    # The other subcommands rebuild the model from the checkpoint's hyperparameters alone.
-    same_data = ["--data.init_args.image_size=8"]
-    tested = build_cli(
-        ["test", "--config", str(CONFIGS / "digits.yaml"), *FAST, *same_data, f"--ckpt_path={best}"]
-    )
+    # The other subcommands rebuild the model from the checkpoint's hyperparameters, given the same
+    # settings it was trained with (another network would be refused, see test_cli_checkpoint.py).
+    same_data = [
+        "--data.init_args.image_size=8",
+        "--model.init_args.model=small_cnn",
+        "--model.init_args.scheduler.name=cosine",
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tested = build_cli(
+            ["test", "--config", str(CONFIGS / "digits.yaml"), *FAST, *same_data, f"--ckpt_path={best}"]
+        )
+    assert not [w for w in caught if "(checkpoint: " in str(w.message)]  # the fit's config: quiet
     assert type(tested.model.net).__name__ == type(cli.model.net).__name__
     assert tested.trainer.callback_metrics["test/acc"].item() == pytest.approx(test_acc)
     predicted = build_cli(

@@ -87,3 +87,25 @@ def writes_step_logs(trainer: Any) -> bool:
     are unchanged while the other steps skip ``self.log`` and its device-to-host copies.
     """
     return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+
+
+class CheckpointHparamsHook:
+    """LightningCLI mixin: ``reconcile_checkpoint_hparams(merge)`` runs in place of Lightning's merge.
+
+    Private: ``LightningCLI._parse_ckpt_path``, which ``LightningCLI.__init__`` calls right after parsing
+    to parse a ``--ckpt_path`` checkpoint's ``hyper_parameters`` over the config; no public hook runs
+    between parsing and that merge. The subclass gets Lightning's merge as ``merge`` and must call it.
+
+    Example::
+
+        class MyCLI(CheckpointHparamsHook, LightningCLI):
+            def reconcile_checkpoint_hparams(self, merge):
+                before = self.config.clone()
+                merge()
+    """
+
+    def reconcile_checkpoint_hparams(self, merge: Any) -> None:
+        merge()
+
+    def _parse_ckpt_path(self) -> None:
+        self.reconcile_checkpoint_hparams(super()._parse_ckpt_path)  # type: ignore[misc]

@@ -14,11 +14,14 @@ importing the packages below makes every project class known to the parser by na
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -26,17 +29,28 @@ import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
 from lightning_tricks import cli_help
+from lightning_tricks._cli_checkpoint import check_linked_args, checkpoint_hparams, reconcile_model_config
 from lightning_tricks._cli_checks import check_run_config
 from lightning_tricks._cli_errors import pop_debug_flag, run_reporting_errors
+from lightning_tricks._lightning_compat import CheckpointHparamsHook
 from lightning_tricks.callbacks.final_weights import weights_for_test_after_fit
 from lightning_tricks.composition import replaced_callbacks
 from lightning_tricks.console import console_callbacks, silence_third_party_noise
 from lightning_tricks.fit_summary import FitSummary
 from lightning_tricks.records import RunConfigSaver
 
+# Model init args linked from the DataModule when the classes are built.
+LINKED_MODEL_ARGS = ("num_classes", "in_channels")
 
-class LightningTricksCLI(LightningCLI):
-    """LightningCLI that links data shapes into the model and can test right after fitting."""
+
+class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
+    """LightningCLI that links data shapes into the model and can test right after fitting.
+
+    With ``--ckpt_path FILE`` the model is rebuilt from the checkpoint's hyper-parameters, as in any
+    LightningCLI, but the model values the user gave are not dropped silently: run settings (``tta``,
+    ...) apply, a different network is refused, and ignored training settings are warned about
+    (refused when resuming ``fit``); see :mod:`lightning_tricks._cli_checkpoint`.
+    """
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """The main and every subcommand parser, refusing abbreviated options.
@@ -61,12 +75,63 @@ class LightningTricksCLI(LightningCLI):
                 "best checkpoint, else the last weights (printed before testing)."
             ),
         )
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
+        for name in LINKED_MODEL_ARGS:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        self._parsed_args = args
+
+    def given_config(self) -> Namespace:
+        """The config as the user wrote it (files and command line), without the defaults."""
+        args = self._parsed_args
+        if isinstance(args, (dict, Namespace)):
+            return self.parser.parse_object(args, defaults=False)
+        return self.parser.parse_args(args, defaults=False)
+
+    def reconcile_checkpoint_hparams(self, merge: Callable[[], None]) -> None:
+        """Lightning's merge of the ``--ckpt_path`` hyper-parameters, then the given values' check."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return merge()
+        before = self.config.clone()
+        merge()
+        saved = checkpoint_hparams(ckpt_path)
+        self._checkpoint_hparams = (str(ckpt_path), saved)
+        if saved:
+            reconcile_model_config(
+                subcommand,
+                str(ckpt_path),
+                self.given_config()[subcommand],
+                before[subcommand],
+                self.config[subcommand],
+                saved,
+                linked=LINKED_MODEL_ARGS,
+            )
 
     def after_instantiate_classes(self) -> None:
-        if self.subcommand is not None:
-            check_run_config(self)
+        if self.subcommand is None:
+            return
+        config = self.config_init[self.subcommand]
+        requested = config.get("ckpt_path")
+        check_run_config(self)  # resolves `--ckpt_path last` to a file
+        if requested == "last" and config.get("ckpt_path"):
+            # Lightning merged nothing for `last`: the model follows the config; refuse what cannot resume.
+            ckpt_path = config["ckpt_path"]
+            self._checkpoint_hparams = (ckpt_path, checkpoint_hparams(ckpt_path))
+            reconcile_model_config(
+                self.subcommand,
+                ckpt_path,
+                self.given_config()[self.subcommand],
+                self.config[self.subcommand],
+                None,
+                self._checkpoint_hparams[1],
+                linked=LINKED_MODEL_ARGS,
+            )
+        ckpt_path, saved = getattr(self, "_checkpoint_hparams", (None, {}))
+        if saved:
+            check_linked_args(self.model, saved, ckpt_path, LINKED_MODEL_ARGS)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

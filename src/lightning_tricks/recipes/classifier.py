@@ -31,7 +31,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -86,6 +86,16 @@ def _as_config(value: Any, config_type: type) -> Any:
     raise TypeError(f"expected {config_type.__name__}, a dict or None, got {type(value).__name__}")
 
 
+# Init args built into a config dataclass (stored in the hyper-parameters as its fields).
+_CONFIG_TYPES: dict[str, type] = {
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "regularization": RegularizationConfig,
+    "init": InitConfig,
+    "gradient_clipping": GradientClippingConfig,
+}
+
+
 class ImageClassifier(L.LightningModule):
     """Cross-entropy (or multi-class hinge) image classifier over a backbone from the model zoo.
 
@@ -135,6 +145,20 @@ class ImageClassifier(L.LightningModule):
     the first training batch of a fresh run (rank 0's batch, broadcast to all ranks), so its
     patch-whitening layer comes from the training data as the DataModule delivers it.
     """
+
+    #: Init args that define the network and what its weights mean: ``--ckpt_path`` refuses other values.
+    architecture_hparams: ClassVar[tuple[str, ...]] = ("model", "num_classes", "in_channels", "model_kwargs")
+    #: Init args a run from a checkpoint takes from the command line: how the network is evaluated and
+    #: run, and where its initial weights come from (the checkpoint's then replace them). The others
+    #: only matter for training and keep the checkpoint's values (:mod:`lightning_tricks._cli_checkpoint`).
+    runtime_hparams: ClassVar[tuple[str, ...]] = (
+        "tta",
+        "tta_kwargs",
+        "channels_last",
+        "compile",
+        "pretrained",
+        "init",
+    )
 
     def __init__(
         self,
@@ -227,6 +251,20 @@ class ImageClassifier(L.LightningModule):
         self._epoch_metrics_logged_in: int | None = None  # epoch whose aggregates are registered
         self._schedule_length: tuple[int, int] | None = None  # (length, steps per epoch) of this fit
         self._resumed_schedule_length: int | None = None  # the checkpoint's, when resuming
+
+    @classmethod
+    def saved_hparam(cls, name: str, value: Any) -> Any:
+        """Init arg ``name`` as a checkpoint's ``hyper_parameters`` hold it: a config (dict or ``None``
+        for its defaults) as its resolved fields, ``gradient_clipping: None`` (off) as ``None``.
+
+        Example::
+
+            ImageClassifier.saved_hparam("optimizer", {"name": "sgd"})["momentum"]  # 0.9
+        """
+        config_type = _CONFIG_TYPES.get(name)
+        if config_type is None or (value is None and name == "gradient_clipping"):
+            return value
+        return asdict(_as_config(value, config_type))
 
     def _model_kwargs(self, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         kwargs = dict(model_kwargs or {})
