@@ -215,3 +215,34 @@ def test_null_config_compares_as_its_defaults_but_null_clipping_as_off():
     assert [(diff.key, diff.given, diff.saved) for diff in found] == [
         ("model.init_args.gradient_clipping", None, saved["gradient_clipping"])
     ]
+
+
+def test_a_rate_the_lr_finder_applied_is_not_a_given_difference(tmp_path, monkeypatch):
+    """LRFinder records the rate it applied in the hyper-parameters; the same YAML then still resumes
+    the run and tests its checkpoint quietly (the config is compared with the run as configured)."""
+    monkeypatch.chdir(tmp_path)
+    finder = {
+        "class_path": "lightning_tricks.callbacks.LRFinder",
+        "init_args": {"num_steps": 10, "min_loss_drop": 0.0, "plot": False},
+    }
+    config = write_digits_recipe_config(
+        tmp_path,
+        FIT_MODEL,
+        callbacks=[finder],
+        max_epochs=1,
+        limit_train_batches=12,
+        enable_checkpointing=True,
+    )
+    build_cli(["fit", "--config", config, "--trainer.default_root_dir=run"])
+    (ckpt,) = Path("run").rglob("*.ckpt")
+    applied = torch.load(ckpt, weights_only=True)["hyper_parameters"]["optimizer"]["lr"]
+    assert applied != FIT_MODEL["optimizer"]["lr"]  # the finder rewrote the configured rate
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tested = run_test(config, str(ckpt))
+        resumed = build_cli(
+            ["fit", "--config", config, f"--ckpt_path={ckpt}", "--trainer.max_epochs=2", *QUIET]
+        )
+    assert ours(caught) == []
+    assert tested.model.optimizer_config.lr == applied == resumed.model.optimizer_config.lr
+    assert resumed.trainer.current_epoch == 2

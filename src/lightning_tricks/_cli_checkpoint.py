@@ -40,17 +40,20 @@ from jsonargparse import Namespace
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_tricks._cli_errors import ConfigError
+from lightning_tricks.interface import CONFIGURED_HPARAMS_KEY
 
 _MISSING = object()
 
 
 def checkpoint_hparams(ckpt_path: str) -> dict[str, Any]:
-    """The ``hyper_parameters`` of a checkpoint, read without loading its tensors (memory-mapped)."""
+    """The hyper-parameters a checkpoint's run was configured with, read without loading its tensors
+    (memory-mapped): the recipe's copy from before callbacks rewrote any (``LRFinder`` records the rate
+    it applied), else Lightning's ``hyper_parameters``."""
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # not the zip format that mmap needs: read it whole
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams = dict(checkpoint.get(CONFIGURED_HPARAMS_KEY) or checkpoint.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     return hparams
 

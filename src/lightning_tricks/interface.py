@@ -58,6 +58,11 @@ from torch import Tensor
 
 MEMBERS = ("data_loss", "penalty", "regularization_scaled", "num_classes")
 
+#: Checkpoint key under which a module may store its hyper-parameters as configured, before callbacks
+#: rewrote any (``LRFinder`` records the rate it applied in ``hparams``); ``--ckpt_path`` compares the
+#: user's config with these rather than with ``hyper_parameters``.
+CONFIGURED_HPARAMS_KEY = "lightning_tricks_configured_hyper_parameters"
+
 
 @runtime_checkable
 class ModuleInterface(Protocol):

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -43,7 +44,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_tricks import adapters
 from lightning_tricks._lightning_compat import writes_step_logs
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
-from lightning_tricks.interface import attached_trainer, cross_entropy_initial_loss
+from lightning_tricks.interface import CONFIGURED_HPARAMS_KEY, attached_trainer, cross_entropy_initial_loss
 from lightning_tricks.recipes import tta as tta_lib
 from lightning_tricks.recipes._combinations import check_fit_combinations
 from lightning_tricks.recipes._validation import check_training_steps
@@ -71,6 +72,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 LR_BATCH_KEY = "lr_global_batch_size"
 # Checkpoint entry: the run length (in scheduler intervals) the LR schedule was fitted to.
 SCHEDULE_LENGTH_KEY = "lightning_tricks_schedule_length"
+
 #: Data losses of ``ImageClassifier(loss=...)``: cross-entropy, or the multi-class hinge (SVM) loss.
 LOSSES = ("cross_entropy", "multi_margin")
 
@@ -215,6 +217,7 @@ class ImageClassifier(L.LightningModule):
             init=asdict(self.init_config),
             gradient_clipping=None if self.gradient_clipping is None else asdict(self.gradient_clipping),
         )
+        self._configured_hparams = copy.deepcopy(dict(self.hparams))
         self.num_classes = num_classes
         self.net = create_model(
             model, num_classes=num_classes, in_channels=in_channels, **self._model_kwargs(model_kwargs)
@@ -436,8 +439,9 @@ class ImageClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to write weights that a recorded non-finite loss has reached (see ``on_nonfinite_loss``);
-        record the run length the LR schedule was fitted to."""
+        record the run length the LR schedule was fitted to and the hyper-parameters as configured."""
         self.nonfinite_guard.flush(self)
+        checkpoint[CONFIGURED_HPARAMS_KEY] = copy.deepcopy(self._configured_hparams)
         if self._schedule_length is not None:
             checkpoint[SCHEDULE_LENGTH_KEY] = self._schedule_length[0]
 
@@ -445,6 +449,9 @@ class ImageClassifier(L.LightningModule):
         """Read the schedule's fitted run length, and the running training accuracy of checkpoints that
         stored it as torchmetrics' stat scores."""
         self._resumed_schedule_length = checkpoint.get(SCHEDULE_LENGTH_KEY)
+        # A resumed run was built from the checkpoint's (possibly rewritten) hyper-parameters: keep
+        # comparing with what the first run was configured with.
+        self._configured_hparams = checkpoint.get(CONFIGURED_HPARAMS_KEY, self._configured_hparams)
         state = checkpoint.get("state_dict", {})
         if "train_acc.tp" in state:
             tp, fn = state["train_acc.tp"], state["train_acc.fn"]
