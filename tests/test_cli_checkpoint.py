@@ -232,7 +232,13 @@ def plain_fit_ckpt(tmp_path_factory) -> str:
 def test_a_plain_trainer_fit_checkpoint_is_tested_as_the_configured_model(trained, plain_fit_ckpt):
     checkpoint = torch.load(plain_fit_ckpt, weights_only=True)
     assert "_class_path" not in checkpoint["hyper_parameters"]
-    cli = run_test(trained[0], plain_fit_ckpt, "--model.init_args.tta=[hflip]")
+    given = ["--model.init_args.tta=[hflip]", "--model.init_args.optimizer.lr=0.2"]
+    with pytest.warns(UserWarning, match=r"keeps the checkpoint's training settings") as caught:
+        cli = run_test(trained[0], plain_fit_ckpt, *given)
+    assert ours(caught) == [
+        "`test` keeps the checkpoint's training settings, which only set how its weights were trained; "
+        "ignored given values: model.init_args.optimizer.lr=0.2 (checkpoint: 0.05)"
+    ]
     assert type(cli.model) is ImageClassifier and cli.model.tta == ["hflip"]  # a run setting still applies
     assert cli.model.optimizer_config.lr == 0.05 and cli.model.hparams.in_channels == 1
     weights = cli.model.state_dict()
