@@ -8,10 +8,13 @@ import pytest
 import wandb
 import yaml
 from helpers import write_digits_recipe_config
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_tricks import run_dir
 from lightning_tricks.cli import build_cli
 from lightning_tricks.fit_summary import FitSummary
+from lightning_tricks.records import RunConfigSaver
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY_FIT = [
@@ -130,3 +133,9 @@ def test_an_input_config_is_never_overwritten_by_the_subcommands_own(tmp_path):
     saved = yaml.safe_load((tmp_path / "test_config_1.yaml").read_text())
     assert saved["trainer"]["limit_test_batches"] == 1 and saved["verbose"] is True
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
+
+
+@pytest.mark.parametrize("kwargs", [{"multifile": True, "overwrite": True}, {"overwrite": False}])
+def test_run_config_saver_refuses_options_it_does_not_follow(kwargs):
+    with pytest.raises(ValueError, match=r"is not supported: .* use multifile=False, overwrite=True"):
+        RunConfigSaver(LightningArgumentParser(), Namespace(), **kwargs)

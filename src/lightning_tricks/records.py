@@ -82,16 +82,22 @@ class RunConfigSaver(SaveConfigCallback):
     ``test`` and ``predict`` save ``<subcommand>_config.yaml``, so evaluating in the fit run's folder
     (``logger: false``) keeps its ``config.yaml``. A file the run read its config from is never
     overwritten: the config then goes to ``<subcommand>_config.yaml`` (``_1``, ``_2``, ... if that is
-    an input too). Written atomically, as one file.
+    an input too). Written atomically, as one file (``multifile=True`` and ``overwrite=False`` are
+    refused).
+
+    Example::
+
+        LightningCLI(save_config_callback=RunConfigSaver, save_config_kwargs={"overwrite": True})
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["save_to_log_dir"] = False  # written by `save_config` into the run's own folder instead
         super().__init__(*args, **kwargs)
-        if self.multifile:
+        if self.multifile or not self.overwrite:
             raise ValueError(
-                "RunConfigSaver(multifile=True) is not supported: the resolved config is written as one "
-                "file; leave multifile out"
+                f"RunConfigSaver(multifile={self.multifile}, overwrite={self.overwrite}) is not supported: "
+                "it writes the resolved config as one file, replacing only its own earlier one (never a "
+                "config file the run read); use multifile=False, overwrite=True"
             )
         self.config_path: Path | None = None
 
@@ -115,11 +121,6 @@ class RunConfigSaver(SaveConfigCallback):
             rank_zero_info(
                 f"{wanted} is a config file this run was started with and is kept as it is: the resolved "
                 f"config is saved as {self.config_path}"
-            )
-        if not self.overwrite and self.config_path.exists():
-            raise RuntimeError(
-                f"{type(self).__name__} expected {self.config_path} to NOT exist (overwrite=False): "
-                "delete it or pass save_config_kwargs={'overwrite': True}"
             )
         dumped = self.parser.dump(self.config, **_KEEP_NONE)
         atomic_write_bytes(dumped.encode(), self.config_path)
