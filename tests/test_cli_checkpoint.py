@@ -17,6 +17,7 @@ from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs, write
 
 from lightning_tricks._cli_checkpoint import differences
 from lightning_tricks.cli import build_cli, main
+from lightning_tricks.datamodules import DigitsDataModule
 from lightning_tricks.recipes import GradientClippingConfig, ImageClassifier, RegularizationConfig
 
 FIT_MODEL = {"model": "small_cnn", "optimizer": {"name": "sgd", "lr": 0.05}}
@@ -246,3 +247,45 @@ def test_a_rate_the_lr_finder_applied_is_not_a_given_difference(tmp_path, monkey
     assert ours(caught) == []
     assert tested.model.optimizer_config.lr == applied == resumed.model.optimizer_config.lr
     assert resumed.trainer.current_epoch == 2
+
+
+@pytest.fixture(scope="module")
+def plain_fit_ckpt(tmp_path_factory) -> str:
+    """A checkpoint of the recipe trained by a plain ``Trainer.fit`` (no class path in its hparams)."""
+    root = tmp_path_factory.mktemp("plain_fit")
+    model = ImageClassifier(**FIT_MODEL, num_classes=10, in_channels=1)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, **quiet_trainer_kwargs(root))
+    trainer.fit(model, DigitsDataModule(image_size=8, batch_size=32))
+    trainer.save_checkpoint(root / "plain.ckpt")
+    return str(root / "plain.ckpt")
+
+
+def test_a_plain_trainer_fit_checkpoint_is_tested_as_the_configured_model(trained, plain_fit_ckpt):
+    checkpoint = torch.load(plain_fit_ckpt, weights_only=True)
+    assert "_class_path" not in checkpoint["hyper_parameters"]
+    given = ["--model.init_args.tta=[hflip]", "--model.init_args.optimizer.lr=0.2"]
+    with pytest.warns(UserWarning, match=r"keeps the checkpoint's training settings") as caught:
+        cli = run_test(trained[0], plain_fit_ckpt, *given)
+    assert ours(caught) == [
+        "`test` keeps the checkpoint's training settings, which only set how its weights were trained; "
+        "ignored given values: model.init_args.optimizer.lr=0.2 (checkpoint: 0.05)"
+    ]
+    assert type(cli.model) is ImageClassifier and cli.model.tta == ["hflip"]  # a run setting still applies
+    assert cli.model.optimizer_config.lr == 0.05 and cli.model.hparams.in_channels == 1
+    weights = cli.model.state_dict()
+    assert all(torch.equal(weights[name], value) for name, value in checkpoint["state_dict"].items())
+    assert "test/acc" in cli.trainer.callback_metrics
+
+
+def test_a_plain_checkpoint_that_does_not_fit_the_configured_model_is_refused(plain_fit_ckpt, capsys):
+    args = ["test", "--model=helpers.PlainClassifier", "--data=DigitsDataModule", "--data.image_size=8"]
+    args += ["--trainer.logger=false", f"--ckpt_path={plain_fit_ckpt}", *QUIET]
+    status, tail = run_main(args, capsys)
+    assert status == 1
+    assert tail[0] == (
+        f"error: model.class_path='helpers.PlainClassifier' does not fit {plain_fit_ckpt}, which holds no "
+        "class path (saved by a plain Trainer.fit): its hyper-parameters channels_last, compile, "
+        "gradient_clipping and 12 more are not init arguments of PlainClassifier"
+    )
+    assert tail[1].startswith("  fix: set model.class_path (e.g. --model ImageClassifier) to the class")
+    assert "Parsing of ckpt_path" not in "\n".join(tail)

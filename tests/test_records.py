@@ -7,9 +7,14 @@ from pathlib import Path
 import pytest
 import wandb
 import yaml
+from helpers import write_digits_recipe_config
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_tricks import run_dir
 from lightning_tricks.cli import build_cli
+from lightning_tricks.fit_summary import FitSummary
+from lightning_tricks.records import RunConfigSaver
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY_FIT = [
@@ -93,3 +98,44 @@ def test_run_dir_without_logger_is_the_default_root_dir(tmp_path):
     cli = build_cli([*TINY_FIT, *no_logger, f"--trainer.default_root_dir={tmp_path / 'plain'}"])
     assert run_dir(cli.trainer) == tmp_path / "plain"
     assert yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())["trainer"]["logger"] is False
+
+
+def test_test_in_the_fit_runs_folder_keeps_its_config_and_writes_its_own(tmp_path, caplog):
+    run = tmp_path / "run"  # without a logger the run folder is default_root_dir, shared by the subcommands
+    no_logger = ["--trainer.logger=false", "--trainer.callbacks=[ModelCheckpoint]"]
+    build_cli([*TINY_FIT, *no_logger, f"--trainer.default_root_dir={run}"])
+    fit_config = run / "config.yaml"
+    original = fit_config.read_bytes()
+    assert "verbose" not in yaml.safe_load(original)
+
+    tested = build_cli(["test", f"--config={fit_config}", "--trainer.limit_test_batches=2"])
+    assert run_dir(tested.trainer) == run and fit_config.read_bytes() == original
+    saved = yaml.safe_load((run / "test_config.yaml").read_text())
+    assert saved["trainer"]["limit_test_batches"] == 2 and saved["verbose"] is True
+    assert saved["model"]["init_args"]["model"] == "small_cnn"
+
+    # `fit --config` on the fit run's config still parses; that input file is not overwritten either
+    with caplog.at_level("INFO"):
+        refit = build_cli(["fit", f"--config={fit_config}", "--trainer.max_steps=1"])
+    assert fit_config.read_bytes() == original
+    assert yaml.safe_load((run / "fit_config.yaml").read_text())["trainer"]["max_steps"] == 1
+    assert f"{fit_config} is a config file this run was started with" in caplog.text
+    (summary,) = [callback for callback in refit.trainer.callbacks if isinstance(callback, FitSummary)]
+    assert ("config", str(run / "fit_config.yaml")) in summary.rows
+
+
+def test_an_input_config_is_never_overwritten_by_the_subcommands_own(tmp_path):
+    user_config = write_digits_recipe_config(tmp_path, {"model": "small_cnn"})  # default_root_dir: tmp_path
+    (tmp_path / "test_config.yaml").write_text(Path(user_config).read_text())  # named as a test run's
+    given = (tmp_path / "test_config.yaml").read_bytes()
+    build_cli(["test", f"--config={tmp_path / 'test_config.yaml'}", "--trainer.limit_test_batches=1"])
+    assert (tmp_path / "test_config.yaml").read_bytes() == given
+    saved = yaml.safe_load((tmp_path / "test_config_1.yaml").read_text())
+    assert saved["trainer"]["limit_test_batches"] == 1 and saved["verbose"] is True
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
+
+
+@pytest.mark.parametrize("kwargs", [{"multifile": True, "overwrite": True}, {"overwrite": False}])
+def test_run_config_saver_refuses_options_it_does_not_follow(kwargs):
+    with pytest.raises(ValueError, match=r"is not supported: .* use multifile=False, overwrite=True"):
+        RunConfigSaver(LightningArgumentParser(), Namespace(), **kwargs)

@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import pydoc
 import typing
 from collections.abc import Iterator
@@ -56,6 +57,36 @@ def checkpoint_hparams(ckpt_path: str) -> dict[str, Any]:
     hparams = dict(checkpoint.get(CONFIGURED_HPARAMS_KEY) or checkpoint.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     return hparams
+
+
+def class_path_for_bare_hparams(ckpt_path: str, saved: dict[str, Any], configured: str) -> str:
+    """The model class for a checkpoint whose hyper-parameters hold no ``_class_path``.
+
+    LightningCLI's ``fit`` stores the model's class path in its checkpoints; a plain ``Trainer.fit``
+    does not, so the configured ``model.class_path`` (which the parser requires) names the class, if
+    the checkpoint's hyper-parameters are init arguments of it.
+
+    Raises:
+        ConfigError: the hyper-parameters do not fit the configured class.
+    """
+    module_class = pydoc.locate(configured)
+    if not callable(module_class):
+        return configured  # the parser reports the unknown class
+    parameters = inspect.signature(module_class).parameters.values()
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return configured
+    unknown = sorted(set(saved) - {parameter.name for parameter in parameters})
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise ConfigError(
+            "model.class_path",
+            configured,
+            f"does not fit {ckpt_path}, which holds no class path (saved by a plain Trainer.fit): its hyper-"
+            f"parameters {', '.join(unknown[:3])}{more} are not init arguments of {module_class.__name__}",
+            "set model.class_path (e.g. --model ImageClassifier) to the class the checkpoint was "
+            "trained with",
+        )
+    return configured
 
 
 @dataclass(frozen=True)

@@ -107,5 +107,16 @@ class CheckpointHparamsHook:
     def reconcile_checkpoint_hparams(self, merge: Any) -> None:
         merge()
 
+    def merge_checkpoint_hparams(self, subcommand: str, hparams: dict[str, Any], class_path: str) -> None:
+        """Lightning's merge, for a checkpoint whose ``hyper_parameters`` hold no ``_class_path``.
+
+        ``_parse_ckpt_path`` merges hyper-parameters with a ``_class_path`` (saved by LightningCLI's
+        ``fit``) as ``{"class_path": ..., "dict_kwargs": ...}``; without one (a plain ``Trainer.fit``)
+        it parses them as the subclass-mode ``model`` itself, which fails. This is the same merge with
+        ``class_path`` supplied by the caller.
+        """
+        model = {"class_path": class_path, "dict_kwargs": dict(hparams)}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)  # type: ignore[attr-defined]
+
     def _parse_ckpt_path(self) -> None:
         self.reconcile_checkpoint_hparams(super()._parse_ckpt_path)  # type: ignore[misc]

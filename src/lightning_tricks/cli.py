@@ -29,7 +29,12 @@ import lightning_tricks.callbacks
 import lightning_tricks.datamodules
 import lightning_tricks.recipes  # noqa: F401  (registers the recipe for short names)
 from lightning_tricks import cli_help
-from lightning_tricks._cli_checkpoint import check_linked_args, checkpoint_hparams, reconcile_model_config
+from lightning_tricks._cli_checkpoint import (
+    check_linked_args,
+    checkpoint_hparams,
+    class_path_for_bare_hparams,
+    reconcile_model_config,
+)
 from lightning_tricks._cli_checks import check_run_config
 from lightning_tricks._cli_errors import pop_debug_flag, run_reporting_errors
 from lightning_tricks._lightning_compat import CheckpointHparamsHook
@@ -90,14 +95,23 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
         return self.parser.parse_args(args, defaults=False)
 
     def reconcile_checkpoint_hparams(self, merge: Callable[[], None]) -> None:
-        """Lightning's merge of the ``--ckpt_path`` hyper-parameters, then the given values' check."""
+        """Lightning's merge of the ``--ckpt_path`` hyper-parameters, then the given values' check.
+
+        A checkpoint saved without the model's class path (a plain ``Trainer.fit``) is merged into the
+        configured ``model.class_path`` when its hyper-parameters fit that class.
+        """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return merge()
         before = self.config.clone()
-        merge()
         saved = checkpoint_hparams(ckpt_path)
+        configured = before[subcommand].get("model.class_path")
+        if saved and "_class_path" not in saved and isinstance(configured, str):
+            class_path = class_path_for_bare_hparams(str(ckpt_path), saved, configured)
+            self.merge_checkpoint_hparams(subcommand, saved, class_path)
+        else:
+            merge()
         self._checkpoint_hparams = (str(ckpt_path), saved)
         if saved:
             reconcile_model_config(

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_tricks.callbacks.final_weights import describe_final_weights
-from lightning_tricks.records import run_dir
+from lightning_tricks.records import RunConfigSaver, run_dir
 
 __all__ = ["FitSummary"]
 
@@ -52,7 +52,7 @@ class FitSummary(pl.Callback):
             *_metric_rows(trainer),
             ("final weights", self.final_weights(trainer)),
             ("run folder", str(folder)),
-            *[(label, str(path)) for label, path in _files(folder)],
+            *[(label, str(path)) for label, path in _files(trainer, folder)],
         ]
         _print_table(
             self.rows, title=f"fit ended after {trainer.current_epoch} epochs, {trainer.global_step} steps"
@@ -87,8 +87,10 @@ def _metric_rows(trainer: pl.Trainer) -> list[tuple[str, str]]:
     return rows
 
 
-def _files(folder: Path) -> list[tuple[str, Path]]:
-    files = [("config", folder / "config.yaml")] if (folder / "config.yaml").is_file() else []
+def _files(trainer: pl.Trainer, folder: Path) -> list[tuple[str, Path]]:
+    saved = [callback.config_path for callback in trainer.callbacks if isinstance(callback, RunConfigSaver)]
+    config = saved[0] if saved and saved[0] is not None else folder / "config.yaml"
+    files = [("config", config)] if config.is_file() else []
     return files + [("plot", path) for path in sorted(folder.glob("*.png"))]
 
 

@@ -3,8 +3,9 @@
 Lightning's ``trainer.log_dir`` is a per-run folder for CSV and TensorBoard (``version_N``) but, for
 W&B and other loggers, their shared ``save_dir``, where the next run overwrites the previous one's
 files. :func:`run_dir` always names the run's own folder; :class:`RunConfigSaver` writes the CLI's
-``config.yaml`` there and logs the same config (model, data, trainer, callbacks) as the logger's
-hyperparameters under ``config``.
+resolved config there (``config.yaml`` for ``fit``, ``test_config.yaml`` and so on for the other
+subcommands) and logs the same config (model, data, trainer, callbacks) as the logger's
+hyperparameters under ``config``. It never overwrites a config file the run was started with.
 
 Example::
 
@@ -19,14 +20,19 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_utilities.core.imports import RequirementCache
+
+from lightning_tricks._io import atomic_write_bytes
 
 __all__ = ["RunConfigSaver", "run_dir"]
 
@@ -60,30 +66,80 @@ def _rank_zero_run_dir(logger: Logger) -> str | None:
     return getattr(logger, "log_dir", None) or logger.save_dir
 
 
+def input_config_files(config: Namespace) -> set[Path]:
+    """The config files a parsed config was read from: ``--config`` files and nested ones
+    (``--data data.yaml``, kept by jsonargparse under ``__path__``), as absolute paths."""
+    found = [*(config.get("config") or [])]
+    found += [value for key, value in config.items() if key == "__path__" or key.endswith(".__path__")]
+    return {Path(getattr(path, "absolute", path)).resolve() for path in found if path is not None}
+
+
 class RunConfigSaver(SaveConfigCallback):
     """LightningCLI's config saver, writing into :func:`run_dir` and into the loggers' hyperparameters.
 
-    The CLI passes it as ``save_config_callback``; the saved ``config.yaml`` re-runs the same
-    experiment with ``lightning-tricks fit --config <run folder>/config.yaml``.
+    The CLI passes it as ``save_config_callback``. ``fit`` saves ``config.yaml``, which re-runs the
+    same experiment with ``lightning-tricks fit --config <run folder>/config.yaml``; ``validate``,
+    ``test`` and ``predict`` save ``<subcommand>_config.yaml``, so evaluating in the fit run's folder
+    (``logger: false``) keeps its ``config.yaml``. A file the run read its config from is never
+    overwritten: the config then goes to ``<subcommand>_config.yaml`` (``_1``, ``_2``, ... if that is
+    an input too). Written atomically, as one file (``multifile=True`` and ``overwrite=False`` are
+    refused).
+
+    Example::
+
+        LightningCLI(save_config_callback=RunConfigSaver, save_config_kwargs={"overwrite": True})
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["save_to_log_dir"] = False  # written by `save_config` into the run's own folder instead
         super().__init__(*args, **kwargs)
+        if self.multifile or not self.overwrite:
+            raise ValueError(
+                f"RunConfigSaver(multifile={self.multifile}, overwrite={self.overwrite}) is not supported: "
+                "it writes the resolved config as one file, replacing only its own earlier one (never a "
+                "config file the run read); use multifile=False, overwrite=True"
+            )
         self.config_path: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.already_saved:
-            self.config_path = run_dir(trainer) / self.config_filename  # collective: every rank
+            self.config_path = run_dir(trainer) / self.file_name(stage)  # collective: every rank
         super().setup(trainer, pl_module, stage)
 
+    def file_name(self, stage: str) -> str:
+        """``config.yaml`` for ``fit``, else ``<stage>_config.yaml`` (``config_filename`` as set)."""
+        stage = _stage_name(stage)
+        return self.config_filename if stage == "fit" else f"{stage}_{self.config_filename}"
+
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Rank 0: write ``config.yaml`` into the run folder and log the resolved config."""
+        """Rank 0: write the resolved config into the run folder and log it."""
         assert self.config_path is not None
-        self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        self.parser.save(
-            self.config, str(self.config_path), overwrite=True, multifile=self.multifile, **_KEEP_NONE
-        )
-        resolved = yaml.safe_load(self.parser.dump(self.config, **_KEEP_NONE))
+        inputs = input_config_files(self.config)
+        wanted = self.config_path
+        self.config_path = next(path for path in _candidates(wanted, stage) if path.resolve() not in inputs)
+        if self.config_path != wanted:
+            rank_zero_info(
+                f"{wanted} is a config file this run was started with and is kept as it is: the resolved "
+                f"config is saved as {self.config_path}"
+            )
+        dumped = self.parser.dump(self.config, **_KEEP_NONE)
+        atomic_write_bytes(dumped.encode(), self.config_path)
         for logger in trainer.loggers:
-            logger.log_hyperparams({"config": resolved})
+            logger.log_hyperparams({"config": yaml.safe_load(dumped)})
+
+
+def _stage_name(stage: Any) -> str:
+    """``"test"`` for ``TrainerFn.TESTING`` (what Lightning passes to ``setup``) and for ``"test"``."""
+    return str(getattr(stage, "value", stage))
+
+
+def _candidates(path: Path, stage: Any) -> Iterator[Path]:
+    """``path``, then ``<stage>_config.yaml`` beside it, then ``<stage>_config_1.yaml``, ..."""
+    yield path
+    stage = _stage_name(stage)
+    stem = path.stem if path.stem.startswith(f"{stage}_") else f"{stage}_{path.stem}"
+    yield path.with_name(f"{stem}{path.suffix}")
+    number = 1
+    while True:
+        yield path.with_name(f"{stem}_{number}{path.suffix}")
+        number += 1
