@@ -28,11 +28,12 @@ MULTI_PROCESS_FILES = {"test_search_workers.py", "test_search_ddp.py"}
 
 
 def pytest_collection_modifyitems(config, items):
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
         ddp = item.get_closest_marker("ddp") is not None
         if ddp and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(DDP_TIMEOUT))
-        if ddp or item.path.name in MULTI_PROCESS_FILES:
+        if xdist and (ddp or item.path.name in MULTI_PROCESS_FILES):
             item.add_marker(pytest.mark.xdist_group("processes"))  # honoured by `--dist loadgroup`
 
 
