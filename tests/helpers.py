@@ -179,3 +179,17 @@ DDP_TIMEOUT = 900
 def ddp_spawn_trainer_kwargs(tmp_path) -> dict:
     """:func:`quiet_trainer_kwargs` for two CPU processes (gloo) that exit cleanly."""
     return {**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": CleanExitDDPSpawn()}
+
+
+def record_calls(monkeypatch, cls: type, name: str, argument: int) -> list:
+    """Patch ``cls.name`` to record its positional ``argument`` (after ``self``) on every call; returns
+    the list, which stays empty when the method never runs."""
+    seen: list = []
+    original = getattr(cls, name)
+
+    def recording(self, *args, **kwargs):
+        seen.append(args[argument])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, recording)
+    return seen

@@ -13,7 +13,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import PlainClassifier, digits_loaders, quiet_trainer_kwargs, write_digits_recipe_config
+from helpers import (
+    PlainClassifier,
+    digits_loaders,
+    quiet_trainer_kwargs,
+    record_calls,
+    write_digits_recipe_config,
+)
 
 from lightning_tricks._cli_checkpoint import differences
 from lightning_tricks.cli import build_cli, main
@@ -45,15 +51,7 @@ def trained(tmp_path_factory) -> tuple[str, str, str]:
 @pytest.fixture
 def evaluated(monkeypatch) -> list[str]:
     """Stages of the recipe's evaluation steps that ran (stays empty when nothing runs)."""
-    seen: list[str] = []
-    original = ImageClassifier._evaluate
-
-    def recording(self, batch, stage):
-        seen.append(stage)
-        return original(self, batch, stage)
-
-    monkeypatch.setattr(ImageClassifier, "_evaluate", recording)
-    return seen
+    return record_calls(monkeypatch, ImageClassifier, "_evaluate", argument=1)
 
 
 def run_test(config: str, ckpt: str, *extra: str, subcommand: str = "test"):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import record_calls
 
 from lightning_tricks.cli import main
 from lightning_tricks.recipes import ImageClassifier
@@ -44,15 +45,7 @@ def base_args(root: Path) -> list[str]:
 @pytest.fixture
 def train_batches(monkeypatch) -> list[int]:
     """Indices of the training batches the recipe ran (stays empty when training never starts)."""
-    seen: list[int] = []
-    original = ImageClassifier.training_step
-
-    def recording_step(self, batch, batch_idx):
-        seen.append(batch_idx)
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(ImageClassifier, "training_step", recording_step)
-    return seen
+    return record_calls(monkeypatch, ImageClassifier, "training_step", argument=1)
 
 
 def run_main(args: list[str], capsys) -> tuple[int | str | None, list[str]]:
