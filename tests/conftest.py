@@ -7,6 +7,7 @@ processes runs on one worker, one at a time, so two such tests never compete for
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from ddp_launch import ScenarioOutcome, run_scenarios
 from helpers import DDP_TIMEOUT
 
 NO_CUDA = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
@@ -50,3 +52,28 @@ def _small_threads_and_cwd(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def _scenario(item: pytest.Item):
+    """The scenario of a test marked ``@pytest.mark.ddp(scenario=...)``, bound to the test's parameters."""
+    marker = item.get_closest_marker("ddp")
+    if marker is None or "scenario" not in marker.kwargs:
+        return None
+    callspec = getattr(item, "callspec", None)
+    return functools.partial(marker.kwargs["scenario"], **(callspec.params if callspec else {}))
+
+
+@pytest.fixture(scope="session")
+def _ddp_launch(request, tmp_path_factory) -> dict:
+    """The scenarios of every selected ``@pytest.mark.ddp(scenario=...)`` test, run in one launch."""
+    scenarios = {item.nodeid: _scenario(item) for item in request.session.items if _scenario(item)}
+    return run_scenarios(scenarios, tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture
+def ddp_scenario(request, _ddp_launch) -> ScenarioOutcome:
+    """What this test's ``@pytest.mark.ddp(scenario=...)`` returned and printed on each rank."""
+    outcome = _ddp_launch[request.node.nodeid]
+    if isinstance(outcome, str):
+        pytest.fail(outcome, pytrace=False)
+    return outcome

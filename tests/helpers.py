@@ -6,13 +6,9 @@ written the way a user would write one, on scikit-learn's real 8x8 digits.
 
 from __future__ import annotations
 
-import atexit
-
 import lightning as L
 import torch
 import yaml
-from lightning.fabric.utilities.distributed import _destroy_dist_connection
-from lightning.pytorch.strategies import DDPStrategy
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
@@ -155,30 +151,15 @@ class MetricRecorder(L.Callback):
         self.seen |= set(trainer.callback_metrics)
 
 
-class CleanExitDDPSpawn(DDPStrategy):
-    """``ddp_spawn`` on CPU whose workers destroy their gloo process group when they exit.
-
-    Lightning registers that clean-up at exit for NCCL only; a gloo group left alive can abort a
-    worker at interpreter shutdown ("terminate called without an active exception").
-    """
-
-    def __init__(self) -> None:
-        super().__init__(start_method="spawn")
-
-    def setup_distributed(self) -> None:
-        super().setup_distributed()
-        atexit.register(_destroy_dist_connection)
-
-
-# Two spawned processes each import torch and Lightning before the first collective: on a loaded
-# 2-core machine that alone can take minutes, so DDP tests (and DDP subprocesses) get a limit sized
-# for a slow machine; the pytest default would flag them as hung.
+# Two processes each import torch and Lightning before the first collective: on a loaded 2-core
+# machine that alone can take minutes, so DDP tests (the shared launch of DDP scenarios and the DDP
+# subprocesses) get a limit sized for a slow machine; the pytest default would flag them as hung.
 DDP_TIMEOUT = 900
 
 
-def ddp_spawn_trainer_kwargs(tmp_path) -> dict:
-    """:func:`quiet_trainer_kwargs` for two CPU processes (gloo) that exit cleanly."""
-    return {**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": CleanExitDDPSpawn()}
+def ddp_trainer_kwargs(tmp_path) -> dict:
+    """:func:`quiet_trainer_kwargs` for both processes of a DDP scenario (tests/ddp_launch.py)."""
+    return {**quiet_trainer_kwargs(tmp_path), "devices": 2, "strategy": "ddp"}
 
 
 def record_calls(monkeypatch, cls: type, name: str, argument: int) -> list:

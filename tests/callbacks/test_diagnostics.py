@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import (
     PlainClassifier,
-    ddp_spawn_trainer_kwargs,
+    ddp_trainer_kwargs,
     digits_loaders,
     digits_tensors,
     quiet_trainer_kwargs,
@@ -237,7 +237,7 @@ def test_resume_keeps_history_identical_to_an_uninterrupted_run(tmp_path):
 
 
 class RankReport(Callback):
-    """Writes each rank's recorded curves (spawned processes cannot return the callback)."""
+    """Writes each rank's recorded curves to ``rank{r}.json`` at the end of fit."""
 
     def __init__(self, directory, diagnostics):
         self.directory, self.diagnostics = str(directory), diagnostics
@@ -248,23 +248,26 @@ class RankReport(Callback):
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-@pytest.mark.ddp
-def test_ddp_each_rank_records_and_only_rank_zero_prints(tmp_path, capfd):
+def diagnostics_on_two_ranks(directory):
     L.seed_everything(0)
     diagnostics = TrainingDiagnostics()
     train, val = digits_loaders(batch_size=32, n_train=256)
     trainer = L.Trainer(
-        **ddp_spawn_trainer_kwargs(tmp_path),
+        **ddp_trainer_kwargs(directory),
         max_epochs=2,
         num_sanity_val_steps=0,
-        callbacks=[diagnostics, RankReport(tmp_path, diagnostics)],
+        callbacks=[diagnostics, RankReport(directory, diagnostics)],
     )
     trainer.fit(DeepMLP(), train, val)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.ddp(scenario=diagnostics_on_two_ranks)
+def test_ddp_each_rank_records_and_only_rank_zero_prints(ddp_scenario):
+    reports = [json.loads((ddp_scenario.directory / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [len(r["train"]) for r in reports] == [8, 8]  # 128 samples per rank, batches of 32, 2 epochs
     assert [len(r["val"]) for r in reports] == [2, 2]
     assert reports[0]["train"] != reports[1]["train"]  # each rank reads its own shard's loss
-    assert capfd.readouterr().out.count("Training diagnostics") == 1
+    assert [out.count("Training diagnostics") for out in ddp_scenario.stdout] == [1, 0]
 
 
 def test_summary_goes_to_a_wandb_table(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import PlainClassifier, ddp_spawn_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
+from helpers import PlainClassifier, ddp_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from torch.utils.data import DataLoader, TensorDataset
@@ -306,20 +306,25 @@ class RankReport(L.Callback):
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-@pytest.mark.ddp
-def test_ddp_ranks_stop_together(tmp_path):
-    values = [1.0 - 0.05 * e for e in range(20)]  # keeps improving on every rank
-    model = ScriptedModule(values, rank0_shift=5.0, shift_epoch=4)  # only rank 0 diverges
+IMPROVING = [1.0 - 0.05 * e for e in range(20)]  # keeps improving on every rank
+
+
+def ranks_stop_together(directory):
+    model = ScriptedModule(IMPROVING, rank0_shift=5.0, shift_epoch=4)  # only rank 0 diverges
     es = SmoothedEarlyStopping("val/loss", patience=2, smoothing="ema", alpha=0.5, divergence_factor=None)
     trainer = L.Trainer(
         max_epochs=20,
-        callbacks=[es, RankReport(tmp_path)],
-        **ddp_spawn_trainer_kwargs(tmp_path),
+        callbacks=[es, RankReport(directory)],
+        **ddp_trainer_kwargs(directory),
     )
     trainer.fit(model, tiny_loader(), tiny_loader())
-    mean_values = [v + (2.5 if e >= 4 else 0.0) for e, v in enumerate(values)]
+
+
+@pytest.mark.ddp(scenario=ranks_stop_together)
+def test_ddp_ranks_stop_together(ddp_scenario):
+    mean_values = [v + (2.5 if e >= 4 else 0.0) for e, v in enumerate(IMPROVING)]
     expected_stop, _ = stop_reference(ema_reference(mean_values, 0.5), patience=2)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    reports = [json.loads((ddp_scenario.directory / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert reports[0] == reports[1]
     assert reports[0]["stopped"] == expected_stop
     assert reports[0]["epoch"] == expected_stop + 1
@@ -370,22 +375,10 @@ class StepRankReport(L.Callback):
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-@pytest.mark.ddp
-def test_ddp_explosion_on_one_rank_stops_both_with_divergence_reason(tmp_path):
-    explode_from, growth, steps_per_epoch = 5, 2.5, 4
-    mean = [
-        (rank_step_loss(0, t, explode_from, growth) + rank_step_loss(1, t, explode_from, growth)) / 2
-        for t in range(40)
-    ]
-    smoothed = ema_reference(mean, 0.5)
-    expected = next(t for t, v in enumerate(smoothed) if v > 3.0 * smoothed[0])
-    # rank 0 alone would stop an epoch earlier, rank 1 alone never: the rule must see the mean
-    rank0 = ema_reference([rank_step_loss(0, t, explode_from, growth) for t in range(40)], 0.5)
-    assert next(t for t, v in enumerate(rank0) if v > 3.0 * rank0[0]) // steps_per_epoch == 1
-    rank1 = ema_reference([rank_step_loss(1, t, explode_from, growth) for t in range(40)], 0.5)
-    assert max(rank1) < 3.0 * rank1[0]
-    assert (expected // steps_per_epoch, expected % steps_per_epoch) == (2, 1)  # mid third epoch
+EXPLODE_FROM, GROWTH = 5, 2.5
 
+
+def explosion_on_one_rank(directory):
     g = torch.Generator().manual_seed(0)
     train = DataLoader(TensorDataset(torch.randn(32, 4, generator=g)), batch_size=4)  # 4 batches per rank
     es = SmoothedEarlyStopping(
@@ -399,11 +392,29 @@ def test_ddp_explosion_on_one_rank_stops_both_with_divergence_reason(tmp_path):
     )
     trainer = L.Trainer(
         max_epochs=10,
-        callbacks=[es, StepRankReport(tmp_path)],
-        **ddp_spawn_trainer_kwargs(tmp_path),
+        callbacks=[es, StepRankReport(directory)],
+        **ddp_trainer_kwargs(directory),
     )
-    trainer.fit(RankStepLoss(explode_from, growth), train, tiny_loader())
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    trainer.fit(RankStepLoss(EXPLODE_FROM, GROWTH), train, tiny_loader())
+
+
+@pytest.mark.ddp(scenario=explosion_on_one_rank)
+def test_ddp_explosion_on_one_rank_stops_both_with_divergence_reason(ddp_scenario):
+    explode_from, growth, steps_per_epoch = EXPLODE_FROM, GROWTH, 4
+    mean = [
+        (rank_step_loss(0, t, explode_from, growth) + rank_step_loss(1, t, explode_from, growth)) / 2
+        for t in range(40)
+    ]
+    smoothed = ema_reference(mean, 0.5)
+    expected = next(t for t, v in enumerate(smoothed) if v > 3.0 * smoothed[0])
+    # rank 0 alone would stop an epoch earlier, rank 1 alone never: the rule must see the mean
+    rank0 = ema_reference([rank_step_loss(0, t, explode_from, growth) for t in range(40)], 0.5)
+    assert next(t for t, v in enumerate(rank0) if v > 3.0 * rank0[0]) // steps_per_epoch == 1
+    rank1 = ema_reference([rank_step_loss(1, t, explode_from, growth) for t in range(40)], 0.5)
+    assert max(rank1) < 3.0 * rank1[0]
+    assert (expected // steps_per_epoch, expected % steps_per_epoch) == (2, 1)  # mid third epoch
+
+    reports = [json.loads((ddp_scenario.directory / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert reports[0] == reports[1]
     assert reports[0]["global_step"] == expected + 1  # stopped right after the step that exploded
     assert reports[0]["stopped"] == expected // steps_per_epoch
@@ -455,8 +466,8 @@ class RankOutcome(L.Callback):
 
 
 class ErrorRecordingEarlyStopping(SmoothedEarlyStopping):
-    """Writes the exception a check raises on this rank to ``rank{r}.error`` (spawned workers do not
-    call ``Callback.on_exception``; only the main process does)."""
+    """Writes the exception a check raises on this rank to ``rank{r}.error``, the proof that the check
+    failed on that rank itself."""
 
     def __init__(self, directory, **kwargs):
         super().__init__(**kwargs)
@@ -476,27 +487,38 @@ class ErrorRecordingEarlyStopping(SmoothedEarlyStopping):
         self._recorded(trainer, super()._check_explosion, returned)
 
 
-def fit_with_metric_on_rank0_only(tmp_path, only_on_rank0, strict):
+def fit_with_metric_on_rank0_only(directory, only_on_rank0, strict):
     es = ErrorRecordingEarlyStopping(
-        tmp_path,
+        directory,
         monitor="val/loss",
         strict=strict,
         patience=100,
         divergence_factor=3.0,
         train_monitor="train/loss",
     )
-    trainer = L.Trainer(
-        max_epochs=3, callbacks=[es, RankOutcome(tmp_path)], **ddp_spawn_trainer_kwargs(tmp_path)
-    )
+    trainer = L.Trainer(max_epochs=3, callbacks=[es, RankOutcome(directory)], **ddp_trainer_kwargs(directory))
     trainer.fit(RankZeroOnlyMetric(only_on_rank0), tiny_loader(), tiny_loader())
 
 
-@pytest.mark.ddp
+def metric_on_rank0_only_non_strict(directory, only_on_rank0):
+    fit_with_metric_on_rank0_only(directory, only_on_rank0, strict=False)
+
+
+def metric_on_rank0_only_strict(directory, only_on_rank0):
+    """Returns the message of the error ``fit`` raised on this rank (None when it did not raise)."""
+    try:
+        fit_with_metric_on_rank0_only(directory, only_on_rank0, strict=True)
+    except Exception as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.ddp(scenario=metric_on_rank0_only_non_strict)
 @pytest.mark.parametrize("only_on_rank0", ["val/loss", "train/loss"])
-def test_ddp_metric_on_one_rank_only_non_strict_skips_on_every_rank(tmp_path, only_on_rank0):
-    fit_with_metric_on_rank0_only(tmp_path, only_on_rank0, strict=False)
-    assert not list(tmp_path.glob("*.error"))
-    outcomes = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+def test_ddp_metric_on_one_rank_only_non_strict_skips_on_every_rank(ddp_scenario, only_on_rank0):
+    directory = ddp_scenario.directory
+    assert not list(directory.glob("*.error"))
+    outcomes = [torch.load(directory / f"rank{r}.pt") for r in (0, 1)]
     for outcome in outcomes:
         assert outcome["epoch"] == 3  # trained to max_epochs
         if only_on_rank0 == "val/loss":  # the early-stopping check was skipped, the explosion rule ran
@@ -511,16 +533,17 @@ def test_ddp_metric_on_one_rank_only_non_strict_skips_on_every_rank(tmp_path, on
         assert torch.equal(w0[k], w1[k])
 
 
-@pytest.mark.ddp
+@pytest.mark.ddp(scenario=metric_on_rank0_only_strict)
 @pytest.mark.parametrize("only_on_rank0", ["val/loss", "train/loss"])
-def test_ddp_metric_on_one_rank_only_strict_fails_on_every_rank(tmp_path, only_on_rank0):
-    with pytest.raises(Exception, match=f"metric `{only_on_rank0}` which is not available"):
-        fit_with_metric_on_rank0_only(tmp_path, only_on_rank0, strict=True)
+def test_ddp_metric_on_one_rank_only_strict_fails_on_every_rank(ddp_scenario, only_on_rank0):
+    directory = ddp_scenario.directory
+    for raised in ddp_scenario.results:  # fit raised on every rank
+        assert raised is not None and f"metric `{only_on_rank0}` which is not available" in raised
     for r in (0, 1):
-        error = (tmp_path / f"rank{r}.error").read_text()
+        error = (directory / f"rank{r}.error").read_text()
         assert error.startswith("RuntimeError: ")
         assert f"metric `{only_on_rank0}` which is not available" in error
-    assert not list(tmp_path.glob("*.pt"))
+    assert not list(directory.glob("*.pt"))
 
 
 class StopsOnRankOne(SmoothedEarlyStopping):
@@ -543,15 +566,18 @@ class StopsOnRankOne(SmoothedEarlyStopping):
         return should_stop, reason
 
 
-@pytest.mark.ddp
-def test_ddp_every_rank_records_the_reason_of_the_rank_that_stopped(tmp_path):
+def rank_one_stops(directory):
     values = [1.0 - 0.05 * e for e in range(10)]  # keeps improving: only the rank-1 rule stops
     es = StopsOnRankOne(2, monitor="val/loss", patience=100, divergence_factor=None)
     trainer = L.Trainer(
-        max_epochs=10, callbacks=[es, StepRankReport(tmp_path)], **ddp_spawn_trainer_kwargs(tmp_path)
+        max_epochs=10, callbacks=[es, StepRankReport(directory)], **ddp_trainer_kwargs(directory)
     )
     trainer.fit(ScriptedModule(values), tiny_loader(), tiny_loader())
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.ddp(scenario=rank_one_stops)
+def test_ddp_every_rank_records_the_reason_of_the_rank_that_stopped(ddp_scenario):
+    reports = [json.loads((ddp_scenario.directory / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert reports[0] == reports[1]
     assert (reports[0]["stopped"], reports[0]["epoch"]) == (2, 3)
     assert reports[0]["reason"] == EarlyStoppingReason.STOPPING_THRESHOLD.value

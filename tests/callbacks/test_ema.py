@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
-from helpers import PlainClassifier, ddp_spawn_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
+from helpers import PlainClassifier, ddp_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from timm.utils.model_ema import ModelEmaV3
@@ -381,19 +381,21 @@ class RankDump(Callback):
         torch.save(payload, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
-@pytest.mark.ddp
-def test_ddp_ema_identical_on_both_ranks(tmp_path):
+def ema_on_two_ranks(directory):
     torch.manual_seed(0)
     model = PlainClassifier()
     train, val = digits_loaders(batch_size=32, n_train=256)
     trainer = L.Trainer(
-        **ddp_spawn_trainer_kwargs(tmp_path),
+        **ddp_trainer_kwargs(directory),
         max_epochs=2,
-        callbacks=[EMA(decay=0.8, warmup="num_updates", copy_average_at_end=False), RankDump(str(tmp_path))],
+        callbacks=[EMA(decay=0.8, warmup="num_updates", copy_average_at_end=False), RankDump(str(directory))],
     )
     trainer.fit(model, train, val)
 
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+@pytest.mark.ddp(scenario=ema_on_two_ranks)
+def test_ddp_ema_identical_on_both_ranks(ddp_scenario):
+    ranks = [torch.load(ddp_scenario.directory / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["num_updates"] == ranks[1]["num_updates"] == 8  # 128 samples per rank / 32, 2 epochs
     for name in ranks[0]["ema"]:
         assert torch.equal(ranks[0]["ema"][name], ranks[1]["ema"][name]), name
@@ -544,8 +546,22 @@ class SyncBNRankDump(Callback):
         torch.save(payload, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
-@pytest.mark.ddp
-def test_ddp_sync_batchnorm_ema_buffers_identical_on_both_ranks(tmp_path):
+def ema_with_sync_batchnorm(directory):
+    torch.manual_seed(0)
+    train, val = digits_loaders(batch_size=32, n_train=256)  # 4 steps per epoch on each rank
+    trainer = L.Trainer(
+        **ddp_trainer_kwargs(directory),
+        max_epochs=2,
+        limit_val_batches=1,
+        sync_batchnorm=True,
+        plugins=[CPUSyncBatchNorm()],
+        callbacks=[EMA(decay=0.8, warmup=None, copy_average_at_end=False), SyncBNRankDump(str(directory))],
+    )
+    trainer.fit(BatchNormClassifier(), train, val)
+
+
+@pytest.mark.ddp(scenario=ema_with_sync_batchnorm)
+def test_ddp_sync_batchnorm_ema_buffers_identical_on_both_ranks(ddp_scenario):
     """Under ``Trainer(sync_batchnorm=True)`` the EMA averages the synchronised BatchNorm statistics, so
     its buffers are identical on both ranks and equal timm's ``ModelEmaV3`` of the live states.
 
@@ -557,19 +573,7 @@ def test_ddp_sync_batchnorm_ema_buffers_identical_on_both_ranks(tmp_path):
     which all-reduces the sums over gloo. Part 1 checks that stand-in against the global-batch statistics
     computed here, so the EMA is known to see truly synchronised buffers; part 2 is the claim about EMA.
     """
-    torch.manual_seed(0)
-    train, val = digits_loaders(batch_size=32, n_train=256)  # 4 steps per epoch on each rank
-    trainer = L.Trainer(
-        **ddp_spawn_trainer_kwargs(tmp_path),
-        max_epochs=2,
-        limit_val_batches=1,
-        sync_batchnorm=True,
-        plugins=[CPUSyncBatchNorm()],
-        callbacks=[EMA(decay=0.8, warmup=None, copy_average_at_end=False), SyncBNRankDump(str(tmp_path))],
-    )
-    trainer.fit(BatchNormClassifier(), train, val)
-
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = (torch.load(ddp_scenario.directory / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # Part 1, the test's premise: the stand-in synchronised the live BatchNorm statistics.
     assert r0["bn_types"] == r1["bn_types"] == ["GlooSyncBatchNorm"]
     assert r0["num_updates"] == r1["num_updates"] == len(r0["steps"]) == len(r0["bn_inputs"]) == 8

@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import PlainClassifier, ddp_spawn_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
+from helpers import PlainClassifier, ddp_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
@@ -438,24 +438,28 @@ class RankReport(Callback):
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-@pytest.mark.ddp
-def test_ddp_ranks_agree_on_curve_and_suggestion(tmp_path):
+def lr_finder_on_two_ranks(directory):
     train, _ = digits_loaders(batch_size=32, n_train=512)
-    finder = LRFinder(min_lr=1e-4, max_lr=10.0, num_steps=20, plot=True, dirpath=str(tmp_path / "plots"))
-    kwargs = ddp_spawn_trainer_kwargs(tmp_path)
+    finder = LRFinder(min_lr=1e-4, max_lr=10.0, num_steps=20, plot=True, dirpath=str(directory / "plots"))
+    kwargs = ddp_trainer_kwargs(directory)
     trainer = L.Trainer(
         max_steps=1,
         limit_val_batches=0,
-        callbacks=[finder, RankReport(finder, str(tmp_path))],
+        callbacks=[finder, RankReport(finder, str(directory))],
         **kwargs,
     )
     trainer.fit(PlainClassifier(lr=1e-3), train)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
+@pytest.mark.ddp(scenario=lr_finder_on_two_ranks)
+def test_ddp_ranks_agree_on_curve_and_suggestion(ddp_scenario):
+    directory = ddp_scenario.directory
+    r0, r1 = (json.loads((directory / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["lr"] is not None and r0["lr"] == r1["lr"]
     assert r0["optimizer_lr"] == pytest.approx(r0["lr"]) and r1["optimizer_lr"] == pytest.approx(r0["lr"])
     assert r0["smoothed"] == r1["smoothed"] and len(r0["smoothed"]) > 5
     assert r0["weights"] == pytest.approx(r1["weights"], rel=1e-6)  # restored weights still in sync
-    assert (tmp_path / "plots" / "lr_finder.png").exists()
+    assert (directory / "plots" / "lr_finder.png").exists()
 
 
 # ---------------------------------------------------------------- real loggers

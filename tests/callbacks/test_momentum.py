@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import PlainClassifier, ddp_spawn_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
+from helpers import PlainClassifier, ddp_trainer_kwargs, digits_loaders, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_tricks.callbacks.momentum import MomentumSchedule
@@ -327,9 +327,26 @@ class SwitchRankReport(L.Callback):
         torch.save(payload, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
-@pytest.mark.ddp
-def test_ddp_plateau_on_one_rank_switches_both_at_the_same_epoch(tmp_path):
-    epochs, patience = 8, 2
+SWITCH_EPOCHS, SWITCH_PATIENCE = 8, 2
+
+
+def plateau_on_one_rank(directory):
+    torch.manual_seed(0)
+    probe = AdamBeforeSwitch()
+    switch = OptimizerSwitch(monitor="val/score", mode="min", patience=SWITCH_PATIENCE, momentum=0.9)
+    train, val = digits_loaders(batch_size=32, n_train=256)  # 4 steps per epoch on each rank
+    trainer = L.Trainer(
+        **ddp_trainer_kwargs(directory),
+        max_epochs=SWITCH_EPOCHS,
+        limit_val_batches=1,
+        callbacks=[probe, switch, SwitchRankReport(str(directory), probe)],
+    )
+    trainer.fit(RankPlateau(), train, val)
+
+
+@pytest.mark.ddp(scenario=plateau_on_one_rank)
+def test_ddp_plateau_on_one_rank_switches_both_at_the_same_epoch(ddp_scenario):
+    epochs, patience = SWITCH_EPOCHS, SWITCH_PATIENCE
     mean = [(a + b) / 2 for a, b in zip(*(rank_plateau_scores(r, epochs) for r in (0, 1)), strict=True)]
     expected = plateau_switch_reference(mean, patience)
     assert expected == 6
@@ -337,19 +354,7 @@ def test_ddp_plateau_on_one_rank_switches_both_at_the_same_epoch(tmp_path):
     assert plateau_switch_reference(rank_plateau_scores(0, epochs), patience) == 5
     assert plateau_switch_reference(rank_plateau_scores(1, epochs), patience) is None
 
-    torch.manual_seed(0)
-    probe = AdamBeforeSwitch()
-    switch = OptimizerSwitch(monitor="val/score", mode="min", patience=patience, momentum=0.9)
-    train, val = digits_loaders(batch_size=32, n_train=256)  # 4 steps per epoch on each rank
-    trainer = L.Trainer(
-        **ddp_spawn_trainer_kwargs(tmp_path),
-        max_epochs=epochs,
-        limit_val_batches=1,
-        callbacks=[probe, switch, SwitchRankReport(str(tmp_path), probe)],
-    )
-    trainer.fit(RankPlateau(), train, val)
-
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = (torch.load(ddp_scenario.directory / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for r in (r0, r1):
         assert r["switched_epoch"] == expected
         assert r["kinds"] == ["Adam"] * expected + ["SGD"] * (epochs - expected)
@@ -380,22 +385,24 @@ class MomentumRankReport(L.Callback):
         torch.save(payload, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
-@pytest.mark.ddp
-def test_ddp_momentum_ramp_identical_on_both_ranks(tmp_path):
+def momentum_ramp_on_two_ranks(directory):
     torch.manual_seed(0)
     train, val = digits_loaders(batch_size=32, n_train=256)  # 128 samples per rank: 4 batches
     trainer = L.Trainer(
-        **ddp_spawn_trainer_kwargs(tmp_path),
+        **ddp_trainer_kwargs(directory),
         max_epochs=3,
         limit_val_batches=1,
         callbacks=[
             MomentumSchedule(0.5, 0.95, ramp_epochs=1.5, interval="step"),
-            MomentumRankReport(str(tmp_path)),
+            MomentumRankReport(str(directory)),
         ],
     )
     trainer.fit(Configured("adam", lr=0.01), train, val)
 
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+@pytest.mark.ddp(scenario=momentum_ramp_on_two_ranks)
+def test_ddp_momentum_ramp_identical_on_both_ranks(ddp_scenario):
+    r0, r1 = (torch.load(ddp_scenario.directory / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["batches"] == r1["batches"] == 4
     assert r0["by_step"] == r1["by_step"]
     assert [(e, b) for e, b, _, _ in r0["by_step"]] == [(e, b) for e in range(3) for b in range(4)]

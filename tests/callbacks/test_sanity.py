@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import (
     PlainClassifier,
-    ddp_spawn_trainer_kwargs,
+    ddp_trainer_kwargs,
     digits_loaders,
     digits_tensors,
     quiet_trainer_kwargs,
@@ -458,7 +458,7 @@ def test_init_loss_sees_batches_after_the_transfer_hooks(tmp_path):
 
 
 class RankReport(Callback):
-    """Writes each rank's verdicts (spawned processes cannot return the callback objects)."""
+    """Writes each rank's verdicts to ``rank{r}.json`` as training starts."""
 
     def __init__(self, directory, init_check, overfit):
         self.directory, self.init_check, self.overfit = str(directory), init_check, overfit
@@ -473,10 +473,26 @@ class RankReport(Callback):
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-@pytest.mark.ddp
-def test_ddp_ranks_agree_and_reduce_the_init_loss(tmp_path):
+def seeded_classifier() -> PlainClassifier:
     L.seed_everything(0)
-    model = PlainClassifier()
+    return PlainClassifier()
+
+
+def init_checks_on_two_ranks(directory):
+    init_check, overfit = InitLossCheck(num_batches=4), OverfitTinyBatch()
+    model = seeded_classifier()
+    train, _ = digits_loaders(batch_size=32, n_train=512)
+    trainer = L.Trainer(
+        **ddp_trainer_kwargs(directory),
+        max_steps=1,
+        callbacks=[init_check, overfit, RankReport(directory, init_check, overfit)],
+    )
+    trainer.fit(model, train)
+
+
+@pytest.mark.ddp(scenario=init_checks_on_two_ranks)
+def test_ddp_ranks_agree_and_reduce_the_init_loss(ddp_scenario):
+    model = seeded_classifier()  # the weights the scenario starts from
     x, y = digits_tensors(512)
     # Lightning gives each rank a shuffling DistributedSampler (seed 0); the check sees 4 batches of 32
     # on each rank, and the reduced loss is the mean over all 256 samples.
@@ -487,15 +503,7 @@ def test_ddp_ranks_agree_and_reduce_the_init_loss(tmp_path):
     idx = torch.tensor(shards[0] + shards[1])
     with torch.no_grad():
         expected = float(F.cross_entropy(model(x[idx]), y[idx]))
-    init_check, overfit = InitLossCheck(num_batches=4), OverfitTinyBatch()
-    train, _ = digits_loaders(batch_size=32, n_train=512)
-    trainer = L.Trainer(
-        **ddp_spawn_trainer_kwargs(tmp_path),
-        max_steps=1,
-        callbacks=[init_check, overfit, RankReport(tmp_path, init_check, overfit)],
-    )
-    trainer.fit(model, train)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    reports = [json.loads((ddp_scenario.directory / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert reports[0] == reports[1]
     assert reports[0]["passed"] is True and reports[0]["measured"] == pytest.approx(expected, rel=1e-5)
     assert reports[0]["overfit_passed"] is True and reports[0]["overfit_steps"] > 0

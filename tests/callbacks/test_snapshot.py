@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import (
     PlainClassifier,
-    ddp_spawn_trainer_kwargs,
+    ddp_trainer_kwargs,
     digits_loaders,
     digits_tensors,
     quiet_trainer_kwargs,
@@ -348,22 +348,28 @@ class GatherSnapshots(Callback):
             )
 
 
-@pytest.mark.ddp
-def test_ddp_snapshots_identical_across_ranks_and_metrics_reduced(tmp_path):
+def snapshots_on_two_ranks(directory) -> float:
+    """Returns this rank's logged ``val/acc_ensemble``."""
     x, y = digits_tensors()
     train = DataLoader(TensorDataset(x[:256], y[:256]), batch_size=32)  # 4 steps per epoch per rank
     val = DataLoader(TensorDataset(x[256:512], y[256:512]), batch_size=64)
-    snap = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snaps"))
-    kwargs = ddp_spawn_trainer_kwargs(tmp_path)
+    snap = SnapshotEnsemble(cycles=2, dirpath=str(directory / "snaps"))
+    kwargs = ddp_trainer_kwargs(directory)
     trainer = L.Trainer(
-        max_epochs=2, callbacks=[snap, GatherSnapshots(snap, tmp_path / "gathered.pt")], **kwargs
+        max_epochs=2, callbacks=[snap, GatherSnapshots(snap, directory / "gathered.pt")], **kwargs
     )
     L.seed_everything(0)
     trainer.fit(Scheduled(lr=0.1, schedule=paper(2)), train, val)
+    return trainer.callback_metrics["val/acc_ensemble"].item()
 
-    verdict = torch.load(tmp_path / "gathered.pt", weights_only=True)
+
+@pytest.mark.ddp(scenario=snapshots_on_two_ranks)
+def test_ddp_snapshots_identical_across_ranks_and_metrics_reduced(ddp_scenario):
+    directory = ddp_scenario.directory
+    x, y = digits_tensors()
+    verdict = torch.load(directory / "gathered.pt", weights_only=True)
     assert verdict == {"equal": True, "n": 2}
-    files = sorted(Path(tmp_path / "snaps").glob("snapshot_*.pt"))
+    files = sorted(Path(directory / "snaps").glob("snapshot_*.pt"))
     assert [f.name for f in files] == ["snapshot_1.pt", "snapshot_2.pt"]
     assert [torch.load(f, weights_only=True)["global_step"] for f in files] == [4, 8]
     probs = []
@@ -373,7 +379,7 @@ def test_ddp_snapshots_identical_across_ranks_and_metrics_reduced(tmp_path):
         probs.append(F.softmax(member(x[256:512]), -1).detach())
     mean = torch.stack(probs).mean(0)
     expected = (mean.argmax(1) == y[256:512]).float().mean().item()
-    assert trainer.callback_metrics["val/acc_ensemble"].item() == pytest.approx(expected, abs=1e-6)
+    assert ddp_scenario.results == (pytest.approx(expected, abs=1e-6),) * 2
 
 
 class EpochRestartsClassifier(PlainClassifier):

@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import ddp_spawn_trainer_kwargs, quiet_trainer_kwargs
+from helpers import ddp_trainer_kwargs, quiet_trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -180,15 +180,18 @@ class FirstBatchAndFilters(L.Callback):
             torch.save(payload, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
-@pytest.mark.ddp
-def test_ddp_whitening_filters_are_rank_zeros_on_every_rank(tmp_path):
+def whitening_on_two_ranks(directory):
     torch.manual_seed(0)
     model = ImageClassifier("airbench", num_classes=5, model_kwargs={"widths": (8, 16, 16)})
     trainer = L.Trainer(
-        **ddp_spawn_trainer_kwargs(tmp_path), max_steps=1, callbacks=[FirstBatchAndFilters(str(tmp_path))]
+        **ddp_trainer_kwargs(directory), max_steps=1, callbacks=[FirstBatchAndFilters(str(directory))]
     )
     trainer.fit(model, train_dataloaders=_image_loader())
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.ddp(scenario=whitening_on_two_ranks)
+def test_ddp_whitening_filters_are_rank_zeros_on_every_rank(ddp_scenario):
+    ranks = [torch.load(ddp_scenario.directory / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert not torch.equal(ranks[0]["batch"], ranks[1]["batch"])  # the ranks saw different images
     assert torch.equal(ranks[0]["filters"], ranks[1]["filters"])
     expected = small_airbench()

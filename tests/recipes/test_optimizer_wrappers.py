@@ -7,7 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
-from helpers import DDP_TIMEOUT, ddp_spawn_trainer_kwargs, quiet_trainer_kwargs
+from helpers import ddp_trainer_kwargs, quiet_trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -302,14 +302,18 @@ def _fit_sam_linear(batch_size: int, **trainer_kwargs) -> ImageClassifier:
     return module
 
 
-@pytest.mark.ddp
-@pytest.mark.timeout(DDP_TIMEOUT)
-def test_sam_under_ddp_equals_one_process_on_the_global_batch(tmp_path) -> None:
+def sam_on_two_ranks(directory) -> dict[str, torch.Tensor]:
+    """Returns this rank's trained weights."""
+    return _fit_sam_linear(16, **ddp_trainer_kwargs(directory)).state_dict()
+
+
+@pytest.mark.ddp(scenario=sam_on_two_ranks)
+def test_sam_under_ddp_equals_one_process_on_the_global_batch(ddp_scenario, tmp_path) -> None:
     """Both gradients of a SAM step are averaged over the ranks (the second backward syncs too)."""
-    ddp = _fit_sam_linear(16, **ddp_spawn_trainer_kwargs(tmp_path / "ddp"))
+    ddp = ddp_scenario.results[0]
     single = _fit_sam_linear(32, **quiet_trainer_kwargs(tmp_path / "single"))
     assert not torch.allclose(single.net.classifier.weight, _sam_linear().net.classifier.weight)
-    for (name, a), b in zip(ddp.state_dict().items(), single.state_dict().values(), strict=True):
+    for (name, a), b in zip(ddp.items(), single.state_dict().values(), strict=True):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
