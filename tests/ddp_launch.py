@@ -9,8 +9,8 @@ each rank returned (see the ``ddp_scenario`` fixture in conftest.py).
 
 A scenario is a module-level function ``scenario(directory, **params) -> result``, called on both ranks
 with its own directory (shared by the ranks) and the test's parameters; the result must pickle. A
-scenario that raises on a rank ends the launch: its test fails with that rank's traceback, and the
-tests of the scenarios not reached fail naming the scenario that ended it.
+scenario that raises on a rank fails its test with that rank's traceback; it ends the launch, and the
+scenarios that did not finish run again in a new one.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import contextlib
 import os
 import pickle
 import re
+import shutil
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -49,38 +50,58 @@ class ScenarioOutcome:
 def run_scenarios(
     scenarios: dict[str, Callable[[Path], Any]], root: Path
 ) -> dict[str, ScenarioOutcome | str]:
-    """Run every scenario on two processes started once; per name, its outcome or why it has none."""
-    jobs = []
-    for name, scenario in scenarios.items():
-        directory = root / re.sub(r"[^\w.-]+", "_", name).strip("_")
-        directory.mkdir(parents=True)
-        jobs.append((name, directory, scenario))
-    launch_error = None
-    try:
-        torch.multiprocessing.start_processes(
-            _run_on_rank, args=(find_free_network_port(), jobs), nprocs=len(RANKS), start_method="spawn"
-        )
-    except Exception as error:  # a scenario raised (its rank wrote why) or a process died
-        launch_error = error
+    """Run every scenario on two processes started once; per name, its outcome or why it has none.
+
+    A scenario that raises ends its launch; the scenarios it kept from finishing run in a new launch,
+    so each test fails or passes on its own scenario only.
+    """
+    pending = [(name, root / re.sub(r"[^\w.-]+", "_", name).strip("_"), s) for name, s in scenarios.items()]
     outcomes: dict[str, ScenarioOutcome | str] = {}
-    ended_by = None
-    for name, directory, _ in jobs:
-        errors = [(r, _record(directory, r, "raised")) for r in RANKS]
-        errors = [f"rank {r}:\n{path.read_text()}" for r, path in errors if path.exists()]
-        results = [_record(directory, r, "result") for r in RANKS]
-        if errors:
-            outcomes[name] = f"DDP scenario {name} raised\n" + "\n".join(errors)
-            ended_by = ended_by or name
-        elif all(path.exists() for path in results):
-            outcomes[name] = ScenarioOutcome(
-                directory,
-                tuple(pickle.loads(path.read_bytes()) for path in results),
-                tuple(_record(directory, r, "stdout").read_text() for r in RANKS),
+    while pending:
+        for _, directory, _ in pending:
+            shutil.rmtree(directory, ignore_errors=True)
+            for path in root.glob(f"{directory.name}.rank*"):
+                path.unlink()
+            directory.mkdir(parents=True)
+        try:
+            torch.multiprocessing.start_processes(
+                _run_on_rank,
+                args=(find_free_network_port(), pending),
+                nprocs=len(RANKS),
+                start_method="spawn",
             )
-        else:
-            reason = f"scenario {ended_by} raised" if ended_by else f"the launch failed: {launch_error}"
-            outcomes[name] = f"DDP scenario {name} did not finish on both ranks: {reason}"
+            launch_error = None
+        except Exception as error:  # a scenario raised (its rank wrote why) or a process died
+            launch_error = error
+        for name, directory, _ in pending:
+            outcome = _outcome(name, directory)
+            if outcome is not None:
+                outcomes[name] = outcome
+        unfinished = [job for job in pending if job[0] not in outcomes]
+        if len(unfinished) == len(pending):  # not one scenario finished: the launch itself fails
+            for name, _, _ in unfinished:
+                outcomes[name] = f"DDP scenario {name} did not run: the launch failed: {launch_error}"
+            break
+        pending = unfinished
     return outcomes
+
+
+def _outcome(name: str, directory: Path) -> ScenarioOutcome | str | None:
+    """What both ranks returned, why the scenario failed, or None where the launch ended before both
+    ranks had run it (a rank that waits for a peer that has gone raises too: that is not a failure)."""
+    started = all(_record(directory, r, "stdout").exists() for r in RANKS)
+    raised = [(r, _record(directory, r, "raised")) for r in RANKS]
+    raised = [f"rank {r}:\n{path.read_text()}" for r, path in raised if path.exists()]
+    results = [_record(directory, r, "result") for r in RANKS]
+    if started and raised:
+        return f"DDP scenario {name} raised\n" + "\n".join(raised)
+    if all(path.exists() for path in results):
+        return ScenarioOutcome(
+            directory,
+            tuple(pickle.loads(path.read_bytes()) for path in results),
+            tuple(_record(directory, r, "stdout").read_text() for r in RANKS),
+        )
+    return None
 
 
 def _run_on_rank(rank: int, port: int, jobs: list[tuple[str, Path, Callable[[Path], Any]]]) -> None:
@@ -114,8 +135,9 @@ def _run_on_rank(rank: int, port: int, jobs: list[tuple[str, Path, Callable[[Pat
 
 
 def _record(directory: Path, rank: int, kind: str) -> Path:
-    """Where the launch keeps what a rank's scenario returned, raised or printed: next to the
-    scenario's directory, never in it (the scenario owns that)."""
+    """Where the launch keeps what a rank's scenario returned, raised or printed (written from its
+    start on, so it also says the rank started the scenario): next to the scenario's directory, never
+    in it (the scenario owns that)."""
     return directory.with_name(f"{directory.name}.rank{rank}.{kind}")
 
 
