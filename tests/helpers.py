@@ -9,6 +9,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.loggers import CSVLogger
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
@@ -83,6 +84,16 @@ def quiet_trainer_kwargs(tmp_path) -> dict:
         enable_checkpointing=False,
         deterministic=True,
     )
+
+
+def logging_trainer_kwargs(tmp_path, log_every_n_steps: int) -> dict:
+    """:func:`quiet_trainer_kwargs` with a CSVLogger that writes every ``log_every_n_steps`` steps, for
+    tests that tell the steps on which Lightning logs from the quiet ones in between."""
+    return {
+        **quiet_trainer_kwargs(tmp_path),
+        "logger": CSVLogger(tmp_path),
+        "log_every_n_steps": log_every_n_steps,
+    }
 
 
 def write_digits_recipe_config(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from helpers import logging_trainer_kwargs
 from speed_setups import Step, StepPhases, speedrun_parts
 
 pytestmark = pytest.mark.cuda
@@ -69,18 +69,15 @@ def test_speedrun_step_does_not_synchronise_on_quiet_steps(tmp_path):
     assert model.channels_last and datamodule.data_on_device
     sync_debug, planted = SyncDebugOnQuietSteps(), PlantedRead()
     trainer = L.Trainer(
-        accelerator="cuda",
-        devices=1,
+        **{
+            **logging_trainer_kwargs(tmp_path, LOG_EVERY_N_STEPS),
+            "accelerator": "cuda",
+            "deterministic": None,  # the speed setup as users run it: torch's kernels left as they are
+        },
         precision="bf16-mixed",
         max_epochs=2,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        log_every_n_steps=LOG_EVERY_N_STEPS,
-        logger=CSVLogger(tmp_path),
-        default_root_dir=tmp_path,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[sync_debug, *callbacks, planted],
     )
     try:

@@ -17,8 +17,8 @@ import math
 import lightning as L
 import pytest
 import torch
+from helpers import logging_trainer_kwargs
 from host_reads import HostRead, HostReadRecorder
-from lightning.pytorch.loggers import CSVLogger
 from speed_setups import Step, StepPhases, speedrun_parts, stack_parts
 
 LOG_EVERY_N_STEPS = 3
@@ -59,19 +59,12 @@ def record_fit(
     recorder = HostReadRecorder()
     phases = StepPhases(recorder)
     trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+        **logging_trainer_kwargs(tmp_path, LOG_EVERY_N_STEPS),
         max_epochs=EPOCHS,
         precision=precision,
         limit_train_batches=BATCHES_PER_EPOCH,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        log_every_n_steps=LOG_EVERY_N_STEPS,
-        logger=CSVLogger(tmp_path),
-        default_root_dir=tmp_path,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[phases, *callbacks, PlantedRead()],
     )
     with recorder:

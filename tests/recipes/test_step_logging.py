@@ -7,8 +7,7 @@ import csv
 import lightning as L
 import pytest
 import torch
-from helpers import quiet_trainer_kwargs
-from lightning.pytorch.loggers import CSVLogger
+from helpers import logging_trainer_kwargs, quiet_trainer_kwargs
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks.recipes import ImageClassifier, OptimizerConfig, RegularizationConfig
@@ -58,8 +57,7 @@ def test_step_values_on_logging_steps_and_exact_batch_weighted_epoch_means(tmp_p
         regularization=RegularizationConfig(l2=1e-3),
     )
     recorder = StepRecorder()
-    kwargs = {**quiet_trainer_kwargs(tmp_path), "logger": CSVLogger(tmp_path), "log_every_n_steps": LOG_EVERY}
-    trainer = L.Trainer(max_epochs=2, callbacks=[recorder], **kwargs)
+    trainer = L.Trainer(max_epochs=2, callbacks=[recorder], **logging_trainer_kwargs(tmp_path, LOG_EVERY))
     trainer.fit(model, train_dataloaders=_loader())
 
     with open(trainer.logger.experiment.metrics_file_path) as f:
