@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -30,6 +32,10 @@ NO_CUDA = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() i
 MULTI_PROCESS_FILES = {"test_search_workers.py", "test_search_ddp.py"}
 
 
+# tryfirst: pytest-xdist's own hook reads the xdist_group markers added here; registered after this
+# conftest, it would otherwise run first and see none. (pytest-xdist 3.8 under pytest 9.2 groups
+# nothing at all: pytest-dev/pytest-xdist#1386.)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     cuda = torch.cuda.is_available()
     xdist = config.pluginmanager.hasplugin("xdist")
@@ -65,9 +71,23 @@ def _scenario(item: pytest.Item):
 
 @pytest.fixture(scope="session")
 def _ddp_launch(request, tmp_path_factory) -> dict:
-    """The scenarios of every selected ``@pytest.mark.ddp(scenario=...)`` test, run in one launch."""
+    """The scenarios of every selected ``@pytest.mark.ddp(scenario=...)`` test, run in one launch.
+
+    Under pytest-xdist the first worker that needs them runs the launch and the others wait for its
+    outcomes (pytest-xdist's recipe for a session fixture that runs once), so two launches never
+    compete for the cores, even where ``--dist loadgroup`` leaves the tests on several workers.
+    """
     scenarios = {item.nodeid: _scenario(item) for item in request.session.items if _scenario(item)}
-    return run_scenarios(scenarios, tmp_path_factory.mktemp("ddp"))
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the base directory all workers share
+    saved = shared / "ddp_scenarios.pkl"
+    with FileLock(shared / "ddp_scenarios.lock"):
+        if saved.exists():
+            return pickle.loads(saved.read_bytes())
+        outcomes = run_scenarios(scenarios, shared / "ddp_scenarios")
+        saved.write_bytes(pickle.dumps(outcomes))
+    return outcomes
 
 
 @pytest.fixture
