@@ -23,6 +23,9 @@ Run::
     python benchmarks/gpu_checks.py OUT_DIR --only cifar_speed  # rerun one step
     python benchmarks/gpu_checks.py OUT_DIR --cpu-dry-run      # same pipeline, tiny sizes, on a CPU
 
+On a machine without network and without pytest, rich, jsonargparse or airbench, carry the wheels
+that ``benchmarks/gpu_wheels.sh`` fetches (its header and the README give the one-line install).
+
 ``--cpu-dry-run`` checks the plumbing (commands, output files, summary) on a machine without a GPU:
 the CUDA tests are collected and skipped, the benchmarks run on the CPU with tiny sizes, and the
 CUDA-only rows of the table say ``not measured``.
@@ -45,8 +48,10 @@ from pathlib import Path
 
 try:
     from _report import write_result
-except ModuleNotFoundError:  # imported from outside benchmarks/, which running a script puts on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+except ModuleNotFoundError:
+    # Imported from outside benchmarks/ (which running a script puts on sys.path), or run from a plain
+    # checkout where lightning_tricks is not installed: the checkout's src/, as the steps get it.
+    sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "src")]
     from _report import write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +152,9 @@ def run_step(step: Step, out: Path, dry_run: bool, scale: float) -> Outcome:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
         "WANDB_MODE": "offline",
         "PYTHONUNBUFFERED": "1",
+        # Only the plugins the command names: a machine's own pytest plugins (or ones built for another
+        # pytest than the one carried there) cannot change or break the CUDA tests.
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
     }
     print(f"[gpu_checks] {step.name}: budget {budget} s: {' '.join(command)}", flush=True)
     start = time.perf_counter()

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from sklearn.datasets import load_sample_images
 from torch.nn import functional as F
 
 from lightning_tricks.datamodules.augment import (
@@ -66,6 +68,34 @@ def test_pca_lighting_shift_lies_along_scaled_eigenvectors(stats):
     # ... whose coordinates in the eigenbasis are alpha_i * lambda_i.
     coords = shift[:, :, 0, 0] @ stats.eigvec  # eigvec is orthonormal
     assert torch.allclose(coords, alpha * stats.eigval, atol=1e-6)
+
+
+IMAGENET_TOP_EIGVAL = 0.2175  # fb.resnet.torch's ImageNet colour PCA (0.2175, 0.0188, 0.0045), std 0.1
+
+
+def test_pca_lighting_eigenvalues_and_shift_are_in_unit_pixel_units_as_the_imagenet_constants():
+    """Units: the eigenvalues are variances of pixels in [0, 1] and the shift is added to [0, 1]
+    images before normalisation, the units of the ImageNet constants that PyTorch ports use with
+    ``std=0.1``. On real photos that moves pixels by a few of 255 levels, whatever the storage dtype;
+    eigenvalues in 0-255 units (65,025 times larger) would move them by thousands."""
+    photos = np.stack(load_sample_images().images)[:, ::8, ::8]  # scikit-learn's 2 photos, uint8 NHWC
+    images = torch.from_numpy(photos.copy()).permute(0, 3, 1, 2).contiguous()
+    stats = ImageStatistics().fit(images)
+    pixels = photos.reshape(-1, 3) / 255.0
+    expected = np.linalg.eigvalsh(np.cov(pixels, rowvar=False, bias=True))[::-1]
+    np.testing.assert_allclose(stats.eigval.numpy(), expected, rtol=1e-4)
+    # The ImageNet constants' scale and shape: about 90 % of the variance along the first component.
+    assert IMAGENET_TOP_EIGVAL / 2 < expected[0] < IMAGENET_TOP_EIGVAL * 2
+    assert expected[0] / expected.sum() > 0.8
+    lighting = PCALighting(stats, std=0.1)
+    torch.manual_seed(0)
+    from_uint8 = lighting(images)
+    torch.manual_seed(0)
+    torch.testing.assert_close(from_uint8, lighting(images.float() / 255))
+    shifts = lighting(torch.zeros(4000, 3, 1, 1)).flatten(1)
+    rms = shifts.pow(2).sum(1).mean().sqrt().item()  # E|shift|^2 = std^2 * sum(lambda_i^2)
+    assert rms == pytest.approx(0.1 * np.sqrt((expected**2).sum()), rel=0.05)
+    assert 2 / 255 < rms < 16 / 255
 
 
 def test_mixup_targets_match_the_mixing():

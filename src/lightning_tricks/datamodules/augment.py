@@ -81,7 +81,9 @@ class PCALighting(nn.Module):
 
     One ``alpha`` per image, the same shift for every pixel. The eigen-decomposition is the
     training pixels' colour covariance (:func:`~lightning_tricks.datamodules.stats.pixel_pca`).
-    Hand-written because torchvision has no PCA lighting.
+    Units: ``eigval`` are variances of pixels in [0, 1] and the shift is added to the image in [0, 1]
+    (uint8 input is converted first), as with the ImageNet constants ``[0.2175, 0.0188, 0.0045]``
+    of fb.resnet.torch and its PyTorch ports. Hand-written because torchvision has no PCA lighting.
 
     Args:
         stats: Fitted training statistics (``eigval``/``eigvec`` are read on every call), or
