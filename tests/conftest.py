@@ -3,7 +3,7 @@
 Under pytest-xdist (``-n auto``) each worker runs torch on one thread (its DDP and subprocess children
 inherit ``OMP_NUM_THREADS``), the workers together use the cores, and every test that starts extra
 processes runs on one worker, one at a time, so two such tests never compete for the same cores
-(where pytest-xdist's grouping works; see pytest_collection_modifyitems).
+(pytest below 9.2: see the bound in pyproject.toml).
 """
 
 from __future__ import annotations
