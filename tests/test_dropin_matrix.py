@@ -413,3 +413,89 @@ def test_compiled_model_with_ema_and_init_loss_check(tmp_path):
     averaged = ema.ema_state_dict()
     for k, v in expected.items():
         torch.testing.assert_close(averaged[k].float(), v)
+
+
+class TrainOnly(L.LightningModule):
+    """A module that only trains: no ``validation_step`` at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(FEATURES, CLASSES)
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self.net(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), 0.01)
+
+
+VALIDATION_OFF = {  # how a user's run ends up never validating: (module, with val loader, Trainer kwargs)
+    "limit_val_batches=0": (UserNet, True, {"limit_val_batches": 0}),
+    "no val loader": (UserNet, False, {}),
+    "no validation_step": (TrainOnly, True, {}),
+}
+VALIDATION_MONITORS = {
+    "early_stopping": lambda: SmoothedEarlyStopping(monitor="val_loss", patience=2),
+    "optimizer_switch": lambda: OptimizerSwitch(monitor="val_loss", sgd_lr=0.1),
+}
+
+
+@pytest.mark.parametrize("callback", list(VALIDATION_MONITORS))
+@pytest.mark.parametrize("setup", list(VALIDATION_OFF))
+def test_validation_monitor_in_a_run_without_validation_is_refused_before_training(tmp_path, setup, callback):
+    """Lightning would report it after the first epoch as a name to fix ("did you mean `train_loss`?"),
+    or, for the plateau switch, never switch at all."""
+    net, with_val, trainer_kwargs = VALIDATION_OFF[setup]
+    torch.manual_seed(0)
+    model = net()
+    initial = copy.deepcopy(model.state_dict())
+    steps = StepWeights()
+    trainer = L.Trainer(
+        max_epochs=2,
+        callbacks=[VALIDATION_MONITORS[callback](), steps],
+        **trainer_kwargs,
+        **quiet_trainer_kwargs(tmp_path),
+    )
+    with pytest.raises(
+        ValueError, match=r"`monitor='val_loss'` is a validation metric.*never validates"
+    ) as error:
+        trainer.fit(model, loader("tuple"), loader("tuple") if with_val else None)
+    assert steps.first is None  # no training step ran
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+    assert "did you mean" not in str(error.value).lower()
+
+
+def test_early_stopping_on_a_training_metric_needs_no_validation(tmp_path):
+    es = SmoothedEarlyStopping(monitor="train_loss", smoothing=None, patience=5)
+    trainer = L.Trainer(max_epochs=2, callbacks=[es], limit_val_batches=0, **quiet_trainer_kwargs(tmp_path))
+    trainer.fit(UserNet(), loader("tuple"))
+    assert trainer.current_epoch == 2 and es.wait_count <= 1
+    assert float(trainer.callback_metrics["train_loss_smoothed"]) == float(
+        trainer.callback_metrics["train_loss"]
+    )
+
+
+def test_early_stopping_without_validation_and_strict_false_warns_and_trains(tmp_path):
+    es = SmoothedEarlyStopping(monitor="val_loss", strict=False)
+    trainer = L.Trainer(max_epochs=1, callbacks=[es], **quiet_trainer_kwargs(tmp_path))
+    with pytest.warns(RuntimeWarning, match="never validates.*never stops early"):
+        trainer.fit(TrainOnly(), loader("tuple"))
+    assert trainer.global_step == STEPS_PER_EPOCH
+
+
+class SilentValidation(UserNet):
+    """Validates but logs nothing there (e.g. a forgotten ``self.log``)."""
+
+    def validation_step(self, batch, batch_idx):
+        self._loss_acc(batch)
+
+
+def test_unlogged_validation_metric_is_not_matched_to_a_training_metric(tmp_path):
+    es = SmoothedEarlyStopping(monitor="val_loss")
+    trainer = L.Trainer(max_epochs=2, callbacks=[es], **quiet_trainer_kwargs(tmp_path))
+    with pytest.raises(RuntimeError, match=r"`val_loss` which is not available") as error:
+        trainer.fit(SilentValidation(), loader("tuple"), loader("tuple"))
+    assert "Did you mean `train_loss`" not in str(error.value)
+    assert "does `validation_step` call `self.log('val_loss', ...)`" in str(error.value)

@@ -17,6 +17,7 @@ from lightning_tricks.callbacks._monitor import (
     known_missing,
     missing_metric_message,
     resolve_mode,
+    unvalidated_monitor_message,
 )
 from lightning_tricks.callbacks._plateau import PlateauDetector
 from lightning_tricks.callbacks._requirements import require
@@ -229,6 +230,13 @@ class OptimizerSwitch(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.plateau is not None and not self.switched:
+            # Without validation the plateau rule would never fire, silently.
+            unvalidated = unvalidated_monitor_message(
+                "OptimizerSwitch", "monitor", self.monitor, trainer, pl_module
+            )
+            if unvalidated is not None:
+                raise ValueError(f"{unvalidated} (`monitor=None` switches at `switch_epoch` only.)")
         self._check_names(trainer, self._first_names.at_train_start())
 
     def _check_names(self, trainer: pl.Trainer, names: dict[str, None] | None) -> None:
