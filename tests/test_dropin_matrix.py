@@ -499,3 +499,20 @@ def test_unlogged_validation_metric_is_not_matched_to_a_training_metric(tmp_path
         trainer.fit(SilentValidation(), loader("tuple"), loader("tuple"))
     assert "Did you mean `train_loss`" not in str(error.value)
     assert "does `validation_step` call `self.log('val_loss', ...)`" in str(error.value)
+
+
+class Tested(UserNet):
+    def test_step(self, batch, batch_idx):
+        self.log("test_acc", self._loss_acc(batch)[1])
+
+
+@pytest.mark.parametrize("entry", ["test", "validate"])
+def test_snapshot_ensemble_without_snapshots_says_why_evaluation_logs_no_ensemble(tmp_path, entry):
+    """A fresh callback in an evaluation-only Trainer (no fit, no ckpt_path) has nothing to average."""
+    snapshots = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snapshots"))
+    trainer = L.Trainer(callbacks=[snapshots], **quiet_trainer_kwargs(tmp_path))
+    with pytest.warns(
+        UserWarning, match=f"no snapshots, so `trainer.{entry}` logs no `_ensemble`.*ckpt_path="
+    ):
+        (metrics,) = getattr(trainer, entry)(Tested(), loader("tuple"), verbose=False)
+    assert not any("ensemble" in name for name in metrics)

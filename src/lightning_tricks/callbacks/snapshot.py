@@ -361,6 +361,24 @@ class SnapshotEnsemble(Callback):
         self._cache = (key, arguments, values)
 
     @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit":
+            self._warn_if_empty("validate")
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._warn_if_empty("test")
+
+    def _warn_if_empty(self, entry: str) -> None:
+        # Runs after `ckpt_path` is restored: empty here means no ensemble metric will be logged.
+        if not self._snapshots:
+            rank_zero_warn(
+                f"SnapshotEnsemble has no snapshots, so `trainer.{entry}` logs no `_ensemble` or"
+                f" `_snapshot_i` metrics. Call it after `fit` with the same callback, or pass `ckpt_path=`"
+                f" of a checkpoint that fit wrote (it holds the snapshot list)."
+            )
+
+    @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._snapshots:
             evaluate_prediction_average(trainer, pl_module, "test", self._members())
