@@ -439,6 +439,8 @@ VALIDATION_OFF = {  # how a user's run ends up never validating: (module, with v
 VALIDATION_MONITORS = {
     "early_stopping": lambda: SmoothedEarlyStopping(monitor="val_loss", patience=2),
     "optimizer_switch": lambda: OptimizerSwitch(monitor="val_loss", sgd_lr=0.1),
+    # the plateau rule runs after each validation, whatever the metric
+    "optimizer_switch_on_train_loss": lambda: OptimizerSwitch(monitor="train_loss", sgd_lr=0.1),
 }
 
 
@@ -458,9 +460,7 @@ def test_validation_monitor_in_a_run_without_validation_is_refused_before_traini
         **trainer_kwargs,
         **quiet_trainer_kwargs(tmp_path),
     )
-    with pytest.raises(
-        ValueError, match=r"`monitor='val_loss'` is a validation metric.*never validates"
-    ) as error:
+    with pytest.raises(ValueError, match=r"monitor=?'(val|train)_loss'.*never validates") as error:
         trainer.fit(model, loader("tuple"), loader("tuple") if with_val else None)
     assert steps.first is None  # no training step ran
     assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())

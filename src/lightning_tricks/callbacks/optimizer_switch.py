@@ -17,7 +17,7 @@ from lightning_tricks.callbacks._monitor import (
     known_missing,
     missing_metric_message,
     resolve_mode,
-    unvalidated_monitor_message,
+    validation_off_reason,
 )
 from lightning_tricks.callbacks._plateau import PlateauDetector
 from lightning_tricks.callbacks._requirements import require
@@ -230,13 +230,15 @@ class OptimizerSwitch(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.plateau is not None and not self.switched:
-            # Without validation the plateau rule would never fire, silently.
-            unvalidated = unvalidated_monitor_message(
-                "OptimizerSwitch", "monitor", self.monitor, trainer, pl_module
+        watching = self.plateau is not None and not self.switched
+        if watching and (reason := validation_off_reason(trainer, pl_module)) is not None:
+            # The plateau rule reads `monitor` after each validation: without one it would never fire.
+            raise ValueError(
+                f"OptimizerSwitch(monitor={self.monitor!r}) checks for a plateau after each validation, but"
+                f" this run never validates: {reason}. Validate (a `validation_step` that logs"
+                f" {self.monitor!r}, and validation data), or set `monitor=None` to switch at `switch_epoch`"
+                " only."
             )
-            if unvalidated is not None:
-                raise ValueError(f"{unvalidated} (`monitor=None` switches at `switch_epoch` only.)")
         self._check_names(trainer, self._first_names.at_train_start())
 
     def _check_names(self, trainer: pl.Trainer, names: dict[str, None] | None) -> None:
