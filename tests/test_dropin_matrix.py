@@ -516,3 +516,78 @@ def test_snapshot_ensemble_without_snapshots_says_why_evaluation_logs_no_ensembl
     ):
         (metrics,) = getattr(trainer, entry)(Tested(), loader("tuple"), verbose=False)
     assert not any("ensemble" in name for name in metrics)
+
+
+class DigitsUserNet(L.LightningModule):
+    """A user's digits classifier with BatchNorm, Adam and warm restarts every 4 optimizer steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        self.log("val_loss", F.cross_entropy(logits, batch[1]))
+        self.log("val_acc", (logits.argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), 0.01)
+        restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=4)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": restarts, "interval": "step"}}
+
+
+def test_mid_epoch_resume_with_the_callbacks_together_continues_as_if_never_stopped(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_tricks.datamodules import DigitsDataModule
+
+    def run(root, ckpt_path=None):
+        torch.manual_seed(0)
+        callbacks = {
+            "ema": EMA(decay=0.5, warmup=None),
+            "stop": SmoothedEarlyStopping(monitor="val_acc", patience=5),
+            "diagnostics": TrainingDiagnostics(check_init=False),
+            "momentum": MomentumSchedule(0.85, 0.95, ramp_epochs=2),
+            "snapshots": SnapshotEnsemble(cycles=2, dirpath=str(root / "snapshots")),
+            "switch": OptimizerSwitch(switch_epoch=1, sgd_lr=0.05),
+        }
+        saver = ModelCheckpoint(
+            dirpath=root / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}"
+        )
+        kwargs = {**quiet_trainer_kwargs(root), "enable_checkpointing": True}
+        trainer = L.Trainer(
+            max_epochs=2,
+            limit_train_batches=4,
+            limit_val_batches=2,
+            callbacks=[*callbacks.values(), saver],
+            **kwargs,
+        )
+        model = DigitsUserNet()
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+        return trainer, model, callbacks
+
+    full_trainer, full, full_cbs = run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "ckpt" / "step=6.ckpt"  # mid-way through the second epoch
+    trainer, resumed, cbs = run(tmp_path / "resumed", ckpt_path=checkpoint)
+    assert trainer.global_step == full_trainer.global_step == 8
+    torch.testing.assert_close(resumed.state_dict(), full.state_dict())
+    torch.testing.assert_close(cbs["ema"].ema_state_dict(), full_cbs["ema"].ema_state_dict())
+    assert cbs["diagnostics"].train_losses == pytest.approx(full_cbs["diagnostics"].train_losses)
+    assert cbs["diagnostics"].eval_train_losses == pytest.approx(full_cbs["diagnostics"].eval_train_losses)
+    assert float(cbs["stop"].best_score) == pytest.approx(float(full_cbs["stop"].best_score))
+    assert [s.step for s in cbs["snapshots"]._snapshots] == [4, 8]
+    for name in ("val_acc_ensemble", "val_acc_ema", "val_acc"):
+        assert float(trainer.callback_metrics[name]) == pytest.approx(
+            float(full_trainer.callback_metrics[name])
+        )
+    assert type(trainer.optimizers[0]).__name__ == "SGD"
