@@ -331,7 +331,7 @@ class EMA(WeightAveraging):
         if self.warmup is None:
             consequence = (
                 f"Without warm-up the first update (near the initial weights) still makes up "
-                f"{self.decay ** (planned - 1):.0%} of the final average."
+                f"{100 * self.decay ** (planned - 1):.2g}% of the final average."
             )
         else:
             reached = ema_decay(self.decay, planned - 1, self.warmup, self.warmup_gamma, self.warmup_power)
