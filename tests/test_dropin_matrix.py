@@ -591,3 +591,25 @@ def test_mid_epoch_resume_with_the_callbacks_together_continues_as_if_never_stop
             float(full_trainer.callback_metrics[name])
         )
     assert type(trainer.optimizers[0]).__name__ == "SGD"
+
+
+class AdamWNet(UserNet):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), 0.01)  # torch's default weight_decay=0.01
+
+
+def test_optimizer_switch_warns_before_training_that_adamw_decay_would_become_l2(tmp_path):
+    steps = StepWeights()
+    with pytest.warns(
+        UserWarning, match=r"weight_decay \(0.01\).*AdamW's decoupled decay becomes SGD's coupled"
+    ) as w:
+        fit(tmp_path, "a_own_names", [OptimizerSwitch(switch_epoch=1, sgd_lr=0.1), steps], net=AdamWNet)
+    assert len(steps.after_steps) == 2 * STEPS_PER_EPOCH
+    assert sum("decoupled decay" in str(r.message) for r in w) == 1
+
+
+def test_optimizer_switch_with_its_own_weight_decay_does_not_warn_about_adamw(tmp_path, recwarn):
+    switch = OptimizerSwitch(switch_epoch=1, sgd_lr=0.1, weight_decay=5e-4)
+    trainer, _, _ = fit(tmp_path, "a_own_names", [switch], net=AdamWNet)
+    assert not any("decoupled decay" in str(r.message) for r in recwarn)
+    assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 5e-4

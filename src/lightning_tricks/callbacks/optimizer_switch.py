@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.optim import SGD, Optimizer
+from torch.optim import SGD, AdamW, Optimizer
 from typing_extensions import override
 
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
@@ -53,6 +53,26 @@ def adam_equivalent_sgd_lr(optimizer: Optimizer, group: dict[str, Any], momentum
     return (1.0 - momentum) * float(group["lr"]) * float(num / den)
 
 
+def warn_decoupled_decay(optimizer: Optimizer) -> None:
+    """Warn (once, before training) that a decoupled weight decay kept for SGD changes its meaning."""
+    inner = innermost(optimizer)
+    decays = sorted(
+        {
+            group["weight_decay"]
+            for group in inner.param_groups
+            if group.get("weight_decay") and (group.get("decoupled_weight_decay") or isinstance(inner, AdamW))
+        }
+    )
+    if decays:
+        rank_zero_warn(
+            f"OptimizerSwitch(weight_decay=None) keeps each group's weight_decay"
+            f" ({', '.join(map(str, decays))}), but {type(inner).__name__}'s decoupled decay becomes"
+            " SGD's coupled L2 penalty: each step then shrinks the weights by sgd_lr * weight_decay,"
+            " usually far more than before. Pass"
+            " `weight_decay=` for the SGD phase (e.g. 5e-4, or 0.0 for none)."
+        )
+
+
 class OptimizerSwitch(pl.Callback):
     r"""Train with Adam first, then continue with SGD (the "Adam, then SGD" recipe; Keskar & Socher 2017).
 
@@ -66,7 +86,8 @@ class OptimizerSwitch(pl.Callback):
     The new ``torch.optim.SGD`` keeps the param groups (and any extra keys, e.g. names) and uses per
     group the rate from :func:`adam_equivalent_sgd_lr` (least-squares match of the current Adam step,
     scaled by ``1 - momentum``), or ``sgd_lr`` for every group when given. ``weight_decay=None`` keeps
-    each group's value; note that AdamW's decoupled decay then becomes SGD's coupled L2 penalty.
+    each group's value; note that AdamW's decoupled decay then becomes SGD's coupled L2 penalty (a warning
+    before training says so).
 
     Learning-rate schedulers keep running on the new optimizer: each scheduler's ``optimizer`` is
     re-pointed and its ``base_lrs`` (and the groups' ``initial_lr``) are multiplied by
@@ -206,6 +227,8 @@ class OptimizerSwitch(pl.Callback):
             why="it replaces the one optimizer by SGD mid-run",
             single_optimizer=True,
         )
+        if not self.switched and self.weight_decay is None:
+            warn_decoupled_decay(trainer.optimizers[0])
         if self.switched and not isinstance(innermost(trainer.optimizers[0]), SGD):
             # resuming after the switch: rebuild SGD before Lightning loads the optimizer state
             self._install_sgd(trainer, self.sgd_lrs, self.lr_ratios)
