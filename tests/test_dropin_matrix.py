@@ -613,3 +613,32 @@ def test_optimizer_switch_with_its_own_weight_decay_does_not_warn_about_adamw(tm
     trainer, _, _ = fit(tmp_path, "a_own_names", [switch], net=AdamWNet)
     assert not any("decoupled decay" in str(r.message) for r in recwarn)
     assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_fast_dev_run_smoke_test_with_cycle_and_horizon_callbacks_runs_without_noise(tmp_path, recwarn):
+    """``fast_dev_run`` (one batch) completes no snapshot cycle, reaches no switch epoch and is shorter than
+    any EMA horizon: the smoke test runs, without refusals or warnings about its length."""
+    snapshots = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snapshots"))
+    ema = EMA(decay=0.999)
+    switch = OptimizerSwitch(switch_epoch=5, sgd_lr=0.1)
+    trainer = L.Trainer(
+        fast_dev_run=True, callbacks=[snapshots, ema, switch], **quiet_trainer_kwargs(tmp_path)
+    )
+    trainer.fit(UserNet(restarts=True), loader("tuple"), loader("tuple"))
+    assert trainer.global_step == 1 and ema.num_updates == 1 and not snapshots._snapshots
+    noise = [
+        str(w.message) for w in recwarn if any(s in str(w.message) for s in ("EMA(", "OptimizerSwitch("))
+    ]
+    assert noise == []
+
+
+def test_snapshot_ensemble_says_how_many_cycles_the_run_completes(tmp_path):
+    snapshots = SnapshotEnsemble(cycles=3, dirpath=str(tmp_path / "snapshots"))
+    # T_0 = one epoch: two epochs complete two cycles
+    refused(
+        tmp_path,
+        "a_own_names",
+        snapshots,
+        "completes only 2 cycles in 8 optimizer steps. Set `cycles` to at most 2",
+        restarts=True,
+    )

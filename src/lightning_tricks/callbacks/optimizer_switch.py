@@ -206,6 +206,8 @@ class OptimizerSwitch(pl.Callback):
         max_epochs = trainer.max_epochs
         if stage != TrainerFn.FITTING or self.switch_epoch is None or max_epochs is None or max_epochs < 0:
             return
+        if trainer.fast_dev_run:  # its one epoch reaches no switch_epoch (>= 1) by design
+            return
         if self.switch_epoch >= max_epochs and not self.switched:
             trigger = (
                 "no switch happens"

@@ -202,6 +202,10 @@ class SnapshotEnsemble(Callback):
                 "scheduler: {name: snapshot, interval: step, kwargs: {cycles: 5}} or torch's "
                 "CosineAnnealingWarmRestarts"
             )
+        if trainer.fast_dev_run:
+            # A smoke run of a batch or a few completes no cycle: check the setup, take no snapshots.
+            rank_zero_info("SnapshotEnsemble: no snapshots under `fast_dev_run`.")
+            return
         for config in trainer.lr_scheduler_configs:
             budget, unit = self._budget(trainer, config)
             ends = scheduler_cycle_ends(config.scheduler, budget // config.frequency)
@@ -238,7 +242,8 @@ class SnapshotEnsemble(Callback):
         if len(points) < max(cycles, 1):
             raise ValueError(
                 f"`cycles`={self.cycles} but the scheduler {type(config.scheduler).__name__} "
-                f"(frequency={config.frequency}) completes only {len(points)} cycles in {budget} {unit}"
+                f"(frequency={config.frequency}) completes only {len(points)} cycles in {budget} {unit}."
+                f" Set `cycles` to at most {len(points)}, train longer or use shorter cycles"
             )
         self._unit = "epoch" if config.interval == "epoch" else "step"
         self._snapshot_points = points[-cycles:]
