@@ -10,7 +10,9 @@ and each side of a training batch becomes ``round(side * scale / size_increment)
 (at least ``size_increment``, at most the full side; the full side itself once ``ramp`` reaches 1).
 With ``stages=k`` the ramp moves in ``k`` equal steps instead (``floor(k * ramp) / k``): ``stages=1``
 is fastai's "small images, then full-size images". Validation, test and predict batches are never
-resized.
+resized. The model must accept smaller images (global pooling before the classifier, as in ResNets);
+one with a fixed input size (e.g. ``Flatten`` then ``Linear``) fails at its first training step with a
+shape error from its own forward.
 
 The resize runs on the training device, in the DataModule's ``on_after_batch_transfer`` after
 normalisation (bilinear with antialiasing, ``torchvision.transforms.v2.functional.resize``), so it works
