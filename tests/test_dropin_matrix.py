@@ -642,3 +642,58 @@ def test_snapshot_ensemble_says_how_many_cycles_the_run_completes(tmp_path):
         "completes only 2 cycles in 8 optimizer steps. Set `cycles` to at most 2",
         restarts=True,
     )
+
+
+class DigitsMLP(DigitsUserNet):
+    """A fixed input size: ``Flatten`` then ``Linear`` on the 8x8 digits."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
+class FirstBatch(L.Callback):
+    def __init__(self):
+        self.images = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.images is None:
+            self.images = batch[0].clone()
+
+
+def test_progressive_resizing_refuses_a_fixed_input_size_model_before_training(tmp_path):
+    from lightning_tricks.callbacks import ProgressiveResizing
+    from lightning_tricks.datamodules import DigitsDataModule
+
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    initial = copy.deepcopy(model.state_dict())
+    steps = StepWeights()
+    resizing = ProgressiveResizing(initial_scale=0.5, size_increment=2)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=2, callbacks=[resizing, steps], **quiet_trainer_kwargs(tmp_path)
+    )
+    with pytest.raises(
+        ValueError, match=r"images of 4x4 at first, but DigitsMLP takes only 8x8 ones.*AdaptiveAvgPool2d"
+    ):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    assert steps.first is None
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+
+
+def test_progressive_resizing_probe_leaves_the_data_order_and_augmentation_alone(tmp_path):
+    """The probe draws a batch before training: the first training batch is the one a run without it sees."""
+    from lightning_tricks.callbacks import ProgressiveResizing
+    from lightning_tricks.datamodules import DigitsDataModule
+
+    def first_batch(callbacks):
+        L.seed_everything(0)
+        seen = FirstBatch()
+        trainer = L.Trainer(max_steps=1, callbacks=[*callbacks, seen], **quiet_trainer_kwargs(tmp_path))
+        trainer.fit(DigitsUserNet(), datamodule=DigitsDataModule(batch_size=32, augment="flip"))
+        return seen.images
+
+    # initial_scale=1.0: nothing is resized, so the batches must match exactly
+    torch.testing.assert_close(
+        first_batch([ProgressiveResizing(initial_scale=1.0)]), first_batch([]), rtol=0, atol=0
+    )
