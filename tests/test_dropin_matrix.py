@@ -413,3 +413,287 @@ def test_compiled_model_with_ema_and_init_loss_check(tmp_path):
     averaged = ema.ema_state_dict()
     for k, v in expected.items():
         torch.testing.assert_close(averaged[k].float(), v)
+
+
+class TrainOnly(L.LightningModule):
+    """A module that only trains: no ``validation_step`` at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(FEATURES, CLASSES)
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self.net(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), 0.01)
+
+
+VALIDATION_OFF = {  # how a user's run ends up never validating: (module, with val loader, Trainer kwargs)
+    "limit_val_batches=0": (UserNet, True, {"limit_val_batches": 0}),
+    "no val loader": (UserNet, False, {}),
+    "no validation_step": (TrainOnly, True, {}),
+}
+VALIDATION_MONITORS = {
+    "early_stopping": lambda: SmoothedEarlyStopping(monitor="val_loss", patience=2),
+    "optimizer_switch": lambda: OptimizerSwitch(monitor="val_loss", sgd_lr=0.1),
+    # the plateau rule runs after each validation, whatever the metric
+    "optimizer_switch_on_train_loss": lambda: OptimizerSwitch(monitor="train_loss", sgd_lr=0.1),
+}
+
+
+@pytest.mark.parametrize("callback", list(VALIDATION_MONITORS))
+@pytest.mark.parametrize("setup", list(VALIDATION_OFF))
+def test_validation_monitor_in_a_run_without_validation_is_refused_before_training(tmp_path, setup, callback):
+    """Lightning would report it after the first epoch as a name to fix ("did you mean `train_loss`?"),
+    or, for the plateau switch, never switch at all."""
+    net, with_val, trainer_kwargs = VALIDATION_OFF[setup]
+    torch.manual_seed(0)
+    model = net()
+    initial = copy.deepcopy(model.state_dict())
+    steps = StepWeights()
+    trainer = L.Trainer(
+        max_epochs=2,
+        callbacks=[VALIDATION_MONITORS[callback](), steps],
+        **trainer_kwargs,
+        **quiet_trainer_kwargs(tmp_path),
+    )
+    with pytest.raises(ValueError, match=r"monitor=?'(val|train)_loss'.*never validates") as error:
+        trainer.fit(model, loader("tuple"), loader("tuple") if with_val else None)
+    assert steps.first is None  # no training step ran
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+    assert "did you mean" not in str(error.value).lower()
+
+
+def test_early_stopping_on_a_training_metric_needs_no_validation(tmp_path):
+    es = SmoothedEarlyStopping(monitor="train_loss", smoothing=None, patience=5)
+    trainer = L.Trainer(max_epochs=2, callbacks=[es], limit_val_batches=0, **quiet_trainer_kwargs(tmp_path))
+    trainer.fit(UserNet(), loader("tuple"))
+    assert trainer.current_epoch == 2 and es.wait_count <= 1
+    assert float(trainer.callback_metrics["train_loss_smoothed"]) == float(
+        trainer.callback_metrics["train_loss"]
+    )
+
+
+def test_early_stopping_without_validation_and_strict_false_warns_and_trains(tmp_path):
+    es = SmoothedEarlyStopping(monitor="val_loss", strict=False)
+    trainer = L.Trainer(max_epochs=1, callbacks=[es], **quiet_trainer_kwargs(tmp_path))
+    with pytest.warns(RuntimeWarning, match="never validates.*never stops early"):
+        trainer.fit(TrainOnly(), loader("tuple"))
+    assert trainer.global_step == STEPS_PER_EPOCH
+
+
+class SilentValidation(UserNet):
+    """Validates but logs nothing there (e.g. a forgotten ``self.log``)."""
+
+    def validation_step(self, batch, batch_idx):
+        self._loss_acc(batch)
+
+
+def test_unlogged_validation_metric_is_not_matched_to_a_training_metric(tmp_path):
+    es = SmoothedEarlyStopping(monitor="val_loss")
+    trainer = L.Trainer(max_epochs=2, callbacks=[es], **quiet_trainer_kwargs(tmp_path))
+    with pytest.raises(RuntimeError, match=r"`val_loss` which is not available") as error:
+        trainer.fit(SilentValidation(), loader("tuple"), loader("tuple"))
+    assert "Did you mean `train_loss`" not in str(error.value)
+    assert "does `validation_step` call `self.log('val_loss', ...)`" in str(error.value)
+
+
+class Tested(UserNet):
+    def test_step(self, batch, batch_idx):
+        self.log("test_acc", self._loss_acc(batch)[1])
+
+
+@pytest.mark.parametrize("entry", ["test", "validate"])
+def test_snapshot_ensemble_without_snapshots_says_why_evaluation_logs_no_ensemble(tmp_path, entry):
+    """A fresh callback in an evaluation-only Trainer (no fit, no ckpt_path) has nothing to average."""
+    snapshots = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snapshots"))
+    trainer = L.Trainer(callbacks=[snapshots], **quiet_trainer_kwargs(tmp_path))
+    with pytest.warns(
+        UserWarning, match=f"no snapshots, so `trainer.{entry}` logs no `_ensemble`.*ckpt_path="
+    ):
+        (metrics,) = getattr(trainer, entry)(Tested(), loader("tuple"), verbose=False)
+    assert not any("ensemble" in name for name in metrics)
+
+
+class DigitsUserNet(L.LightningModule):
+    """A user's digits classifier with BatchNorm, Adam and warm restarts every 4 optimizer steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        self.log("val_loss", F.cross_entropy(logits, batch[1]))
+        self.log("val_acc", (logits.argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), 0.01)
+        restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=4)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": restarts, "interval": "step"}}
+
+
+def test_mid_epoch_resume_with_the_callbacks_together_continues_as_if_never_stopped(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_tricks.datamodules import DigitsDataModule
+
+    def run(root, ckpt_path=None):
+        torch.manual_seed(0)
+        callbacks = {
+            "ema": EMA(decay=0.5, warmup=None),
+            "stop": SmoothedEarlyStopping(monitor="val_acc", patience=5),
+            "diagnostics": TrainingDiagnostics(check_init=False),
+            "momentum": MomentumSchedule(0.85, 0.95, ramp_epochs=2),
+            "snapshots": SnapshotEnsemble(cycles=2, dirpath=str(root / "snapshots")),
+            "switch": OptimizerSwitch(switch_epoch=1, sgd_lr=0.05),
+        }
+        saver = ModelCheckpoint(
+            dirpath=root / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}"
+        )
+        kwargs = {**quiet_trainer_kwargs(root), "enable_checkpointing": True}
+        trainer = L.Trainer(
+            max_epochs=2,
+            limit_train_batches=4,
+            limit_val_batches=2,
+            callbacks=[*callbacks.values(), saver],
+            **kwargs,
+        )
+        model = DigitsUserNet()
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+        return trainer, model, callbacks
+
+    full_trainer, full, full_cbs = run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "ckpt" / "step=6.ckpt"  # mid-way through the second epoch
+    trainer, resumed, cbs = run(tmp_path / "resumed", ckpt_path=checkpoint)
+    assert trainer.global_step == full_trainer.global_step == 8
+    torch.testing.assert_close(resumed.state_dict(), full.state_dict())
+    torch.testing.assert_close(cbs["ema"].ema_state_dict(), full_cbs["ema"].ema_state_dict())
+    assert cbs["diagnostics"].train_losses == pytest.approx(full_cbs["diagnostics"].train_losses)
+    assert cbs["diagnostics"].eval_train_losses == pytest.approx(full_cbs["diagnostics"].eval_train_losses)
+    assert float(cbs["stop"].best_score) == pytest.approx(float(full_cbs["stop"].best_score))
+    assert [s.step for s in cbs["snapshots"]._snapshots] == [4, 8]
+    for name in ("val_acc_ensemble", "val_acc_ema", "val_acc"):
+        assert float(trainer.callback_metrics[name]) == pytest.approx(
+            float(full_trainer.callback_metrics[name])
+        )
+    assert type(trainer.optimizers[0]).__name__ == "SGD"
+
+
+class AdamWNet(UserNet):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), 0.01)  # torch's default weight_decay=0.01
+
+
+def test_optimizer_switch_warns_before_training_that_adamw_decay_would_become_l2(tmp_path):
+    steps = StepWeights()
+    with pytest.warns(
+        UserWarning, match=r"weight_decay \(0.01\).*AdamW's decoupled decay becomes SGD's coupled"
+    ) as w:
+        fit(tmp_path, "a_own_names", [OptimizerSwitch(switch_epoch=1, sgd_lr=0.1), steps], net=AdamWNet)
+    assert len(steps.after_steps) == 2 * STEPS_PER_EPOCH
+    assert sum("decoupled decay" in str(r.message) for r in w) == 1
+
+
+def test_optimizer_switch_with_its_own_weight_decay_does_not_warn_about_adamw(tmp_path, recwarn):
+    switch = OptimizerSwitch(switch_epoch=1, sgd_lr=0.1, weight_decay=5e-4)
+    trainer, _, _ = fit(tmp_path, "a_own_names", [switch], net=AdamWNet)
+    assert not any("decoupled decay" in str(r.message) for r in recwarn)
+    assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_fast_dev_run_smoke_test_with_cycle_and_horizon_callbacks_runs_without_noise(tmp_path, recwarn):
+    """``fast_dev_run`` (one batch) completes no snapshot cycle, reaches no switch epoch and is shorter than
+    any EMA horizon: the smoke test runs, without refusals or warnings about its length."""
+    snapshots = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snapshots"))
+    ema = EMA(decay=0.999)
+    switch = OptimizerSwitch(switch_epoch=5, sgd_lr=0.1)
+    trainer = L.Trainer(
+        fast_dev_run=True, callbacks=[snapshots, ema, switch], **quiet_trainer_kwargs(tmp_path)
+    )
+    trainer.fit(UserNet(restarts=True), loader("tuple"), loader("tuple"))
+    assert trainer.global_step == 1 and ema.num_updates == 1 and not snapshots._snapshots
+    noise = [
+        str(w.message) for w in recwarn if any(s in str(w.message) for s in ("EMA(", "OptimizerSwitch("))
+    ]
+    assert noise == []
+
+
+def test_snapshot_ensemble_says_how_many_cycles_the_run_completes(tmp_path):
+    snapshots = SnapshotEnsemble(cycles=3, dirpath=str(tmp_path / "snapshots"))
+    # T_0 = one epoch: two epochs complete two cycles
+    refused(
+        tmp_path,
+        "a_own_names",
+        snapshots,
+        "completes only 2 cycles in 8 optimizer steps. Set `cycles` to at most 2",
+        restarts=True,
+    )
+
+
+class DigitsMLP(DigitsUserNet):
+    """A fixed input size: ``Flatten`` then ``Linear`` on the 8x8 digits."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
+class FirstBatch(L.Callback):
+    def __init__(self):
+        self.images = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.images is None:
+            self.images = batch[0].clone()
+
+
+def test_progressive_resizing_refuses_a_fixed_input_size_model_before_training(tmp_path):
+    from lightning_tricks.callbacks import ProgressiveResizing
+    from lightning_tricks.datamodules import DigitsDataModule
+
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    initial = copy.deepcopy(model.state_dict())
+    steps = StepWeights()
+    resizing = ProgressiveResizing(initial_scale=0.5, size_increment=2)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=2, callbacks=[resizing, steps], **quiet_trainer_kwargs(tmp_path)
+    )
+    with pytest.raises(
+        ValueError, match=r"images of 4x4 at first, but DigitsMLP takes only 8x8 ones.*AdaptiveAvgPool2d"
+    ):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    assert steps.first is None
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+
+
+def test_progressive_resizing_probe_leaves_the_data_order_and_augmentation_alone(tmp_path):
+    """The probe draws a batch before training: the first training batch is the one a run without it sees."""
+    from lightning_tricks.callbacks import ProgressiveResizing
+    from lightning_tricks.datamodules import DigitsDataModule
+
+    def first_batch(callbacks):
+        L.seed_everything(0)
+        seen = FirstBatch()
+        trainer = L.Trainer(max_steps=1, callbacks=[*callbacks, seen], **quiet_trainer_kwargs(tmp_path))
+        trainer.fit(DigitsUserNet(), datamodule=DigitsDataModule(batch_size=32, augment="flip"))
+        return seen.images
+
+    # initial_scale=1.0: nothing is resized, so the batches must match exactly
+    torch.testing.assert_close(
+        first_batch([ProgressiveResizing(initial_scale=1.0)]), first_batch([]), rtol=0, atol=0
+    )

@@ -236,6 +236,28 @@ def test_resume_keeps_history_identical_to_an_uninterrupted_run(tmp_path):
     assert resumed.init == full.init
 
 
+def test_resume_from_a_mid_epoch_checkpoint_pairs_the_whole_epoch_with_its_validation(tmp_path):
+    """The step losses since the last validation travel in the checkpoint: the resumed epoch's training
+    loss is the mean over all its steps, not only those after the resume."""
+    L.seed_everything(0)
+    first = TrainingDiagnostics(check_init=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, filename="{step}")
+    fit(tmp_path / "a", DeepMLP(), [first, ckpt], max_epochs=2, n_train=128)  # 2 steps an epoch
+
+    resumed = TrainingDiagnostics(check_init=False)
+    fit(
+        tmp_path / "b",
+        DeepMLP(),
+        [resumed],
+        max_epochs=2,
+        n_train=128,
+        ckpt_path=tmp_path / "ckpt" / "step=3.ckpt",
+    )
+    losses = resumed.train_losses
+    assert len(losses) == 4
+    assert resumed.eval_train_losses == pytest.approx([sum(losses[:2]) / 2, sum(losses[2:]) / 2])
+
+
 class RankReport(Callback):
     """Writes each rank's recorded curves to ``rank{r}.json`` at the end of fit."""
 

@@ -672,12 +672,19 @@ def horizon_warnings(tmp_path, ema: EMA) -> list[str]:
     return [str(w.message) for w in caught if "EMA(" in str(w.message)]
 
 
+def test_horizon_warning_states_a_tiny_share_of_the_first_update_as_measured(tmp_path):
+    # horizon 2.5 > 10% of 20 updates; the first update weighs 0.6**19 = 0.0061%, not "0%"
+    (message,) = horizon_warnings(tmp_path, EMA(decay=0.6, warmup=None))
+    assert f"still makes up {100 * 0.6**19:.2g}% of the final average" in message
+    assert "0.0061%" in message
+
+
 def test_horizon_warning_names_decay_planned_updates_and_fix(tmp_path):
     # 1/(1-0.999) = 1000 updates > 10% of 20: warned, with the largest decay that fits (horizon 2).
     (message,) = horizon_warnings(tmp_path / "a", EMA(decay=0.999, warmup=None))
     assert "EMA(decay=0.999) averages over about 1/(1-decay) = 1000 updates" in message
     assert "more than 10% of the 20 updates this run plans" in message
-    assert f"still makes up {0.999**19:.0%} of the final average" in message
+    assert f"still makes up {0.999**19:.0%} of the final average" in message  # 98%
     assert "Fix: warmup='num_updates', or a smaller decay such as EMA(decay=0.5)" in message
 
     # With warm-up the message says which decay is reached instead.

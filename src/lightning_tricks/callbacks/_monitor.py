@@ -9,6 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 MODES = ("auto", "min", "max")
@@ -67,8 +68,50 @@ def resolve_mode(mode: str, monitor: str, owner: str) -> str:
     return infer_mode(monitor, owner) if mode == "auto" else mode
 
 
+# Name prefixes of metrics that only a validation run logs.
+VALIDATION_STAGES = frozenset({"val", "valid", "validation"})
+
+
 def _stage(name: str) -> str:
     return re.split(r"[/_.]", name, maxsplit=1)[0]
+
+
+def is_validation_name(name: str) -> bool:
+    """``name`` is a validation metric by its prefix (``val_loss``, ``val/acc``, ``valid.f1``)."""
+    return _stage(name).lower() in VALIDATION_STAGES
+
+
+def validation_off_reason(trainer: Any, pl_module: Any) -> str | None:
+    """Why this fit never validates, or ``None`` when it does; call from ``on_train_start`` (the
+    validation data are resolved by then).
+
+    Example::
+
+        reason = validation_off_reason(trainer, pl_module)  # "`Trainer(limit_val_batches=0)`"
+    """
+    if not is_overridden("validation_step", pl_module):
+        return "the LightningModule defines no `validation_step`"
+    if trainer.limit_val_batches == 0:
+        return "`Trainer(limit_val_batches=0)` turns validation off"
+    if trainer.val_dataloaders is None:
+        return "`fit` got no validation data (no `val_dataloaders` and no `val_dataloader()`)"
+    if not sum(trainer.num_val_batches):
+        return "the validation data hold no batches"
+    return None
+
+
+def unvalidated_monitor_message(
+    owner: str, argument: str, name: str, trainer: Any, pl_module: Any
+) -> str | None:
+    """The message for a validation ``name`` monitored in a fit that never validates, else ``None``."""
+    reason = validation_off_reason(trainer, pl_module) if is_validation_name(name) else None
+    if reason is None:
+        return None
+    return (
+        f"{owner}: `{argument}={name!r}` is a validation metric, but this run never validates: {reason}."
+        f" Validate with a `validation_step` that logs {name!r} (and validation data), or set"
+        f" `{argument}` to a metric that `training_step` logs."
+    )
 
 
 def known_missing(name: str, metrics: Mapping[str, Any]) -> bool:
@@ -95,11 +138,18 @@ def missing_metric_message(
 ) -> str:
     """The message for a monitored metric that is not logged: what was asked, what exists, and the fix."""
     logged = "`, `".join(metrics) if metrics else ""
-    close = difflib.get_close_matches(name, [m for m in metrics if m != name], n=1)
+    # Only a name of the same stage is a likely typo: `train_loss` is no fix for `val_loss`.
+    same_stage = [m for m in metrics if m != name and _stage(m) == _stage(name)]
+    close = difflib.get_close_matches(name, same_stage, n=1)
     hint = f" Did you mean `{close[0]}`?" if close else ""
+    silent = ""
+    if is_validation_name(name) and not any(is_validation_name(m) for m in metrics):
+        silent = (
+            f" No validation metric is logged at all: does `validation_step` call `self.log({name!r}, ...)`?"
+        )
     return (
         f"{owner}: conditioned on metric `{name}` which is not available{where}. Logged metrics:"
-        f" `{logged}`.{hint} Set `{argument}` to one of them."
+        f" `{logged}`.{hint} Set `{argument}` to one of them.{silent}"
     )
 
 

@@ -221,7 +221,9 @@ class TrainingDiagnostics(Callback):
             return
         if not self._since_eval:
             return
-        self.eval_train_losses.append(float(torch.stack(self._since_eval).float().mean()))
+        # `.to`: the losses restored from a mid-epoch checkpoint are on the CPU (a no-op for the others)
+        since_eval = torch.stack([loss.to(pl_module.device) for loss in self._since_eval])
+        self.eval_train_losses.append(float(since_eval.float().mean()))
         self.val_losses.append(float(val))
         self._since_eval = []
 
@@ -370,6 +372,8 @@ class TrainingDiagnostics(Callback):
         return {
             "train_losses": list(self.train_losses),
             "eval_train_losses": list(self.eval_train_losses),
+            # the step losses since the last evaluation: a mid-epoch checkpoint is taken between the two
+            "since_eval": torch.stack(self._since_eval).float().cpu().tolist() if self._since_eval else [],
             "val_losses": list(self.val_losses),
             "init": dict(self.init),
             "findings": [asdict(f) for f in self.findings],
@@ -381,6 +385,7 @@ class TrainingDiagnostics(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_losses = list(state_dict.get("train_losses", []))
         self.eval_train_losses = list(state_dict.get("eval_train_losses", []))
+        self._since_eval = [torch.tensor(loss) for loss in state_dict.get("since_eval", [])]
         self.val_losses = list(state_dict.get("val_losses", []))
         self.init = dict(state_dict.get("init", {}))
         self.findings = [Finding(**f) for f in state_dict.get("findings", [])]

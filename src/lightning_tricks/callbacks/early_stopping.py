@@ -30,6 +30,7 @@ from lightning_tricks.callbacks._monitor import (
     missing_metric_message,
     resolve_mode,
     returned_loss,
+    unvalidated_monitor_message,
 )
 from lightning_tricks.callbacks._smoothing import MetricSmoother
 
@@ -247,6 +248,17 @@ class SmoothedEarlyStopping(EarlyStopping):
     # ------------------------------------------------------------------ hooks
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        unvalidated = unvalidated_monitor_message(
+            type(self).__name__, "monitor", self.monitor, trainer, pl_module
+        )
+        if unvalidated is not None:
+            # Lightning would report it only after the first training epoch, as a metric name to fix.
+            if self.strict:
+                raise ValueError(unvalidated)
+            self._warned.add(self.monitor)  # said here; the per-check warning would repeat it
+            rank_zero_warn(
+                f"{unvalidated} With `strict=False` the run never stops early.", category=RuntimeWarning
+            )
         self._check_names(trainer, self._first_names.at_train_start())
 
     @override

@@ -302,7 +302,8 @@ class EMA(WeightAveraging):
         if self._device is None:
             self._average_model.to(pl_module.device)
         self._ema = self._build_ema(pl_module)
-        self._check_horizon(trainer.estimated_stepping_batches)
+        if not trainer.fast_dev_run:  # a smoke run of a batch or a few is shorter than any horizon
+            self._check_horizon(trainer.estimated_stepping_batches)
 
     def planned_updates(self, optimizer_steps: float) -> float:
         """Number of updates in a run of ``optimizer_steps`` steps (``inf`` for an unbounded run)."""
@@ -331,7 +332,7 @@ class EMA(WeightAveraging):
         if self.warmup is None:
             consequence = (
                 f"Without warm-up the first update (near the initial weights) still makes up "
-                f"{self.decay ** (planned - 1):.0%} of the final average."
+                f"{100 * self.decay ** (planned - 1):.2g}% of the final average."
             )
         else:
             reached = ema_decay(self.decay, planned - 1, self.warmup, self.warmup_gamma, self.warmup_power)

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.optim import SGD, Optimizer
+from torch.optim import SGD, AdamW, Optimizer
 from typing_extensions import override
 
 from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
@@ -17,6 +17,7 @@ from lightning_tricks.callbacks._monitor import (
     known_missing,
     missing_metric_message,
     resolve_mode,
+    validation_off_reason,
 )
 from lightning_tricks.callbacks._plateau import PlateauDetector
 from lightning_tricks.callbacks._requirements import require
@@ -52,6 +53,26 @@ def adam_equivalent_sgd_lr(optimizer: Optimizer, group: dict[str, Any], momentum
     return (1.0 - momentum) * float(group["lr"]) * float(num / den)
 
 
+def warn_decoupled_decay(optimizer: Optimizer) -> None:
+    """Warn (once, before training) that a decoupled weight decay kept for SGD changes its meaning."""
+    inner = innermost(optimizer)
+    decays = sorted(
+        {
+            group["weight_decay"]
+            for group in inner.param_groups
+            if group.get("weight_decay") and (group.get("decoupled_weight_decay") or isinstance(inner, AdamW))
+        }
+    )
+    if decays:
+        rank_zero_warn(
+            f"OptimizerSwitch(weight_decay=None) keeps each group's weight_decay"
+            f" ({', '.join(map(str, decays))}), but {type(inner).__name__}'s decoupled decay becomes"
+            " SGD's coupled L2 penalty: each step then shrinks the weights by sgd_lr * weight_decay,"
+            " usually far more than before. Pass"
+            " `weight_decay=` for the SGD phase (e.g. 5e-4, or 0.0 for none)."
+        )
+
+
 class OptimizerSwitch(pl.Callback):
     r"""Train with Adam first, then continue with SGD (the "Adam, then SGD" recipe; Keskar & Socher 2017).
 
@@ -65,7 +86,8 @@ class OptimizerSwitch(pl.Callback):
     The new ``torch.optim.SGD`` keeps the param groups (and any extra keys, e.g. names) and uses per
     group the rate from :func:`adam_equivalent_sgd_lr` (least-squares match of the current Adam step,
     scaled by ``1 - momentum``), or ``sgd_lr`` for every group when given. ``weight_decay=None`` keeps
-    each group's value; note that AdamW's decoupled decay then becomes SGD's coupled L2 penalty.
+    each group's value; note that AdamW's decoupled decay then becomes SGD's coupled L2 penalty (a warning
+    before training says so).
 
     Learning-rate schedulers keep running on the new optimizer: each scheduler's ``optimizer`` is
     re-pointed and its ``base_lrs`` (and the groups' ``initial_lr``) are multiplied by
@@ -184,6 +206,8 @@ class OptimizerSwitch(pl.Callback):
         max_epochs = trainer.max_epochs
         if stage != TrainerFn.FITTING or self.switch_epoch is None or max_epochs is None or max_epochs < 0:
             return
+        if trainer.fast_dev_run:  # its one epoch reaches no switch_epoch (>= 1) by design
+            return
         if self.switch_epoch >= max_epochs and not self.switched:
             trigger = (
                 "no switch happens"
@@ -205,6 +229,8 @@ class OptimizerSwitch(pl.Callback):
             why="it replaces the one optimizer by SGD mid-run",
             single_optimizer=True,
         )
+        if not self.switched and self.weight_decay is None:
+            warn_decoupled_decay(trainer.optimizers[0])
         if self.switched and not isinstance(innermost(trainer.optimizers[0]), SGD):
             # resuming after the switch: rebuild SGD before Lightning loads the optimizer state
             self._install_sgd(trainer, self.sgd_lrs, self.lr_ratios)
@@ -229,6 +255,15 @@ class OptimizerSwitch(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        watching = self.plateau is not None and not self.switched
+        if watching and (reason := validation_off_reason(trainer, pl_module)) is not None:
+            # The plateau rule reads `monitor` after each validation: without one it would never fire.
+            raise ValueError(
+                f"OptimizerSwitch(monitor={self.monitor!r}) checks for a plateau after each validation, but"
+                f" this run never validates: {reason}. Validate (a `validation_step` that logs"
+                f" {self.monitor!r}, and validation data), or set `monitor=None` to switch at `switch_epoch`"
+                " only."
+            )
         self._check_names(trainer, self._first_names.at_train_start())
 
     def _check_names(self, trainer: pl.Trainer, names: dict[str, None] | None) -> None:

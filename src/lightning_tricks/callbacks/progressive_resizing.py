@@ -10,7 +10,10 @@ and each side of a training batch becomes ``round(side * scale / size_increment)
 (at least ``size_increment``, at most the full side; the full side itself once ``ramp`` reaches 1).
 With ``stages=k`` the ramp moves in ``k`` equal steps instead (``floor(k * ramp) / k``): ``stages=1``
 is fastai's "small images, then full-size images". Validation, test and predict batches are never
-resized.
+resized. The model must accept smaller images (global pooling before the classifier, as in ResNets):
+before the first step of a fresh run, one training batch shrunk to the first size goes through the
+model in eval mode (the training state is restored), and a model with a fixed input size (e.g.
+``Flatten`` then ``Linear``) is refused with a ``ValueError``.
 
 The resize runs on the training device, in the DataModule's ``on_after_batch_transfer`` after
 normalisation (bilinear with antialiasing, ``torchvision.transforms.v2.functional.resize``), so it works
@@ -39,6 +42,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchvision.transforms.v2 import functional as TF
 from typing_extensions import override
+
+from lightning_tricks.callbacks._sanity import draw_batches, split_batch
+from lightning_tricks.callbacks._training_state import preserved_training_state
 
 
 class ProgressiveResizing(pl.Callback):
@@ -163,7 +169,38 @@ class ProgressiveResizing(pl.Callback):
                 f"ProgressiveResizing needs a finite training length to schedule sizes, got {total} steps; "
                 "set trainer.max_epochs or trainer.max_steps"
             )
+        self._check_model_takes_small_images(trainer, pl_module, int(total))
         self.total_steps = int(total)
+
+    def _check_model_takes_small_images(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: int
+    ) -> None:
+        """Refuse, before the first step, a model whose forward fails on the smallest training images
+        although it runs on full-size ones (a fixed input size, e.g. ``Flatten`` then ``Linear``)."""
+        # Before `total_steps` is set, `resize` leaves the drawn batch at full size.
+        with preserved_training_state(trainer, pl_module), torch.no_grad():
+            batches = draw_batches(trainer, num_batches=1)
+            pair = split_batch(batches[0], pl_module) if batches else None
+            if not isinstance(pair, tuple) or not isinstance(pair[0], torch.Tensor) or pair[0].ndim != 4:
+                return
+            images = pair[0][:2]
+            full = (int(images.shape[-2]), int(images.shape[-1]))
+            smallest = self.size_at(0, total, full)
+            pl_module.eval()
+            with trainer.precision_plugin.train_step_context():
+                try:
+                    pl_module(images)
+                except Exception:  # the bare forward needs more than the images: leave it to training
+                    return
+                try:
+                    pl_module(TF.resize(images, list(smallest), antialias=True))
+                except RuntimeError as err:
+                    raise ValueError(
+                        f"ProgressiveResizing(initial_scale={self.initial_scale}) trains on images of"
+                        f" {smallest[0]}x{smallest[1]} at first, but {type(pl_module).__name__} takes only"
+                        f" {full[0]}x{full[1]} ones ({err}). Give the model a global pooling before its"
+                        " classifier (nn.AdaptiveAvgPool2d), or remove the callback."
+                    ) from err
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         """Training ``images`` ``(N, C, H, W)`` at the current step's size (called by the DataModule)."""

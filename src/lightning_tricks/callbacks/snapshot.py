@@ -202,6 +202,10 @@ class SnapshotEnsemble(Callback):
                 "scheduler: {name: snapshot, interval: step, kwargs: {cycles: 5}} or torch's "
                 "CosineAnnealingWarmRestarts"
             )
+        if trainer.fast_dev_run:
+            # A smoke run of a batch or a few completes no cycle: check the setup, take no snapshots.
+            rank_zero_info("SnapshotEnsemble: no snapshots under `fast_dev_run`.")
+            return
         for config in trainer.lr_scheduler_configs:
             budget, unit = self._budget(trainer, config)
             ends = scheduler_cycle_ends(config.scheduler, budget // config.frequency)
@@ -238,7 +242,8 @@ class SnapshotEnsemble(Callback):
         if len(points) < max(cycles, 1):
             raise ValueError(
                 f"`cycles`={self.cycles} but the scheduler {type(config.scheduler).__name__} "
-                f"(frequency={config.frequency}) completes only {len(points)} cycles in {budget} {unit}"
+                f"(frequency={config.frequency}) completes only {len(points)} cycles in {budget} {unit}."
+                f" Set `cycles` to at most {len(points)}, train longer or use shorter cycles"
             )
         self._unit = "epoch" if config.interval == "epoch" else "step"
         self._snapshot_points = points[-cycles:]
@@ -359,6 +364,24 @@ class SnapshotEnsemble(Callback):
         metrics = trainer.callback_metrics
         values = {name: float(metrics[name]) for name in arguments if name in metrics}
         self._cache = (key, arguments, values)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit":
+            self._warn_if_empty("validate")
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._warn_if_empty("test")
+
+    def _warn_if_empty(self, entry: str) -> None:
+        # Runs after `ckpt_path` is restored: empty here means no ensemble metric will be logged.
+        if not self._snapshots:
+            rank_zero_warn(
+                f"SnapshotEnsemble has no snapshots, so `trainer.{entry}` logs no `_ensemble` or"
+                f" `_snapshot_i` metrics. Call it after `fit` with the same callback, or pass `ckpt_path=`"
+                f" of a checkpoint that fit wrote (it holds the snapshot list)."
+            )
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
