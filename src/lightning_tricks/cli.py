@@ -86,6 +86,11 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         self._parsed_args = args
+        saver = self.save_config_callback
+        command_line = sys.argv[1:] if args is None else args
+        if isinstance(saver, type) and issubclass(saver, RunConfigSaver) and isinstance(command_line, list):
+            # a list read from a file (`--trainer.callbacks cbs.yaml`) keeps no trace in the parsed config
+            self.save_config_kwargs = {**self.save_config_kwargs, "command_line": list(command_line)}
 
     def given_config(self) -> Namespace:
         """The config as the user wrote it (files and command line), without the defaults."""
