@@ -65,6 +65,12 @@ def write_optimizer_configs(root: Path) -> None:
         (root / f"{name}.yaml").write_text(f"model:\n  init_args:\n    optimizer: {optimizer}\n")
 
 
+def write_misspelt_configs(root: Path) -> None:
+    """Config files with a misspelt key of the trainer and of the top level."""
+    (root / "misspelt_trainer.yaml").write_text("trainer:\n  max_epoch: 3\n")
+    (root / "misspelt_top.yaml").write_text("seed_everythin: 3\n")
+
+
 def write_checkpoints(root: Path) -> dict[str, Path]:
     """A truncated and an empty checkpoint file (the complete one is cut in half)."""
     full = root / "full.ckpt"
@@ -357,6 +363,25 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("ckpt-missing", ["--ckpt_path={root}/nowhere.ckpt"], ("ckpt_path", "nowhere.ckpt")),
     ("ckpt-truncated", ["--ckpt_path={root}/truncated.ckpt"], ("truncated.ckpt", "corrupt")),
     ("ckpt-empty", ["--ckpt_path={root}/empty.ckpt"], ("empty.ckpt", "empty")),
+    ("ckpt-folder", ["--ckpt_path={root}"], ("is a folder (3 checkpoint file(s) inside)", "--ckpt_path=")),
+    # -- misspelt keys in config files, and values outside a fixed set
+    (
+        "config-file-trainer-typo",
+        ["--config={root}/misspelt_trainer.yaml"],
+        ("unknown config key 'trainer.max_epoch'", "fix: did you mean trainer.max_epochs?"),
+    ),
+    ("config-file-top-typo", ["--config={root}/misspelt_top.yaml"], ("'seed_everythin'", "seed_everything?")),
+    (
+        "dict-for-unknown-argument",  # the list of arguments holds those forwarded through **kwargs
+        [f"{DATA}.batch_augment_kwargs={{mixup: {{alpha: 0.2}}}}"],
+        ("DigitsDataModule has no argument 'batch_augment_kwargs'", "mixup_alpha"),
+    ),
+    (
+        "precision-choice",
+        ["--trainer.precision=bf16-mix"],
+        ("expected one of", "bf16-mixed, 32-true", "fix: e.g. --trainer.precision=bf16-mixed"),
+    ),
+    ("gradient-clip-negative", ["--trainer.gradient_clip_val=-1"], ("trainer.gradient_clip_val=-1", "null")),
 ]
 
 
@@ -368,6 +393,7 @@ def test_bad_configuration_stops_before_training_with_key_and_fix(
     root.mkdir()
     write_checkpoints(root)
     write_optimizer_configs(root)
+    write_misspelt_configs(root)
     args = [arg.replace("{root}", str(root)) for arg in extra]
     status, tail = run_main([*base_args(root), *args], capsys)
     text = "\n".join(tail)

@@ -64,7 +64,10 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
         ``--trainer.max_epochs``); here it is an unknown option with a did-you-mean suggestion.
         """
         kwargs.setdefault("allow_abbrev", False)
-        return super().init_parser(**kwargs)
+        parser = super().init_parser(**kwargs)
+        # error messages suggest the closest option of these parsers for a misspelt config-file key
+        self.option_parsers = [*getattr(self, "option_parsers", []), parser]
+        return parser
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
