@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import record_calls
 
-from lightning_tricks.cli import main
+from lightning_tricks.cli import build_cli, main
 from lightning_tricks.recipes import ImageClassifier
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "digits.yaml")
@@ -472,6 +472,12 @@ def test_ckpt_path_last_without_checkpoint_is_refused_for_test(tmp_path, capsys)
     status, tail = run_main(["test", *base_args(tmp_path)[1:], "--ckpt_path=last"], capsys)
     assert status == 1
     assert tail[0].startswith("error: ckpt_path='last' finds no last checkpoint") and "untrained" in tail[0]
+
+
+def test_evaluating_without_ckpt_path_warns_that_the_weights_are_untrained(tmp_path):
+    with pytest.warns(UserWarning, match=r"ckpt_path is not set: `validate` runs .* freshly initialised"):
+        cli = build_cli(["validate", *base_args(tmp_path)[1:]])
+    assert cli.trainer.validate_loop.batch_progress.total.completed == 1  # a warning, the run goes on
 
 
 def test_truncated_checkpoint_for_test_names_the_file(tmp_path, capsys):

@@ -11,7 +11,8 @@ config key, the value and a fix:
   (``val_fraction: 0``, ``val_size: 0``, ``limit_val_batches: 0``): it could never be logged;
 * a negative ``trainer.gradient_clip_val`` (Lightning would silently not clip);
 * ``--ckpt_path last`` with no last checkpoint to resume from (it would restart at step 0), and a
-  ``--ckpt_path`` file that does not exist or is a folder.
+  ``--ckpt_path`` file that does not exist or is a folder; ``validate``/``test``/``predict`` without
+  ``--ckpt_path`` (or ``pretrained``) are warned that they evaluate untrained weights.
 
 Example::
 
@@ -209,10 +210,22 @@ def _last_checkpoints(trainer: Any) -> list[Path]:
     return sorted(found, key=lambda path: path.stat().st_mtime)
 
 
+def warn_untrained_evaluation(cli: Any) -> None:
+    """``validate``/``test``/``predict`` without ``--ckpt_path`` evaluate freshly initialised weights."""
+    if cli.subcommand == "fit" or cli.config[cli.subcommand].get("model.init_args.pretrained"):
+        return
+    rank_zero_warn(
+        f"ckpt_path is not set: `{cli.subcommand}` runs the model as built from the config, with freshly "
+        "initialised weights (no model.init_args.pretrained either). To evaluate a trained model, pass "
+        "--ckpt_path=FILE.ckpt (a checkpoint written by fit) or --ckpt_path=last."
+    )
+
+
 def check_ckpt_path(cli: Any, config: Any) -> None:
     """Resolve ``last`` to the newest last checkpoint of earlier runs; refuse a missing file."""
     ckpt_path = config.get("ckpt_path")
     if ckpt_path is None:
+        warn_untrained_evaluation(cli)
         return
     if ckpt_path == "last":
         found = _last_checkpoints(cli.trainer)
