@@ -66,9 +66,11 @@ def write_optimizer_configs(root: Path) -> None:
 
 
 def write_misspelt_configs(root: Path) -> None:
-    """Config files with a misspelt key of the trainer and of the top level."""
+    """Config files with a misspelt key of the trainer and of the top level, and a mistyped callback value."""
     (root / "misspelt_trainer.yaml").write_text("trainer:\n  max_epoch: 3\n")
     (root / "misspelt_top.yaml").write_text("seed_everythin: 3\n")
+    ema = "trainer:\n  callbacks+:\n    - {class_path: EMA, init_args: {decay: high}}\n"
+    (root / "ema_typed.yaml").write_text(ema)
 
 
 def write_checkpoints(root: Path) -> dict[str, Path]:
@@ -380,6 +382,16 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
         "precision-choice",
         ["--trainer.precision=bf16-mix"],
         ("expected one of", "bf16-mixed, 32-true", "fix: e.g. --trainer.precision=bf16-mixed"),
+    ),
+    (
+        "callback-arg-wrong-type",  # was: "Callback has no argument 'decay'"
+        [f"{CB}+=EMA", f"{CB}.decay=high"],
+        ("trainer.callbacks (EMA): init_args.decay='high': expected float", "decay: 0.1"),
+    ),
+    (
+        "callback-arg-wrong-type-in-file",  # was: "unknown callback" with the whole list as its name
+        ["--config={root}/ema_typed.yaml"],
+        ("trainer.callbacks (EMA): init_args.decay='high': expected float",),
     ),
     ("gradient-clip-negative", ["--trainer.gradient_clip_val=-1"], ("trainer.gradient_clip_val=-1", "null")),
 ]

@@ -446,6 +446,28 @@ def _parser_keys(err: BaseException) -> list[str]:
     return [key for key in best if not key.startswith("__")]
 
 
+# jsonargparse's line for an argument of a known class given a value of the wrong type.
+_TYPED_ARGUMENT_ERROR = (
+    r"class_path '([\w.]+)':\s+Parser key \"([\w.]+)\":\s+Expected a <class '(\w+)'>\. Got value: (.*)"
+)
+
+
+def _wrong_type_lines(base: str, class_path: str, argument: str, expected: str, got: str) -> list[str]:
+    """``base``: ``trainer.callbacks`` (a list: the item is named by its class) or ``model``/``data``."""
+    example = {"int": "1", "float": "0.1", "bool": "true"}.get(expected, "...")
+    name = _class_name(class_path)
+    if base == "trainer.callbacks":
+        return [
+            f"error: {base} ({name}): init_args.{argument}={got!r}: expected {expected}",
+            f"  fix: e.g. `{argument}: {example}` in its init_args (on the command line "
+            f"--{base}.{argument}={example} sets it on the last callback)",
+        ]
+    return [
+        f"error: {base}.init_args.{argument}={got!r} ({name}): expected {expected}",
+        f"  fix: e.g. --{base}.init_args.{argument}={example}",
+    ]
+
+
 def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     """Lines for a command-line/config error found while parsing (before anything is built)."""
     message = str(err).strip()
@@ -468,6 +490,9 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     nested = re.match(r"NestedArg\(key='([^']+)', val=(?:'(.*)'|(.*))\)$", value or "")
     if nested:  # --model.init_args.x.y=v reported against "model"
         key, value = f"{key}.init_args.{nested.group(1)}", nested.group(2) or nested.group(3)
+    typed = re.search(_TYPED_ARGUMENT_ERROR, message)
+    if typed:  # a value of the wrong type for an argument the class has (other union members may refuse it)
+        return _wrong_type_lines(key.split(".init_args.")[0], *typed.groups())
     rejected = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)[\w.]*' is not accepted", message)
     if rejected:  # `Option 'typo.x.y'` for a dict value given to a misspelt argument: the argument is `typo`
         return _rejected_option(key, *rejected.groups())
