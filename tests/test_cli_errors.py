@@ -418,6 +418,20 @@ def test_bad_configuration_stops_before_training_with_key_and_fix(
         assert needle in text, f"{needle!r} not in the last lines:\n{text}"
 
 
+@pytest.mark.parametrize(
+    ("args", "fix"),
+    [
+        (["fitt", f"--config={CONFIG}"], "fix: did you mean 'fit'? the subcommands are fit, validate"),
+        (["fit"], "fix: give a config with model and data, e.g. --config configs/digits.yaml"),
+        (["fit", f"--config={Path(CONFIG).with_name('digit.yaml')}"], f"fix: did you mean {CONFIG}?"),
+    ],
+    ids=["subcommand-typo", "no-config", "config-file-typo"],
+)
+def test_command_line_mistakes_get_a_specific_fix(capsys, args, fix):
+    status, tail = run_main(args, capsys)
+    assert status == 2 and fix in "\n".join(tail), tail
+
+
 def test_main_parser_refuses_abbreviated_options(capsys):
     status, tail = run_main(["--vers"], capsys)
     assert status == 2

@@ -452,20 +452,20 @@ _TYPED_ARGUMENT_ERROR = (
 )
 
 
-def _wrong_type_lines(base: str, class_path: str, argument: str, expected: str, got: str) -> list[str]:
-    """``base``: ``trainer.callbacks`` (a list: the item is named by its class) or ``model``/``data``."""
+def _wrong_type_lines(key: str, class_path: str, argument: str, expected: str, got: str) -> list[str]:
+    """``key``: ``trainer.callbacks...`` (a list: the item is named by its class), ``model``/``data`` or
+    the full key of the argument (``model.init_args.scheduler.kwargs``)."""
     example = {"int": "1", "float": "0.1", "bool": "true"}.get(expected, "...")
     name = _class_name(class_path)
+    base = key.split(".init_args.")[0]
     if base == "trainer.callbacks":
         return [
             f"error: {base} ({name}): init_args.{argument}={got!r}: expected {expected}",
             f"  fix: e.g. `{argument}: {example}` in its init_args (on the command line "
             f"--{base}.{argument}={example} sets it on the last callback)",
         ]
-    return [
-        f"error: {base}.init_args.{argument}={got!r} ({name}): expected {expected}",
-        f"  fix: e.g. --{base}.init_args.{argument}={example}",
-    ]
+    full_key = key if key.endswith(f".{argument}") else f"{base}.init_args.{argument}"
+    return [f"error: {full_key}={got!r} ({name}): expected {expected}", f"  fix: e.g. --{full_key}={example}"]
 
 
 def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
@@ -483,7 +483,8 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     key_match = re.match(r'Parser key "([^"]+)":', message)
     if key_match is None:
         first = message.splitlines()[0] if message else "invalid arguments"
-        return [f"error: {first}", "  fix: see `lightning-tricks fit --help` for the accepted options"]
+        fix = _command_fix(first) or "see `lightning-tricks fit --help` for the accepted options"
+        return [f"error: {first}", f"  fix: {fix}"]
     key = key_match.group(1)
     values = re.findall(r"Given value: (.*)", message)
     value = values[-1] if values else None
@@ -492,7 +493,7 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
         key, value = f"{key}.init_args.{nested.group(1)}", nested.group(2) or nested.group(3)
     typed = re.search(_TYPED_ARGUMENT_ERROR, message)
     if typed:  # a value of the wrong type for an argument the class has (other union members may refuse it)
-        return _wrong_type_lines(key.split(".init_args.")[0], *typed.groups())
+        return _wrong_type_lines(key, *typed.groups())
     rejected = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)[\w.]*' is not accepted", message)
     if rejected:  # `Option 'typo.x.y'` for a dict value given to a misspelt argument: the argument is `typo`
         return _rejected_option(key, *rejected.groups())
@@ -528,7 +529,8 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     typed = [example[e] for e in expected if e in example]
     if choices:
         typed = [closest(str(value), choices) or choices[0]]
-    lines.append(f"  fix: e.g. --{key}={typed[0]}" if typed else f"  fix: correct {key} (see --help)")
+    fallback = _command_fix(message) or f"correct {key} (see --help)"
+    lines.append(f"  fix: e.g. --{key}={typed[0]}" if typed else f"  fix: {fallback}")
     return lines
 
 
@@ -539,6 +541,24 @@ def _literal_choices(message: str) -> list[str]:
         for group in re.findall(r"Expected a typing\.Literal\[(.*)\]", message)
         for choice in group.split(",")
     ]
+
+
+def _command_fix(message: str) -> str | None:
+    """The fix for a subcommand, a missing model/data or a config file that does not exist."""
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        commands = [*re.findall(r"'(\w+)'", choice.group(2)), "search", "ablate"]
+        match = closest(choice.group(1), commands)
+        return f"{f'did you mean {match!r}? ' if match else ''}the subcommands are {', '.join(commands)}"
+    if re.search(r"required: .*\bmodel\b", message):
+        return "give a config with model and data, e.g. --config configs/digits.yaml (see --help)"
+    missing = re.search(r"File does not exist: '([^']+)'", message)
+    if missing:
+        path = Path(missing.group(1))
+        siblings = sorted(f.name for f in path.parent.glob("*.y*ml")) if path.parent.is_dir() else []
+        match = closest(path.name, siblings)
+        return f"did you mean {path.parent / match}?" if match else f"{path} does not exist: check the path"
+    return None
 
 
 def _unknown_options(err: BaseException, head: str, options: list[str], prefix: str) -> list[str]:
