@@ -130,8 +130,11 @@ def _config_files_named(values: Iterator[str], folders: list[Path]) -> set[Path]
             continue
         for folder in folders:
             path = folder / Path(value).expanduser()
-            if path.is_file():
-                found.add(path.resolve())
+            try:
+                if path.is_file():
+                    found.add(path.resolve())
+            except (OSError, ValueError):  # a value that cannot be a path (too long, a NUL byte)
+                continue
     return found
 
 
