@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import record_calls
 
-from lightning_tricks.cli import main
+from lightning_tricks.cli import build_cli, main
 from lightning_tricks.recipes import ImageClassifier
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "digits.yaml")
@@ -63,6 +63,14 @@ def write_optimizer_configs(root: Path) -> None:
         "adadelta": "{name: adadelta, lr: 1.0, momentum: null, nesterov: false}",
     }.items():
         (root / f"{name}.yaml").write_text(f"model:\n  init_args:\n    optimizer: {optimizer}\n")
+
+
+def write_misspelt_configs(root: Path) -> None:
+    """Config files with a misspelt key of the trainer and of the top level, and a mistyped callback value."""
+    (root / "misspelt_trainer.yaml").write_text("trainer:\n  max_epoch: 3\n")
+    (root / "misspelt_top.yaml").write_text("seed_everythin: 3\n")
+    ema = "trainer:\n  callbacks+:\n    - {class_path: EMA, init_args: {decay: high}}\n"
+    (root / "ema_typed.yaml").write_text(ema)
 
 
 def write_checkpoints(root: Path) -> dict[str, Path]:
@@ -357,6 +365,35 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("ckpt-missing", ["--ckpt_path={root}/nowhere.ckpt"], ("ckpt_path", "nowhere.ckpt")),
     ("ckpt-truncated", ["--ckpt_path={root}/truncated.ckpt"], ("truncated.ckpt", "corrupt")),
     ("ckpt-empty", ["--ckpt_path={root}/empty.ckpt"], ("empty.ckpt", "empty")),
+    ("ckpt-folder", ["--ckpt_path={root}"], ("is a folder (3 checkpoint file(s) inside)", "--ckpt_path=")),
+    # -- misspelt keys in config files, and values outside a fixed set
+    (
+        "config-file-trainer-typo",
+        ["--config={root}/misspelt_trainer.yaml"],
+        ("unknown config key 'trainer.max_epoch'", "fix: did you mean trainer.max_epochs?"),
+    ),
+    ("config-file-top-typo", ["--config={root}/misspelt_top.yaml"], ("'seed_everythin'", "seed_everything?")),
+    (
+        "dict-for-unknown-argument",  # the list of arguments holds those forwarded through **kwargs
+        [f"{DATA}.batch_augment_kwargs={{mixup: {{alpha: 0.2}}}}"],
+        ("DigitsDataModule has no argument 'batch_augment_kwargs'", "mixup_alpha"),
+    ),
+    (
+        "precision-choice",
+        ["--trainer.precision=bf16-mix"],
+        ("expected one of", "bf16-mixed, 32-true", "fix: e.g. --trainer.precision=bf16-mixed"),
+    ),
+    (
+        "callback-arg-wrong-type",  # was: "Callback has no argument 'decay'"
+        [f"{CB}+=EMA", f"{CB}.decay=high"],
+        ("trainer.callbacks (EMA): init_args.decay='high': expected float", "decay: 0.1"),
+    ),
+    (
+        "callback-arg-wrong-type-in-file",  # was: "unknown callback" with the whole list as its name
+        ["--config={root}/ema_typed.yaml"],
+        ("trainer.callbacks (EMA): init_args.decay='high': expected float",),
+    ),
+    ("gradient-clip-negative", ["--trainer.gradient_clip_val=-1"], ("trainer.gradient_clip_val=-1", "null")),
 ]
 
 
@@ -368,6 +405,7 @@ def test_bad_configuration_stops_before_training_with_key_and_fix(
     root.mkdir()
     write_checkpoints(root)
     write_optimizer_configs(root)
+    write_misspelt_configs(root)
     args = [arg.replace("{root}", str(root)) for arg in extra]
     status, tail = run_main([*base_args(root), *args], capsys)
     text = "\n".join(tail)
@@ -378,6 +416,20 @@ def test_bad_configuration_stops_before_training_with_key_and_fix(
     assert "fix:" in text, text
     for needle in expected:
         assert needle in text, f"{needle!r} not in the last lines:\n{text}"
+
+
+@pytest.mark.parametrize(
+    ("args", "fix"),
+    [
+        (["fitt", f"--config={CONFIG}"], "fix: did you mean 'fit'? the subcommands are fit, validate"),
+        (["fit"], "fix: give a config with model and data, e.g. --config configs/digits.yaml"),
+        (["fit", f"--config={Path(CONFIG).with_name('digit.yaml')}"], f"fix: did you mean {CONFIG}?"),
+    ],
+    ids=["subcommand-typo", "no-config", "config-file-typo"],
+)
+def test_command_line_mistakes_get_a_specific_fix(capsys, args, fix):
+    status, tail = run_main(args, capsys)
+    assert status == 2 and fix in "\n".join(tail), tail
 
 
 def test_main_parser_refuses_abbreviated_options(capsys):
@@ -446,6 +498,12 @@ def test_ckpt_path_last_without_checkpoint_is_refused_for_test(tmp_path, capsys)
     status, tail = run_main(["test", *base_args(tmp_path)[1:], "--ckpt_path=last"], capsys)
     assert status == 1
     assert tail[0].startswith("error: ckpt_path='last' finds no last checkpoint") and "untrained" in tail[0]
+
+
+def test_evaluating_without_ckpt_path_warns_that_the_weights_are_untrained(tmp_path):
+    with pytest.warns(UserWarning, match=r"ckpt_path is not set: `validate` runs .* freshly initialised"):
+        cli = build_cli(["validate", *base_args(tmp_path)[1:]])
+    assert cli.trainer.validate_loop.batch_progress.total.completed == 1  # a warning, the run goes on
 
 
 def test_truncated_checkpoint_for_test_names_the_file(tmp_path, capsys):

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning_tricks import run_dir
 from lightning_tricks.cli import build_cli
 from lightning_tricks.fit_summary import FitSummary
-from lightning_tricks.records import RunConfigSaver
+from lightning_tricks.records import RunConfigSaver, input_config_files
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY_FIT = [
@@ -139,3 +139,41 @@ def test_an_input_config_is_never_overwritten_by_the_subcommands_own(tmp_path):
 def test_run_config_saver_refuses_options_it_does_not_follow(kwargs):
     with pytest.raises(ValueError, match=r"is not supported: .* use multifile=False, overwrite=True"):
         RunConfigSaver(LightningArgumentParser(), Namespace(), **kwargs)
+
+
+CHECKPOINT_LIST = "- class_path: ModelCheckpoint\n  init_args: {save_last: true}\n"
+EMA_ITEM = "class_path: EMA\ninit_args: {decay: 0.5}\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "options", "expected"),
+    [
+        # a whole list read from a file: jsonargparse keeps no __path__ for it
+        (CHECKPOINT_LIST, ["--trainer.callbacks={}"], {"save_last": True}),
+        (EMA_ITEM, ["--trainer.callbacks=[ModelCheckpoint]", "--trainer.callbacks+={}"], {"decay": 0.5}),
+    ],
+    ids=["list_file", "list_item_file"],
+)
+def test_a_config_file_given_in_a_callback_list_is_never_overwritten(tmp_path, content, options, expected):
+    run = tmp_path / "run"  # without a logger the config is saved to default_root_dir/config.yaml
+    run.mkdir()
+    callbacks = run / "config.yaml"
+    callbacks.write_text(content)
+    no_logger = ["--trainer.logger=false", f"--trainer.default_root_dir={run}"]
+    build_cli([*TINY_FIT, *no_logger, *(option.format(callbacks) for option in options)])
+    assert callbacks.read_text() == content
+    saved = yaml.safe_load((run / "fit_config.yaml").read_text())["trainer"]["callbacks"][-1]
+    assert saved["init_args"] == {**saved["init_args"], **expected}
+
+
+def test_config_files_named_inside_a_config_files_lists_count_as_inputs(tmp_path):
+    (tmp_path / "item.yaml").write_text("class_path: ModelCheckpoint\ninit_args: {save_last: true}\n")
+    (tmp_path / "listed.yaml").write_text(CHECKPOINT_LIST)
+    (tmp_path / "items.yaml").write_text("trainer:\n  callbacks:\n    - item.yaml\n")
+    (tmp_path / "whole.yaml").write_text("trainer:\n  callbacks: listed.yaml\n")
+    for main, listed in (("items.yaml", "item.yaml"), ("whole.yaml", "listed.yaml")):
+        main_config = f"--config={tmp_path / main}"
+        cli = build_cli([arg for arg in TINY_FIT if arg != "fit"] + [main_config], run=False)
+        assert cli.config["trainer"]["callbacks"][-1]["init_args"]["save_last"] is True
+        inputs = input_config_files(cli.config)  # the --config file names the others
+        assert (tmp_path / listed).resolve() in inputs and (tmp_path / main).resolve() in inputs

@@ -9,8 +9,10 @@ config key, the value and a fix:
   is found once it is loaded, by the recipe's ``check_training_steps``, the one zero-step rule);
 * a callback or plateau schedule that monitors a ``val/...`` metric while the run has no validation
   (``val_fraction: 0``, ``val_size: 0``, ``limit_val_batches: 0``): it could never be logged;
+* a negative ``trainer.gradient_clip_val`` (Lightning would silently not clip);
 * ``--ckpt_path last`` with no last checkpoint to resume from (it would restart at step 0), and a
-  ``--ckpt_path`` file that does not exist.
+  ``--ckpt_path`` file that does not exist or is a folder; ``validate``/``test``/``predict`` without
+  ``--ckpt_path`` (or ``pretrained``) are warned that they evaluate untrained weights.
 
 Example::
 
@@ -40,6 +42,7 @@ def check_run_config(cli: Any) -> None:
     config = cli.config_init[cli.subcommand]
     if cli.subcommand == "fit":
         check_budget(cli.trainer)
+        check_gradient_clipping(cli.trainer)
         check_validation_monitors(cli)
         cli.trainer.callbacks.append(MonitorCheck(_monitor_keys(cli)))
     check_ckpt_path(cli, config)
@@ -72,6 +75,22 @@ def check_budget(trainer: Any) -> None:
             trainer.limit_train_batches,
             "gives zero training batches, so zero optimizer steps",
             "trainer.limit_train_batches=1.0 (all batches) or a count >= 1",
+        )
+
+
+def check_gradient_clipping(trainer: Any) -> None:
+    """A negative clip value would be skipped by Lightning: the run would train without clipping.
+
+    0 stays allowed: it was Lightning's own "no clipping" default before ``None``.
+    """
+    clip = trainer.gradient_clip_val
+    if clip is not None and clip < 0:
+        raise ConfigError(
+            "trainer.gradient_clip_val",
+            clip,
+            "is negative: Lightning skips clipping for values <= 0, so the run would not clip at all",
+            "trainer.gradient_clip_val=1.0 (the largest gradient norm, or value with "
+            "gradient_clip_algorithm=value), or null (or 0) for no clipping",
         )
 
 
@@ -191,10 +210,22 @@ def _last_checkpoints(trainer: Any) -> list[Path]:
     return sorted(found, key=lambda path: path.stat().st_mtime)
 
 
+def warn_untrained_evaluation(cli: Any) -> None:
+    """``validate``/``test``/``predict`` without ``--ckpt_path`` evaluate freshly initialised weights."""
+    if cli.subcommand == "fit" or cli.config[cli.subcommand].get("model.init_args.pretrained"):
+        return
+    rank_zero_warn(
+        f"ckpt_path is not set: `{cli.subcommand}` runs the model as built from the config, with freshly "
+        "initialised weights (no model.init_args.pretrained either). To evaluate a trained model, pass "
+        "--ckpt_path=FILE.ckpt (a checkpoint written by fit) or --ckpt_path=last."
+    )
+
+
 def check_ckpt_path(cli: Any, config: Any) -> None:
     """Resolve ``last`` to the newest last checkpoint of earlier runs; refuse a missing file."""
     ckpt_path = config.get("ckpt_path")
     if ckpt_path is None:
+        warn_untrained_evaluation(cli)
         return
     if ckpt_path == "last":
         found = _last_checkpoints(cli.trainer)
@@ -234,6 +265,16 @@ def check_ckpt_path(cli: Any, config: Any) -> None:
     if ckpt_path in _CKPT_KEYWORDS or "://" in str(ckpt_path):
         return
     path = Path(ckpt_path)
+    if path.is_dir():
+        found = sorted(path.rglob(f"*{ModelCheckpoint.FILE_EXTENSION}"), key=lambda f: f.stat().st_mtime)
+        raise ConfigError(
+            "ckpt_path",
+            str(ckpt_path),
+            f"is a folder ({len(found)} checkpoint file(s) inside), not a checkpoint file",
+            f"pass one file, e.g. --ckpt_path={found[-1]} (the newest)"
+            if found
+            else "pass a .ckpt file written by fit, or 'last' to resume the newest last checkpoint",
+        )
     if not path.is_file():
         raise ConfigError(
             "ckpt_path",

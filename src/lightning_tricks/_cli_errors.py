@@ -430,19 +430,42 @@ def _parser_keys(err: BaseException) -> list[str]:
     """Option keys of the innermost parser that took part in the failed parse (the subcommand's)."""
     from jsonargparse import ArgumentParser
 
-    best: list[str] = []
+    parsers = [*getattr(_find_cli(err), "option_parsers", [])]  # a config-file key is checked by the main one
     link: BaseException | None = err
     while link is not None:
-        for frame in _frames(link.__traceback__):
-            parser = frame.f_locals.get("self")
-            if isinstance(parser, ArgumentParser):
-                try:
-                    keys = list(parser.get_defaults().keys())  # a Namespace: dotted leaf keys
-                except Exception:  # a parser that cannot report defaults only loses the suggestion
-                    continue
-                best = keys if len(keys) > len(best) else best
+        parsers += [frame.f_locals.get("self") for frame in _frames(link.__traceback__)]
         link = link.__cause__ or link.__context__
+    best: list[str] = []
+    for parser in parsers:
+        if isinstance(parser, ArgumentParser):
+            try:
+                keys = list(parser.get_defaults().keys())  # a Namespace: dotted leaf keys
+            except Exception:  # a parser that cannot report defaults only loses the suggestion
+                continue
+            best = keys if len(keys) > len(best) else best
     return [key for key in best if not key.startswith("__")]
+
+
+# jsonargparse's line for an argument of a known class given a value of the wrong type.
+_TYPED_ARGUMENT_ERROR = (
+    r"class_path '([\w.]+)':\s+Parser key \"([\w.]+)\":\s+Expected a <class '(\w+)'>\. Got value: (.*)"
+)
+
+
+def _wrong_type_lines(key: str, class_path: str, argument: str, expected: str, got: str) -> list[str]:
+    """``key``: ``trainer.callbacks...`` (a list: the item is named by its class), ``model``/``data`` or
+    the full key of the argument (``model.init_args.scheduler.kwargs``)."""
+    example = {"int": "1", "float": "0.1", "bool": "true"}.get(expected, "...")
+    name = _class_name(class_path)
+    base = key.split(".init_args.")[0]
+    if base == "trainer.callbacks":
+        return [
+            f"error: {base} ({name}): init_args.{argument}={got!r}: expected {expected}",
+            f"  fix: e.g. `{argument}: {example}` in its init_args (on the command line "
+            f"--{base}.{argument}={example} sets it on the last callback)",
+        ]
+    full_key = key if key.endswith(f".{argument}") else f"{base}.init_args.{argument}"
+    return [f"error: {full_key}={got!r} ({name}): expected {expected}", f"  fix: e.g. --{full_key}={example}"]
 
 
 def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
@@ -450,29 +473,29 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     message = str(err).strip()
     unrecognized = re.match(r"unrecognized arguments: (.+)", message, re.IGNORECASE)
     if unrecognized:
-        lines = [f"error: unknown option(s): {unrecognized.group(1)}"]
-        keys = _parser_keys(err)
-        for option in unrecognized.group(1).split():
-            name = option.lstrip("-").split("=")[0].removeprefix("init_args.")
-            close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
-            if close:
-                lines.append(f"  fix: did you mean --{close[0]}?")
-                break
-        else:
-            lines.append("  fix: check the spelling against `lightning-tricks fit --help`")
-        return lines
+        options = unrecognized.group(1).split()
+        return _unknown_options(err, f"error: unknown option(s): {unrecognized.group(1)}", options, "--")
+    unknown_key = re.match(r"Subcommand '(\w+)' does not accept option '([^']+)'", message)
+    if unknown_key:  # a misspelt key in a config file (on the command line it is "unrecognized")
+        subcommand, option = unknown_key.groups()
+        head = f"error: unknown config key {option!r}: `{subcommand}` has no such option"
+        return _unknown_options(err, head, [option], "")
     key_match = re.match(r'Parser key "([^"]+)":', message)
     if key_match is None:
         first = message.splitlines()[0] if message else "invalid arguments"
-        return [f"error: {first}", "  fix: see `lightning-tricks fit --help` for the accepted options"]
+        fix = _command_fix(first) or "see `lightning-tricks fit --help` for the accepted options"
+        return [f"error: {first}", f"  fix: {fix}"]
     key = key_match.group(1)
     values = re.findall(r"Given value: (.*)", message)
     value = values[-1] if values else None
     nested = re.match(r"NestedArg\(key='([^']+)', val=(?:'(.*)'|(.*))\)$", value or "")
     if nested:  # --model.init_args.x.y=v reported against "model"
         key, value = f"{key}.init_args.{nested.group(1)}", nested.group(2) or nested.group(3)
-    rejected = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message)
-    if rejected:
+    typed = re.search(_TYPED_ARGUMENT_ERROR, message)
+    if typed:  # a value of the wrong type for an argument the class has (other union members may refuse it)
+        return _wrong_type_lines(key, *typed.groups())
+    rejected = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)[\w.]*' is not accepted", message)
+    if rejected:  # `Option 'typo.x.y'` for a dict value given to a misspelt argument: the argument is `typo`
         return _rejected_option(key, *rejected.groups())
     root = root_error(err)
     detail = str(root).split(". Got value:")[0].strip() if root is not err else ""
@@ -498,17 +521,74 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     reason = detail or (message.splitlines()[1].strip() if len(message.splitlines()) > 1 else message)
     if expected:
         reason = "expected " + " or ".join("null" if e == "NoneType" else e for e in expected)
+    choices = list(dict.fromkeys(_literal_choices(message)))  # e.g. trainer.precision's
+    if choices:
+        reason = f"expected one of {', '.join(choices)}{' or null' if 'NoneType' in expected else ''}"
     lines = [f"error: {key}={value!r}: {reason}" if value is not None else f"error: {key}: {reason}"]
     example = {"int": "1", "float": "0.1", "bool": "true", "str": "..."}
     typed = [example[e] for e in expected if e in example]
-    lines.append(f"  fix: e.g. --{key}={typed[0]}" if typed else f"  fix: correct {key} (see --help)")
+    if choices:
+        typed = [closest(str(value), choices) or choices[0]]
+    fallback = _command_fix(message) or f"correct {key} (see --help)"
+    lines.append(f"  fix: e.g. --{key}={typed[0]}" if typed else f"  fix: {fallback}")
     return lines
+
+
+def _literal_choices(message: str) -> list[str]:
+    """The allowed values of jsonargparse's "Expected a typing.Literal[...]" lines."""
+    return [
+        choice.strip().strip("'\"")
+        for group in re.findall(r"Expected a typing\.Literal\[(.*)\]", message)
+        for choice in group.split(",")
+    ]
+
+
+def _command_fix(message: str) -> str | None:
+    """The fix for a subcommand, a missing model/data or a config file that does not exist."""
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        commands = [*re.findall(r"'(\w+)'", choice.group(2)), "search", "ablate"]
+        match = closest(choice.group(1), commands)
+        return f"{f'did you mean {match!r}? ' if match else ''}the subcommands are {', '.join(commands)}"
+    if re.search(r"required: .*\bmodel\b", message):
+        return "give a config with model and data, e.g. --config configs/digits.yaml (see --help)"
+    missing = re.search(r"File does not exist: '([^']+)'", message)
+    if missing:
+        path = Path(missing.group(1))
+        siblings = sorted(f.name for f in path.parent.glob("*.y*ml")) if path.parent.is_dir() else []
+        match = closest(path.name, siblings)
+        return f"did you mean {path.parent / match}?" if match else f"{path} does not exist: check the path"
+    return None
+
+
+def _unknown_options(err: BaseException, head: str, options: list[str], prefix: str) -> list[str]:
+    """``head`` and a did-you-mean fix for the first of ``options`` with a close known key."""
+    keys = _parser_keys(err)
+    for option in options:
+        name = option.lstrip("-").split("=")[0].removeprefix("init_args.")
+        close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+        if close:
+            return [head, f"  fix: did you mean {prefix}{close[0]}?"]
+    return [head, "  fix: check the spelling against `lightning-tricks fit --help`"]
+
+
+def _accepted_arguments(cls: type) -> list[str]:
+    """The arguments the parser accepts for ``cls``, those it forwards through ``**kwargs`` included."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    try:
+        parser.add_class_arguments(cls, fail_untyped=False)
+        keys = parser.get_defaults().keys()
+    except Exception:  # a class jsonargparse cannot describe: its own signature
+        return sorted(_signature_defaults(cls))
+    return sorted({key.split(".")[0] for key in keys if not key.startswith("__")})
 
 
 def _rejected_option(key: str, class_path: str, option: str) -> list[str]:
     """An argument given to a class that has no such argument (e.g. to the wrong list item)."""
     try:
-        accepted = sorted(_signature_defaults(_import(class_path)))
+        accepted = _accepted_arguments(_import(class_path))
     except (ImportError, AttributeError, ValueError):
         accepted = []
     name = _class_name(class_path)

@@ -64,7 +64,10 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
         ``--trainer.max_epochs``); here it is an unknown option with a did-you-mean suggestion.
         """
         kwargs.setdefault("allow_abbrev", False)
-        return super().init_parser(**kwargs)
+        parser = super().init_parser(**kwargs)
+        # error messages suggest the closest option of these parsers for a misspelt config-file key
+        self.option_parsers = [*getattr(self, "option_parsers", []), parser]
+        return parser
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -86,6 +89,11 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         self._parsed_args = args
+        saver = self.save_config_callback
+        command_line = sys.argv[1:] if args is None else args
+        if isinstance(saver, type) and issubclass(saver, RunConfigSaver) and isinstance(command_line, list):
+            # a list read from a file (`--trainer.callbacks cbs.yaml`) keeps no trace in the parsed config
+            self.save_config_kwargs = {**self.save_config_kwargs, "command_line": list(command_line)}
 
     def given_config(self) -> Namespace:
         """The config as the user wrote it (files and command line), without the defaults."""

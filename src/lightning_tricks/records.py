@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from lightning_tricks._io import atomic_write_bytes
 
 __all__ = ["RunConfigSaver", "run_dir"]
 
+# Files a value may name as a config file (a list or a class given as a file); never checkpoints.
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # Keep None values (e.g. `scheduler: null`) so the saved config re-runs the same experiment;
 # jsonargparse 4.49 renamed the keyword from `skip_none` to `skip_unset`.
 _KEEP_NONE = {"skip_unset": False} if RequirementCache("jsonargparse>=4.49") else {"skip_none": False}
@@ -66,12 +68,84 @@ def _rank_zero_run_dir(logger: Logger) -> str | None:
     return getattr(logger, "log_dir", None) or logger.save_dir
 
 
-def input_config_files(config: Namespace) -> set[Path]:
-    """The config files a parsed config was read from: ``--config`` files and nested ones
-    (``--data data.yaml``, kept by jsonargparse under ``__path__``), as absolute paths."""
-    found = [*(config.get("config") or [])]
-    found += [value for key, value in config.items() if key == "__path__" or key.endswith(".__path__")]
-    return {Path(getattr(path, "absolute", path)).resolve() for path in found if path is not None}
+def input_config_files(config: Namespace, command_line: Sequence[str] = ()) -> set[Path]:
+    """The config files a run read, as absolute paths.
+
+    These are the ``--config`` files, the nested ones that jsonargparse keeps under ``__path__``
+    (``--data data.yaml``, a list item such as ``--trainer.callbacks+=ema.yaml`` or ``- ema.yaml``), and
+    the YAML/JSON files that a value names: a whole list read from a file (``--trainer.callbacks
+    callbacks.yaml``) keeps no ``__path__``, so ``command_line`` values and the strings inside the files
+    found are checked too (relative to the working directory and to the file that names them).
+    """
+    found = {_resolved(path) for path in [*(config.get("config") or []), *_nested_paths(config)] if path}
+    found |= _config_files_named(_command_line_values(command_line), [Path.cwd()])
+    pending = list(found)
+    while pending:
+        path = pending.pop()
+        named = _config_files_named(_strings(_load_yaml(path)), [path.parent, Path.cwd()]) - found
+        found |= named
+        pending += named
+    return found
+
+
+def _resolved(path: Any) -> Path:
+    return Path(getattr(path, "absolute", path)).resolve()
+
+
+def _nested_paths(value: Any) -> Iterator[Any]:
+    """``__path__`` values anywhere in a parsed config, inside lists included."""
+    items = vars(value) if isinstance(value, Namespace) else value
+    if isinstance(items, dict):
+        for key, item in items.items():
+            if key == "__path__":
+                yield item
+            else:
+                yield from _nested_paths(item)
+    elif isinstance(items, (list, tuple)):
+        for item in items:
+            yield from _nested_paths(item)
+
+
+def _command_line_values(args: Sequence[str]) -> Iterator[str]:
+    for arg in args:
+        yield arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _config_files_named(values: Iterator[str], folders: list[Path]) -> set[Path]:
+    """The existing YAML/JSON files among ``values``, each tried relative to ``folders``."""
+    found = set()
+    for value in values:
+        if Path(value).suffix.lower() not in _CONFIG_SUFFIXES:
+            continue
+        for folder in folders:
+            path = folder / Path(value).expanduser()
+            try:
+                if path.is_file():
+                    found.add(path.resolve())
+            except (OSError, ValueError):  # a value that cannot be a path (too long, a NUL byte)
+                continue
+    return found
+
+
+def _load_yaml(path: Path) -> Any:
+    """The file's YAML content, or ``None`` when it is not YAML (only its strings are read)."""
+    if path.suffix.lower() not in _CONFIG_SUFFIXES:
+        return None
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -82,15 +156,17 @@ class RunConfigSaver(SaveConfigCallback):
     ``test`` and ``predict`` save ``<subcommand>_config.yaml``, so evaluating in the fit run's folder
     (``logger: false``) keeps its ``config.yaml``. A file the run read its config from is never
     overwritten: the config then goes to ``<subcommand>_config.yaml`` (``_1``, ``_2``, ... if that is
-    an input too). Written atomically, as one file (``multifile=True`` and ``overwrite=False`` are
-    refused).
+    an input too). Config files named inside lists count as read too (``--trainer.callbacks
+    callbacks.yaml``, a list item ``- ema.yaml``): pass the raw ``command_line`` for the first form.
+    Written atomically, as one file (``multifile=True`` and ``overwrite=False`` are refused).
 
     Example::
 
         LightningCLI(save_config_callback=RunConfigSaver, save_config_kwargs={"overwrite": True})
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, command_line: Sequence[str] = (), **kwargs: Any) -> None:
+        self.command_line = list(command_line)
         kwargs["save_to_log_dir"] = False  # written by `save_config` into the run's own folder instead
         super().__init__(*args, **kwargs)
         if self.multifile or not self.overwrite:
@@ -114,7 +190,7 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Rank 0: write the resolved config into the run folder and log it."""
         assert self.config_path is not None
-        inputs = input_config_files(self.config)
+        inputs = input_config_files(self.config, self.command_line)
         wanted = self.config_path
         self.config_path = next(path for path in _candidates(wanted, stage) if path.resolve() not in inputs)
         if self.config_path != wanted:

@@ -76,6 +76,10 @@ def test_layout_errors_fail_early(tmp_path):
     (empty / "val").mkdir()
     with pytest.raises(FileNotFoundError, match="class folder"):
         small_dm(empty).setup("fit")
+    shutil.rmtree(tmp_path / "train" / CLASSES[1])
+    one_class = rf"one class folder in train/ \({CLASSES[0]}\).* at least 2 classes"
+    with pytest.raises(ValueError, match=one_class):
+        small_dm(tmp_path).setup("fit")
     with pytest.raises(ValueError, match="on_corrupt"):
         small_dm(tmp_path, on_corrupt="ignore")
     with pytest.raises(ValueError, match="resize_size"):

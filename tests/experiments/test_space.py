@@ -153,3 +153,17 @@ def test_search_rejects_a_worker_setting_below_1_naming_the_option(tmp_path, rec
     err = capsys.readouterr().err
     assert f"{option} must be" in err and "got 0" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["search", "ablate"])
+def test_a_missing_experiment_file_is_named_without_a_traceback(tmp_path, recipe, capsys, command):
+    from lightning_tricks.cli import main
+
+    missing = str(tmp_path / "nowhere.yaml")
+    args = ["--config", recipe, "--search", missing] if command == "search" else ["--ablation", missing]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *args, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--{'search' if command == 'search' else 'ablation'} {missing} is not a file" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

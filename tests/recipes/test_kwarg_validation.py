@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_tricks.recipes._validation import check_training_steps
+from lightning_tricks.recipes._validation import check_training_steps, warn_batch_larger_than_data
 from lightning_tricks.recipes.optim import OptimizerConfig, build_optimizer
 from lightning_tricks.recipes.schedules import SchedulerConfig, build_scheduler
 
@@ -103,3 +103,15 @@ def test_zero_batches_name_the_data_size_batch_size_and_fix(size, drop_last, mat
     with pytest.raises(ValueError, match=match):
         check_training_steps(total_steps=100, steps_per_epoch=len(loader), loader=loader)
     check_training_steps(100, len(torch.utils.data.DataLoader(torch.zeros(10, 2), batch_size=64)), loader)
+
+
+def test_a_batch_larger_than_the_training_data_is_warned_about():
+    data = torch.zeros(10, 2)
+    expected = r"batch_size=64 is larger than the 10 training samples.*batch_size=10"
+    with pytest.warns(UserWarning, match=expected):
+        warn_batch_larger_than_data(torch.utils.data.DataLoader(data, batch_size=64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_batch_larger_than_data(torch.utils.data.DataLoader(data, batch_size=10))  # one full batch
+        # with drop_last there is no batch at all: check_training_steps raises instead
+        warn_batch_larger_than_data(torch.utils.data.DataLoader(data, batch_size=64, drop_last=True))

@@ -196,6 +196,11 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
             classes, _ = find_classes(str(self._split_dir("train")))
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}; expected train/<class>/<image> under {self.data_dir}") from err
+        if len(classes) < 2:
+            raise ValueError(
+                f"data_dir {self.data_dir} has one class folder in train/ ({classes[0]}): a classifier "
+                "needs at least 2 classes; add one sub-folder of images per class under train/ and val/"
+            )
         for split in ("val", "test"):
             if split == "test" and not (self.data_dir / "test").is_dir():
                 continue

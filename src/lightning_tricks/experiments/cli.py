@@ -75,6 +75,7 @@ def main(argv: Sequence[str]) -> None:
     from lightning_tricks.experiments.interrupt import SearchInterrupted
 
     try:
+        _check_files_exist(args)
         _search(args) if args.command == "search" else _ablate(args)
     except ValueError as err:  # bad input: the message names the key and the fix, no traceback needed
         parser.exit(2, f"lightning-tricks {args.command}: error: {err}\n")
@@ -82,6 +83,19 @@ def main(argv: Sequence[str]) -> None:
         parser.exit(130, f"lightning-tricks {args.command}: {err}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"lightning-tricks {args.command}: interrupted.\n")
+
+
+def _check_files_exist(args: argparse.Namespace) -> None:
+    """A missing ``--config``/``--search``/``--ablation`` file is named before anything starts."""
+    given = {"--config": getattr(args, "config", None) or [], "--search": [getattr(args, "search", None)]}
+    given["--ablation"] = [getattr(args, "ablation", None)]
+    for option, paths in given.items():
+        for path in paths:
+            if path is not None and not Path(path).is_file():
+                raise ValueError(
+                    f"{option} {path} is not a file (looked for {Path(path).resolve()}); pass an existing "
+                    "YAML file, e.g. the shipped ones under configs/search/ and configs/ablations/"
+                )
 
 
 def _search(args: argparse.Namespace) -> None:

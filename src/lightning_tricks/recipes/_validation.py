@@ -209,6 +209,28 @@ def _sized(obj: Any) -> int | None:
         return None
 
 
+def warn_batch_larger_than_data(loader: Any) -> None:
+    """Warn when ``batch_size`` exceeds the training samples (``drop_last=False``): each epoch is then
+    one smaller batch, and the batch size the run reports, and scales the lr by, never occurs.
+
+    Example::
+
+        warn_batch_larger_than_data(DataLoader(ten_samples, batch_size=64))
+        # UserWarning: batch_size=64 is larger than the 10 training samples ...
+    """
+    batch_size = getattr(loader, "batch_size", None)
+    size = _sized(getattr(loader, "sampler", None))
+    size = _sized(getattr(loader, "dataset", None)) if size is None else size
+    drop_last = getattr(loader, "drop_last", False)  # then no batch at all: check_training_steps' error
+    if not isinstance(batch_size, int) or not size or size >= batch_size or drop_last:
+        return
+    rank_zero_warn(
+        f"batch_size={batch_size} is larger than the {size} training samples (per process), so every epoch "
+        f"is one batch of {size}: the run trains on a batch size it was not configured for (and the linear "
+        f"scaling rule, if set, scales the lr for {batch_size}); e.g. data.init_args.batch_size={size}"
+    )
+
+
 def check_training_steps(total_steps: float, steps_per_epoch: float, loader: Any = None) -> None:
     """Raise ``ValueError`` when the run has no optimizer step: every zero-step budget ends here.
 

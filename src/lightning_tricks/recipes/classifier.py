@@ -47,7 +47,7 @@ from lightning_tricks.callbacks._lr_scaling import scale_learning_rates
 from lightning_tricks.interface import CONFIGURED_HPARAMS_KEY, attached_trainer, cross_entropy_initial_loss
 from lightning_tricks.recipes import tta as tta_lib
 from lightning_tricks.recipes._combinations import check_fit_combinations
-from lightning_tricks.recipes._validation import check_training_steps
+from lightning_tricks.recipes._validation import check_training_steps, warn_batch_larger_than_data
 from lightning_tricks.recipes.clipping import GradientClippingConfig, clip_adaptively
 from lightning_tricks.recipes.consistency import jensen_shannon, split_views
 from lightning_tricks.recipes.init import InitConfig, initialize
@@ -697,6 +697,7 @@ class ImageClassifier(L.LightningModule):
         )
         # Before any schedule: a constant lr builds none, and max_steps keeps total_steps > 0.
         check_training_steps(total_steps, steps_per_epoch, self.trainer.train_dataloader)
+        warn_batch_larger_than_data(self.trainer.train_dataloader)
         self._schedule_length = (
             schedule_length(self.scheduler_config, total_steps, steps_per_epoch),
             steps_per_epoch,
