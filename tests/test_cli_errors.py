@@ -71,6 +71,8 @@ def write_misspelt_configs(root: Path) -> None:
     (root / "misspelt_top.yaml").write_text("seed_everythin: 3\n")
     ema = "trainer:\n  callbacks+:\n    - {class_path: EMA, init_args: {decay: high}}\n"
     (root / "ema_typed.yaml").write_text(ema)
+    optimizer = "model:\n  init_args:\n    optimizer: {name: sgd, lrr: 0.1}\n"
+    (root / "misspelt_optimizer.yaml").write_text(optimizer)
 
 
 def write_checkpoints(root: Path) -> dict[str, Path]:
@@ -371,6 +373,11 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
         "config-file-trainer-typo",
         ["--config={root}/misspelt_trainer.yaml"],
         ("unknown config key 'trainer.max_epoch'", "fix: did you mean trainer.max_epochs?"),
+    ),
+    (
+        "config-file-optimizer-typo",  # was reported against `model`
+        ["--config={root}/misspelt_optimizer.yaml"],
+        ("error: model.init_args.optimizer: OptimizerConfig has no argument 'lrr'", "did you mean 'lr'?"),
     ),
     ("config-file-top-typo", ["--config={root}/misspelt_top.yaml"], ("'seed_everythin'", "seed_everything?")),
     (

@@ -496,7 +496,7 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
         return _wrong_type_lines(key, *typed.groups())
     rejected = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)[\w.]*' is not accepted", message)
     if rejected:  # `Option 'typo.x.y'` for a dict value given to a misspelt argument: the argument is `typo`
-        return _rejected_option(key, *rejected.groups())
+        return _rejected_option(_nested_key(key, message[: rejected.start()]), *rejected.groups())
     root = root_error(err)
     detail = str(root).split(". Got value:")[0].strip() if root is not err else ""
     base_key = re.sub(r"\[\d+\]$", "", key)
@@ -532,6 +532,20 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     fallback = _command_fix(message) or f"correct {key} (see --help)"
     lines.append(f"  fix: e.g. --{key}={typed[0]}" if typed else f"  fix: {fallback}")
     return lines
+
+
+def _nested_key(key: str, message: str) -> str:
+    """``key`` extended by the nested ``Parser key`` lines that lead to the end of ``message``
+    (``model`` -> ``model.init_args.optimizer`` for a misspelt key of the recipe's optimizer)."""
+    lines = message.splitlines() or [""]
+    chain: list[str] = []
+    indent = len(lines[-1]) - len(lines[-1].lstrip())
+    for line in reversed(lines):
+        nested = re.match(r'(\s+)Parser key "([^"]+)":', line)
+        if nested and len(nested.group(1)) < indent:  # an ancestor (less indented), not a sibling's
+            chain.insert(0, nested.group(2))
+            indent = len(nested.group(1))
+    return ".".join([key, *(f"init_args.{name}" for name in chain)])
 
 
 def _literal_choices(message: str) -> list[str]:
