@@ -575,3 +575,12 @@ def test_data_that_cannot_train_names_the_folder(tmp_path, capsys, train_batches
     assert tail[0].startswith("error: data.init_args.data_dir (CIFAR10DataModule): CIFAR10: ")
     assert f"{(tmp_path / 'cifar' / 'cifar-10-batches-py').resolve()} does not exist" in tail[0]
     assert "fix: point data.init_args.data_dir at the files described above" in tail[1]
+
+
+@pytest.mark.parametrize("name", ["label_smoothing", "dropout"])
+def test_example_of_an_out_of_range_value_is_given_once(tmp_path, capsys, name):
+    key = f"model.init_args.regularization.{name}"
+    status, tail = run_main([*base_args(tmp_path), f"--{key}=1.5"], capsys)
+    assert status == 1
+    assert tail[0] == f"error: {key}: regularization.{name} must be in [0, 1), got 1.5"
+    assert tail[1] == "  fix: e.g. 0.1"

@@ -290,14 +290,19 @@ def _file_of_failed_load(err: BaseException) -> str | None:
     return None
 
 
-def _fix_from_message(message: str, token: str | None, key: str) -> str | None:
+def _fix_from_message(message: str, token: str | None, key: str) -> tuple[str | None, str]:
+    """``(fix, message to show)``: the message's "e.g. ..." example becomes the fix, said once (a
+    closing example leaves the message; one inside parentheses stays in both)."""
     match = re.search(r"e\.g\.\s*(.+)$", message)
     if not match:
-        return None
-    example = _until_unopened_paren(match.group(1)).strip().rstrip(".;")
+        return None, message
+    example = _until_unopened_paren(match.group(1))
+    stem = message[: match.start()].rstrip(" ;,:-")
+    shown = stem if example == match.group(1) and stem else message
+    example = example.strip().rstrip(".;")
     if token and example.startswith(token) and key.endswith(token):
         example = key + example[len(token) :]
-    return f"e.g. {example}"
+    return f"e.g. {example}", shown
 
 
 def _until_unopened_paren(text: str) -> str:
@@ -344,8 +349,9 @@ def describe_error(err: BaseException) -> list[str]:
     if located is None:
         key, token = _key_from_config(cli, message)
         head = f"error: {key}: " if key else "error: "
-        fix = _fix_from_message(message, token, key or "") or suggestion
-        lines = [f"{head}{kind}{message}"]
+        example, shown = _fix_from_message(message, token, key or "")
+        fix = example or suggestion
+        lines = [f"{head}{kind}{shown}"]
         if fix:
             lines.append(f"  fix: {fix}")
         elif key:
@@ -358,8 +364,9 @@ def describe_error(err: BaseException) -> list[str]:
     if token is not None and token.startswith(f"{arguments}."):  # the message already names the full key
         token = token[len(arguments) + 1 :]
     key = f"{arguments}.{token}" if token else component
-    lines = [f"error: {key} ({owner_class.__name__}): {kind}{message}"]
-    fix = _fix_from_message(message, token, key) or suggestion
+    example, shown = _fix_from_message(message, token, key)
+    lines = [f"error: {key} ({owner_class.__name__}): {kind}{shown}"]
+    fix = example or suggestion
     if fix is None and token is not None and isinstance(root, FileNotFoundError):
         fix = f"point {key} at the files described above"
     if fix is None and token is not None:
