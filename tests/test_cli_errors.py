@@ -584,3 +584,24 @@ def test_example_of_an_out_of_range_value_is_given_once(tmp_path, capsys, name):
     assert status == 1
     assert tail[0] == f"error: {key}: regularization.{name} must be in [0, 1), got 1.5"
     assert tail[1] == "  fix: e.g. 0.1"
+
+
+def test_missing_val_folder_names_the_folder_and_the_fix(tmp_path, capsys, train_batches):
+    from data_files import make_tree
+
+    images = tmp_path / "images"
+    make_tree(images, splits=("train",), per_class=2)
+    folder = ["--data=ImageFolderDataModule", f"{DATA}.data_dir={images}", f"{DATA}.num_workers=0"]
+    status, tail = run_main([*base_args(tmp_path), *folder], capsys)
+    assert status == 1 and train_batches == []
+    assert tail[0].startswith("error: data.init_args.data_dir (ImageFolderDataModule): missing val/ folder")
+    assert f"expected {(images / 'val').resolve()} with one sub-folder per class" in tail[0]
+    assert tail[1].startswith(
+        "  fix: e.g. move about a tenth of the images of each train/<class>/ into val/<class>/"
+    )
+    assert "no val_fraction" in tail[1]
+    (images / "validation").mkdir()
+    status, tail = run_main([*base_args(tmp_path), *folder], capsys)
+    assert tail[1].startswith(
+        "  fix: e.g. rename the validation folder to val/ (sub-folders here: validation/)"
+    )

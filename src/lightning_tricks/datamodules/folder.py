@@ -184,18 +184,40 @@ class ImageFolderDataModule(PreprocessedImageDataModule):
                 f"train/ and val/ sub-folders of class folders"
             )
         if not path.is_dir():
+            same = "" if split == "train" else ", the same class folders as train/"
             raise FileNotFoundError(
-                f"missing {split}/ folder: expected {path.resolve()} with one sub-folder per class"
+                f"missing {split}/ folder in data_dir {self.data_dir.resolve()}: expected {path.resolve()} "
+                f"with one sub-folder per class{same}; e.g. {self._missing_split_fix(split)}"
             )
         return path
+
+    def _missing_split_fix(self, split: str) -> str:
+        """How to give ``data_dir`` the missing ``split``: rename the folder that holds it, or make it."""
+        others = sorted(
+            f"{entry.name}/"
+            for entry in os.scandir(self.data_dir)
+            if entry.is_dir() and entry.name not in ("train", "val", "test")
+        )
+        if split == "train":
+            return "point data_dir at the folder that holds train/ and val/" + (
+                f", or rename the training folder to train/ (sub-folders here: {', '.join(others)})"
+                if others
+                else ""
+            )
+        rename = (
+            f"rename the validation folder to val/ (sub-folders here: {', '.join(others)}), or "
+            if others
+            else ""
+        )
+        return (
+            f"{rename}move about a tenth of the images of each train/<class>/ into val/<class>/ "
+            "(this DataModule has no val_fraction: it validates on the val/ folder)"
+        )
 
     @cached_property
     def classes(self) -> list[str]:
         """Sorted class names (sub-folders of ``train/``), checked against ``val/`` and ``test/``."""
-        try:
-            classes, _ = find_classes(str(self._split_dir("train")))
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err}; expected train/<class>/<image> under {self.data_dir}") from err
+        classes, _ = find_classes(str(self._split_dir("train")))
         if len(classes) < 2:
             raise ValueError(
                 f"data_dir {self.data_dir} has one class folder in train/ ({classes[0]}): a classifier "
