@@ -39,6 +39,25 @@ def test_help_lists_subcommands_configs_names_and_examples(capsys):
         assert name in text
 
 
+def test_help_lists_no_abstract_datamodule_base(capsys):
+    import inspect
+
+    import lightning_tricks.datamodules as datamodules
+
+    with pytest.raises(SystemExit):
+        build_cli(["--help"])
+    text = capsys.readouterr().out
+    block = text.split("  data:", 1)[1].split("  callbacks:", 1)[0]
+    listed = [name.strip() for name in block.replace("\n", " ").split(",")]
+    concrete = [
+        name
+        for name in datamodules.__all__
+        if name.endswith("DataModule") and not inspect.isabstract(getattr(datamodules, name))
+    ]
+    assert sorted(listed) == sorted(concrete)
+    assert "InMemoryImageDataModule" not in listed and "PreprocessedImageDataModule" not in listed
+
+
 def test_version_prints_the_package_version(capsys):
     with pytest.raises(SystemExit) as info:
         build_cli(["--version"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 from jsonargparse import DefaultHelpFormatter
@@ -50,6 +51,11 @@ def _wrapped(label: str, names: list[str], width: int = 100) -> str:
     return "\n".join([*lines, line])
 
 
+def _concrete(module: object, name: str) -> bool:
+    """Whether ``module.name`` is a class that can be built (not an abstract base)."""
+    return not inspect.isabstract(getattr(module, name))
+
+
 def epilog() -> str:
     """Examples, shipped configs, and the names usable for models, DataModules and callbacks."""
     import lightning_tricks.callbacks as callbacks
@@ -60,7 +66,9 @@ def epilog() -> str:
     callback_names = [
         name
         for name in callbacks.__all__
-        if isinstance(getattr(callbacks, name), type) and issubclass(getattr(callbacks, name), Callback)
+        if isinstance(getattr(callbacks, name), type)
+        and issubclass(getattr(callbacks, name), Callback)
+        and _concrete(callbacks, name)
     ]
     parts = [
         "examples:",
@@ -78,7 +86,10 @@ def epilog() -> str:
         ),
         "names (use as --model.init_args.model NAME, --data NAME, --trainer.callbacks+=NAME):",
         _wrapped("models", [*list_models(), "timm/<name>"]),
-        _wrapped("data", [n for n in datamodules.__all__ if n.endswith("DataModule")]),
+        # abstract bases (InMemoryImageDataModule) cannot be built; jsonargparse leaves them out of --data too
+        _wrapped(
+            "data", [n for n in datamodules.__all__ if n.endswith("DataModule") and _concrete(datamodules, n)]
+        ),
         _wrapped("callbacks", callback_names),
     ]
     return "\n".join(parts)
