@@ -15,6 +15,8 @@ import pytest
 import torch
 from helpers import DDP_TIMEOUT
 
+from lightning_tricks import run_dir
+from lightning_tricks.callbacks import PredictionCSVWriter
 from lightning_tricks.cli import build_cli
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -70,11 +72,19 @@ def test_cli_trains_and_tests_digits_well_above_chance(tmp_path):
     assert not [w for w in caught if "(checkpoint: " in str(w.message)]  # the fit's config: quiet
     assert type(tested.model.net).__name__ == type(cli.model.net).__name__
     assert tested.trainer.callback_metrics["test/acc"].item() == pytest.approx(test_acc)
-    predicted = build_cli(
-        ["predict", "--config", str(CONFIGS / "digits.yaml"), *FAST, *same_data, f"--ckpt_path={best}"]
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predicted = build_cli(
+            ["predict", "--config", str(CONFIGS / "digits.yaml"), *FAST, *same_data, f"--ckpt_path={best}"]
+        )
+    # predict saves no checkpoint: its ModelCheckpoint's best-model record in a new run folder is moot
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
     probabilities = torch.cat(predicted.trainer.predict_loop.predictions)
     assert probabilities.shape == (360, 10)
+    (writer,) = [c for c in predicted.trainer.callbacks if isinstance(c, PredictionCSVWriter)]
+    rows = writer.written_path.read_text().splitlines()
+    assert len(rows) == 1 + 360 and writer.written_path.parent == run_dir(predicted.trainer)
+    assert [int(row.split(",")[1]) for row in rows[1:]] == probabilities.argmax(1).tolist()
     assert torch.allclose(probabilities.sum(1), torch.ones(360))
 
 

@@ -14,13 +14,15 @@ importing the packages below makes every project class known to the parser by na
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -38,11 +40,15 @@ from lightning_tricks._cli_checkpoint import (
 from lightning_tricks._cli_checks import check_run_config
 from lightning_tricks._cli_errors import pop_debug_flag, run_reporting_errors
 from lightning_tricks._lightning_compat import CheckpointHparamsHook
+from lightning_tricks.callbacks import PredictionCSVWriter
 from lightning_tricks.callbacks.final_weights import weights_for_test_after_fit
 from lightning_tricks.composition import replaced_callbacks
 from lightning_tricks.console import console_callbacks, silence_third_party_noise
 from lightning_tricks.fit_summary import FitSummary
 from lightning_tricks.records import RunConfigSaver
+
+# `predict` writes its predictions here (in the run's folder) unless `--predictions_file null`.
+PREDICTIONS_FILE = "predictions.csv"
 
 # Model init args linked from the DataModule when the classes are built.
 LINKED_MODEL_ARGS = ("num_classes", "in_channels")
@@ -81,6 +87,15 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
             help=(
                 "After `fit`, run `test` on the final model's weights: restored best weights, else the "
                 "best checkpoint, else the last weights (printed before testing)."
+            ),
+        )
+        parser.add_argument(
+            "--predictions_file",
+            type=str | None,
+            default=PREDICTIONS_FILE,
+            help=(
+                "`predict` only: write index, predicted class, its probability and the label (when the "
+                "data has one) as this CSV file, relative to the run's folder; null: write nothing."
             ),
         )
         for name in LINKED_MODEL_ARGS:
@@ -168,6 +183,11 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
         added = console_callbacks(
             configured, config.get("enable_progress_bar"), config.get("enable_model_summary")
         )
+        if self.subcommand == "predict":
+            configured = predict_callbacks(configured, self.config_init["predict"].get("predictions_file"))
+            # A ModelCheckpoint restored from --ckpt_path in a new run folder warns that its best-model
+            # record is not reloaded; `predict` saves no checkpoint, so that record is irrelevant there.
+            warnings.filterwarnings("ignore", message=r"The dirpath has changed from", category=UserWarning)
         kwargs.setdefault("callbacks", [*configured, *added, FitSummary()])
         return super().instantiate_trainer(**kwargs)
 
@@ -177,6 +197,14 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
         ckpt_path, description = weights_for_test_after_fit(self.trainer)
         rank_zero_info(f"Testing {description}.")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def predict_callbacks(configured: list[Callback], predictions_file: str | None) -> list[Callback]:
+    """The configured callbacks for ``predict``, plus a :class:`PredictionCSVWriter` for
+    ``predictions_file`` unless it is ``None`` or a prediction writer is configured."""
+    if predictions_file is None or any(isinstance(c, BasePredictionWriter) for c in configured):
+        return configured
+    return [*configured, PredictionCSVWriter(predictions_file)]
 
 
 def build_cli(

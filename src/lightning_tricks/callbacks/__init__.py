@@ -25,6 +25,7 @@ from lightning_tricks.callbacks.lr_finder import LRFinder, LRFinderResults
 from lightning_tricks.callbacks.momentum import MomentumSchedule
 from lightning_tricks.callbacks.optimizer_switch import OptimizerSwitch
 from lightning_tricks.callbacks.overfit import OverfitTinyBatch
+from lightning_tricks.callbacks.prediction_csv import PredictionCSVWriter
 from lightning_tricks.callbacks.progressive_resizing import ProgressiveResizing
 from lightning_tricks.callbacks.sanity import SanityCheckError
 from lightning_tricks.callbacks.snapshot import SnapshotEnsemble
@@ -42,6 +43,7 @@ __all__ = [
     "MomentumSchedule",
     "OptimizerSwitch",
     "OverfitTinyBatch",
+    "PredictionCSVWriter",
     "ProgressiveResizing",
     "SanityCheckError",
     "SmoothedEarlyStopping",
