@@ -75,6 +75,11 @@ class PredictionCSVWriter(BasePredictionWriter):
             self.written_path = run_dir(trainer) / self.path  # collective: every rank
         elif stage == "predict":
             self.written_path = self.path
+        if stage == "predict" and self.written_path.is_dir():
+            raise ValueError(
+                f"PredictionCSVWriter(path={str(self.path)!r}): {self.written_path} is a folder; give a file "
+                f"name inside it, e.g. {str(self.path / 'predictions.csv')!r}"
+            )
 
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rows = []
@@ -103,12 +108,12 @@ class PredictionCSVWriter(BasePredictionWriter):
                 "predict DataLoader with a sampler; return a torch DataLoader from predict_dataloader"
             )
         best, predicted = probabilities.float().max(dim=1)
-        labels = _labels_of(batch, pl_module, len(predicted))
-        for position, index in enumerate(batch_indices):
-            label = None if labels is None else labels[position]
-            self._rows.append(
-                (dataloader_idx, int(index), int(predicted[position]), float(best[position]), label)
-            )
+        labels = _labels_of(batch, pl_module, len(predicted)) or [None] * len(predicted)
+        # one host copy per column, not one per sample
+        for index, klass, probability, label in zip(
+            batch_indices, predicted.tolist(), best.tolist(), labels, strict=True
+        ):
+            self._rows.append((dataloader_idx, int(index), klass, probability, label))
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rows = _gathered(self._rows, trainer)
