@@ -38,7 +38,7 @@ from lightning_tricks._cli_checkpoint import (
     reconcile_model_config,
 )
 from lightning_tricks._cli_checks import check_run_config
-from lightning_tricks._cli_errors import pop_debug_flag, run_reporting_errors
+from lightning_tricks._cli_errors import ConfigError, pop_debug_flag, run_reporting_errors
 from lightning_tricks._lightning_compat import CheckpointHparamsHook
 from lightning_tricks.callbacks import PredictionCSVWriter
 from lightning_tricks.callbacks.final_weights import weights_for_test_after_fit
@@ -204,7 +204,16 @@ def predict_callbacks(configured: list[Callback], predictions_file: str | None) 
     ``predictions_file`` unless it is ``None`` or a prediction writer is configured."""
     if predictions_file is None or any(isinstance(c, BasePredictionWriter) for c in configured):
         return configured
-    return [*configured, PredictionCSVWriter(predictions_file)]
+    try:
+        writer = PredictionCSVWriter(predictions_file)
+    except ValueError as err:  # the writer's own check, reported against the console option
+        raise ConfigError(
+            "predictions_file",
+            predictions_file,
+            f"cannot be written: {err}",
+            "--predictions_file=predictions.csv (inside the run's folder), or null to write no file",
+        ) from err
+    return [*configured, writer]
 
 
 def build_cli(

@@ -19,7 +19,7 @@ from helpers import (
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks.callbacks import PredictionCSVWriter
-from lightning_tricks.cli import build_cli
+from lightning_tricks.cli import build_cli, main
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -134,6 +134,29 @@ def test_predictions_that_are_not_class_scores_are_refused(tmp_path):
 def test_an_empty_path_is_refused():
     with pytest.raises(ValueError, match="path=''"):
         PredictionCSVWriter("")
+
+
+def test_a_folder_as_path_is_refused_before_predicting(tmp_path):
+    loader, _, _ = digits_predict_loader(40)
+    model = ProbabilityClassifier()
+    predicted = []
+    model.on_predict_batch_end = lambda *args: predicted.append(args)
+    trainer = L.Trainer(**quiet_trainer_kwargs(tmp_path), callbacks=[PredictionCSVWriter(tmp_path)])
+    with pytest.raises(ValueError, match=r"is a folder; give a file name inside it"):
+        trainer.predict(model, loader)
+    assert predicted == []
+    assert not list(tmp_path.rglob("*.csv"))
+
+
+def test_an_empty_predictions_file_names_the_console_option(tmp_path, capsys):
+    config = write_digits_recipe_config(tmp_path, {"model": "small_cnn"})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", f"--config={config}", "--predictions_file="])
+    err = capsys.readouterr().err
+    assert exit_info.value.code not in (0, None), err
+    assert "predictions_file=''" in err and "fix: --predictions_file=predictions.csv" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob("*.csv"))
 
 
 def predict_on_two_ranks(directory):
