@@ -459,10 +459,14 @@ _TYPED_ARGUMENT_ERROR = (
 )
 
 
+# A value of each simple type, shown in the fix line of a wrong-type error.
+EXAMPLE_VALUES = {"int": "1", "float": "0.1", "bool": "true", "str": "..."}
+
+
 def _wrong_type_lines(key: str, class_path: str, argument: str, expected: str, got: str) -> list[str]:
     """``key``: ``trainer.callbacks...`` (a list: the item is named by its class), ``model``/``data`` or
     the full key of the argument (``model.init_args.scheduler.kwargs``)."""
-    example = {"int": "1", "float": "0.1", "bool": "true"}.get(expected, "...")
+    example = EXAMPLE_VALUES.get(expected, "...")
     name = _class_name(class_path)
     base = key.split(".init_args.")[0]
     if base == "trainer.callbacks":
@@ -532,8 +536,7 @@ def describe_parse_error(err: argparse.ArgumentError) -> list[str]:
     if choices:
         reason = f"expected one of {', '.join(choices)}{' or null' if 'NoneType' in expected else ''}"
     lines = [f"error: {key}={value!r}: {reason}" if value is not None else f"error: {key}: {reason}"]
-    example = {"int": "1", "float": "0.1", "bool": "true", "str": "..."}
-    typed = [example[e] for e in expected if e in example]
+    typed = [EXAMPLE_VALUES[e] for e in expected if e in EXAMPLE_VALUES]
     if choices:
         typed = [closest(str(value), choices) or choices[0]]
     fallback = _command_fix(message) or f"correct {key} (see --help)"

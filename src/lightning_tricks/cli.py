@@ -135,17 +135,8 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
             self.merge_checkpoint_hparams(subcommand, saved, class_path)
         else:
             merge()
-        self._checkpoint_hparams = (str(ckpt_path), saved)
         if saved:
-            reconcile_model_config(
-                subcommand,
-                str(ckpt_path),
-                self.given_config()[subcommand],
-                before[subcommand],
-                self.config[subcommand],
-                saved,
-                linked=LINKED_MODEL_ARGS,
-            )
+            self._reconcile(subcommand, str(ckpt_path), saved, before[subcommand], self.config[subcommand])
 
     def after_instantiate_classes(self) -> None:
         if self.subcommand is None:
@@ -156,19 +147,28 @@ class LightningTricksCLI(CheckpointHparamsHook, LightningCLI):
         if requested == "last" and config.get("ckpt_path"):
             # Lightning merged nothing for `last`: the model follows the config; refuse what cannot resume.
             ckpt_path = config["ckpt_path"]
-            self._checkpoint_hparams = (ckpt_path, checkpoint_hparams(ckpt_path))
-            reconcile_model_config(
-                self.subcommand,
-                ckpt_path,
-                self.given_config()[self.subcommand],
-                self.config[self.subcommand],
-                None,
-                self._checkpoint_hparams[1],
-                linked=LINKED_MODEL_ARGS,
+            self._reconcile(
+                self.subcommand, ckpt_path, checkpoint_hparams(ckpt_path), self.config[self.subcommand], None
             )
         ckpt_path, saved = getattr(self, "_checkpoint_hparams", (None, {}))
         if saved:
             check_linked_args(self.model, saved, ckpt_path, LINKED_MODEL_ARGS)
+
+    def _reconcile(
+        self, subcommand: str, ckpt_path: str, saved: dict[str, Any], before: Any, merged: Any | None
+    ) -> None:
+        """Keep the checkpoint's hyper-parameters (checked against the built model's linked args once it
+        exists) and reconcile the model values the user gave with them (see ``reconcile_model_config``)."""
+        self._checkpoint_hparams = (ckpt_path, saved)
+        reconcile_model_config(
+            subcommand,
+            ckpt_path,
+            self.given_config()[subcommand],
+            before,
+            merged,
+            saved,
+            linked=LINKED_MODEL_ARGS,
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
