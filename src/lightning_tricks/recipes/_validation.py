@@ -209,6 +209,14 @@ def _sized(obj: Any) -> int | None:
         return None
 
 
+def _loader_shape(loader: Any) -> tuple[Any, int | None, bool]:
+    """``(batch_size, samples, drop_last)`` of a training loader; ``samples`` is the sampler's length
+    (this rank's share), else the dataset's, else ``None``."""
+    size = _sized(getattr(loader, "sampler", None))
+    size = _sized(getattr(loader, "dataset", None)) if size is None else size
+    return getattr(loader, "batch_size", None), size, bool(getattr(loader, "drop_last", False))
+
+
 def warn_batch_larger_than_data(loader: Any) -> None:
     """Warn when ``batch_size`` exceeds the training samples (``drop_last=False``): each epoch is then
     one smaller batch, and the batch size the run reports, and scales the lr by, never occurs.
@@ -218,10 +226,8 @@ def warn_batch_larger_than_data(loader: Any) -> None:
         warn_batch_larger_than_data(DataLoader(ten_samples, batch_size=64))
         # UserWarning: batch_size=64 is larger than the 10 training samples ...
     """
-    batch_size = getattr(loader, "batch_size", None)
-    size = _sized(getattr(loader, "sampler", None))
-    size = _sized(getattr(loader, "dataset", None)) if size is None else size
-    drop_last = getattr(loader, "drop_last", False)  # then no batch at all: check_training_steps' error
+    batch_size, size, drop_last = _loader_shape(loader)
+    # with drop_last there is no batch at all: check_training_steps' error
     if not isinstance(batch_size, int) or not size or size >= batch_size or drop_last:
         return
     rank_zero_warn(
@@ -246,12 +252,8 @@ def check_training_steps(total_steps: float, steps_per_epoch: float, loader: Any
     """
     if total_steps >= 1 and steps_per_epoch >= 1:
         return
-    batch_size = getattr(loader, "batch_size", None)
-    # The sampler's length is this rank's share; a loader without one has a dataset.
-    size = _sized(getattr(loader, "sampler", None))
-    size = _sized(getattr(loader, "dataset", None)) if size is None else size
+    batch_size, size, drop_last = _loader_shape(loader)
     if isinstance(batch_size, int) and size is not None:
-        drop_last = bool(getattr(loader, "drop_last", False))
         if size == 0:
             cause, fix = (
                 "the training split is empty",
