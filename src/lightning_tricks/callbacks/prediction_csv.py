@@ -71,11 +71,11 @@ class PredictionCSVWriter(BasePredictionWriter):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "predict" and not self.path.is_absolute():
-            self.written_path = run_dir(trainer) / self.path  # collective: every rank
-        elif stage == "predict":
-            self.written_path = self.path
-        if stage == "predict" and self.written_path.is_dir():
+        if stage != "predict":
+            return
+        # run_dir is collective: every rank calls it
+        self.written_path = self.path if self.path.is_absolute() else run_dir(trainer) / self.path
+        if self.written_path.is_dir():
             raise ValueError(
                 f"PredictionCSVWriter(path={str(self.path)!r}): {self.written_path} is a folder; give a file "
                 f"name inside it, e.g. {str(self.path / 'predictions.csv')!r}"
