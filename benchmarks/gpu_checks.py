@@ -69,8 +69,14 @@ class Step:
     dry_command: Callable[[Path], list[str]] | None = None  # tiny CPU variant for --cpu-dry-run
 
 
-def _python(script: str, *args: str) -> list[str]:
-    return [sys.executable, str(BENCHMARKS / script), *args]
+def _benchmark(script: str, *args: str) -> Callable[[Path], list[str]]:
+    """``python benchmarks/SCRIPT ARGS --out OUT/SCRIPT.json``: the JSON ``summarise`` reads by name."""
+    return lambda out: [
+        sys.executable,
+        str(BENCHMARKS / script),
+        *args,
+        *("--out", str(out / f"{Path(script).stem}.json")),
+    ]
 
 
 def _pytest(name: str, *files: str) -> Callable[[Path], list[str]]:
@@ -102,34 +108,23 @@ STEPS = (
     Step("cuda_switch_tests", _pytest("cuda_switch_tests", "speed_switches"), 100),
     Step(
         "cifar_speed",
-        lambda out: _python("cifar_speed.py", "--out", str(out / "cifar_speed.json")),
+        _benchmark("cifar_speed.py"),
         140,
-        lambda out: _python(
-            "cifar_speed.py",
-            *("--quick", "--num-train", "64", "--batch", "32", "--repeats", "1"),
-            *("--out", str(out / "cifar_speed.json")),
-        ),
+        _benchmark("cifar_speed.py", "--quick", "--num-train", "64", "--batch", "32", "--repeats", "1"),
     ),
     Step(
         "data_throughput",
-        lambda out: _python("data_throughput.py", "--out", str(out / "data_throughput.json")),
+        _benchmark("data_throughput.py"),
         50,
-        lambda out: _python(
-            "data_throughput.py",
-            *("--num-train", "256", "--repeats", "1", "--workers", "0"),
-            *("--out", str(out / "data_throughput.json")),
-        ),
+        _benchmark("data_throughput.py", "--num-train", "256", "--repeats", "1", "--workers", "0"),
     ),
     Step(
         "step_overhead",
-        lambda out: _python(
-            "step_overhead.py", "--device", "cuda", "--repeats", "5", "--out", str(out / "step_overhead.json")
-        ),
+        _benchmark("step_overhead.py", "--device", "cuda", "--repeats", "5"),
         100,
-        lambda out: _python(
+        _benchmark(
             "step_overhead.py",
             *("--device", "cpu", "--workloads", "small_cnn", "--repeats", "1", "--epochs", "2"),
-            *("--out", str(out / "step_overhead.json")),
         ),
     ),
 )
