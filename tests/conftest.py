@@ -78,7 +78,7 @@ def _ddp_launch(request, tmp_path_factory) -> dict:
     outcomes (pytest-xdist's recipe for a session fixture that runs once), so two launches never
     compete for the cores, even where ``--dist loadgroup`` leaves the tests on several workers.
     """
-    scenarios = {item.nodeid: _scenario(item) for item in request.session.items if _scenario(item)}
+    scenarios = {item.nodeid: scenario for item in request.session.items if (scenario := _scenario(item))}
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the base directory all workers share

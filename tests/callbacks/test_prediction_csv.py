@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -34,7 +35,7 @@ class ProbabilityClassifier(PlainClassifier):
         return self(batch[0]).softmax(dim=1)
 
 
-def expected_rows(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, str]]:
+def expected_rows(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
     """The rows computed here, without the writer: argmax of the model's softmax on the same inputs."""
     model.eval()
     with torch.no_grad():
@@ -45,7 +46,7 @@ def expected_rows(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> l
     ]
 
 
-def assert_rows_match(rows: list[dict[str, str]], expected: list[dict[str, str]]) -> None:
+def assert_rows_match(rows: list[dict[str, str]], expected: list[dict[str, Any]]) -> None:
     assert len(rows) == len(expected)
     for row, want in zip(rows, expected, strict=True):
         assert {k: row[k] for k in ("index", "predicted", "label")} == {
@@ -68,13 +69,17 @@ def test_predict_command_writes_the_models_argmax_for_every_sample_in_order(tmp_
     assert path.read_text().splitlines()[0] == "index,predicted,probability,label"
 
 
+def prediction_writers(cli) -> list[PredictionCSVWriter]:
+    return [c for c in cli.trainer.callbacks if isinstance(c, PredictionCSVWriter)]
+
+
 @pytest.mark.parametrize(
     ("value", "written"), [("null", None), ("out/digits.csv", "out/digits.csv")], ids=["off", "path"]
 )
 def test_predictions_file_sets_the_path_or_turns_the_file_off(tmp_path, value, written):
     config = write_digits_recipe_config(tmp_path, {"model": "small_cnn"})
     cli = build_cli(["predict", f"--config={config}", f"--predictions_file={value}"])
-    writers = [c for c in cli.trainer.callbacks if isinstance(c, PredictionCSVWriter)]
+    writers = prediction_writers(cli)
     csv_files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.csv"))
     assert csv_files == ([] if written is None else [written])
     assert len(writers) == (0 if written is None else 1)
@@ -83,7 +88,7 @@ def test_predictions_file_sets_the_path_or_turns_the_file_off(tmp_path, value, w
 def test_fit_and_test_get_no_prediction_writer(tmp_path):
     config = write_digits_recipe_config(tmp_path, {"model": "small_cnn"}, limit_test_batches=1)
     cli = build_cli(["test", f"--config={config}"])
-    assert not [c for c in cli.trainer.callbacks if isinstance(c, PredictionCSVWriter)]
+    assert not prediction_writers(cli)
 
 
 def digits_predict_loader(n: int = 100) -> tuple[DataLoader, torch.Tensor, torch.Tensor]:
