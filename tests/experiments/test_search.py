@@ -165,3 +165,33 @@ def test_every_trial_is_its_own_offline_wandb_run_in_the_study_group(tmp_path):
     ]
     for (_, _, config), trial in zip(WandbProbe.seen, study.trials, strict=True):
         assert config[LR] == pytest.approx(trial.params[LR]) and config["trial"] == trial.number
+
+
+def test_a_sqlite_claim_holds_a_lock_file_that_other_workers_wait_for(tmp_path, monkeypatch):
+    """SQLite ignores Optuna's row lock (SELECT ... FOR UPDATE): two workers could both claim one
+    queued trial. The claim must hold a lock file another process cannot take meanwhile."""
+    from filelock import FileLock, Timeout
+
+    from lightning_tricks.experiments.storage import claim_trial, open_storage
+
+    database = tmp_path / "study.db"
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{database}", heartbeat_interval=60))
+    study.enqueue_trial({"x": 1.0})
+    backend = study._storage._backend
+    held_during_claim = []
+    set_state = backend.set_trial_state_values
+
+    def checking_set_state(trial_id, state, values=None):
+        try:
+            FileLock(f"{database}.claim.lock", timeout=0).acquire()
+        except Timeout:
+            held_during_claim.append(True)
+        else:
+            held_during_claim.append(False)
+        return set_state(trial_id, state, values)
+
+    monkeypatch.setattr(backend, "set_trial_state_values", checking_set_state)
+    trial = claim_trial(study)
+    assert trial is not None and trial.number == 0
+    assert held_during_claim == [True]
+    assert claim_trial(study) is None  # the one queued trial is claimed once

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
+from filelock import FileLock
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -151,14 +153,28 @@ def claim_trial(study: optuna.Study) -> optuna.Trial | None:
     fail_stale_trials(study)
     storage = study._storage  # the study's own (cached) view of the storage, so its cache stays right
     study_id = storage.get_study_id_from_name(study.study_name)
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker claimed and finished it meanwhile
+    with _claim_lock(storage):
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return optuna.Trial(study, trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker claimed and finished it meanwhile
     return None
+
+
+def _claim_lock(storage: Any) -> contextlib.AbstractContextManager:
+    """A lock file beside a SQLite database, held while a worker claims a trial; a no-op elsewhere.
+
+    The claim (WAITING -> RUNNING) relies on the database locking the trial's row (``SELECT ... FOR
+    UPDATE``), which SQLite ignores: two workers could both claim the same queued trial.
+    """
+    url = getattr(getattr(storage, "_backend", storage), "url", "")
+    database = make_url(url).database if str(url).startswith("sqlite") else None
+    if not database or database == ":memory:":
+        return contextlib.nullcontext()
+    return FileLock(f"{database}.claim.lock")
 
 
 class TrialHeartbeat:
